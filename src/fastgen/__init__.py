@@ -1,0 +1,62 @@
+"""fastgen: fast diffusion generation and classifier scoring.
+
+Importing fastgen is cheap and side-effect free: it does not import torch, touch CUDA or change any
+global torch setting. The public names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fastgen._version import __version__
+
+# public name -> module that defines it
+_LAZY = {
+    "export": "fastgen.export.api",
+    "ExportConfig": "fastgen.export.config",
+    "ExportResult": "fastgen.export.api",
+    "build": "fastgen.engines.build",
+    "BuildConfig": "fastgen.engines.config",
+    "RuntimeOptions": "fastgen.engines.config",
+    "Engine": "fastgen.engines.base",
+    "EngineCache": "fastgen.engines.cache",
+    "load_engine": "fastgen.engines.loading",
+    "Component": "fastgen.models.component",
+    "load_component": "fastgen.models",
+    "adapt": "fastgen.models",
+    "ExportSpec": "fastgen.models.spec",
+    "ShapeProfile": "fastgen.models.spec",
+    "TensorSpec": "fastgen.models.spec",
+    "FastgenError": "fastgen.errors",
+    "InvalidArgumentError": "fastgen.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastgen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastgen.engines.base import Engine
+    from fastgen.engines.build import build
+    from fastgen.engines.cache import EngineCache
+    from fastgen.engines.config import BuildConfig, RuntimeOptions
+    from fastgen.engines.loading import load_engine
+    from fastgen.errors import FastgenError, InvalidArgumentError
+    from fastgen.export.api import ExportResult, export
+    from fastgen.export.config import ExportConfig
+    from fastgen.models import adapt, load_component
+    from fastgen.models.component import Component
+    from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec

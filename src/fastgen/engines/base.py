@@ -1,0 +1,124 @@
+"""The engine interface: named tensors in, named tensors out, whatever the backend."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.models.spec import ExportSpec, parse_dim
+
+logger = logging.getLogger(__name__)
+
+PRECISION_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Engine(abc.ABC):
+    """A runnable component.
+
+    ``run`` takes a mapping of input name to tensor (torch or numpy) and returns a dict of output
+    name to ``torch.Tensor`` on the engine's device. Float inputs are cast to the engine's float
+    dtype; everything else must match the spec.
+    """
+
+    #: Backend name: ``torch``, ``onnxruntime`` or ``tensorrt``.
+    backend: str = ""
+    #: Whether inputs outside the profile's min/max must be refused (TensorRT) or merely run.
+    strict_profile: bool = False
+
+    def __init__(self, spec: ExportSpec, *, device: torch.device | str = "cpu", precision: str = "fp32",
+                 manifest: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.precision = precision
+        self.manifest = dict(manifest or {})
+        self.path = path
+
+    @abc.abstractmethod
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Backend-specific execution on validated, device-placed, dtype-cast inputs."""
+
+    def run(self, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> dict[str, torch.Tensor]:
+        feeds = self.prepare_inputs({**(inputs or {}), **kwargs})
+        return self._run(feeds)
+
+    __call__ = run
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return PRECISION_FLOAT[self.precision]
+
+    def prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Check names, ranks, static dims and symbol consistency; cast floats; move to device."""
+        expected = self.spec.input_names
+        missing = [n for n in expected if n not in inputs]
+        extra = [n for n in inputs if n not in expected]
+        if missing or extra:
+            bad = (missing or extra)[0]
+            raise InvalidArgumentError("input name", bad, expected,
+                                       reason="missing" if missing else "not an input of this engine")
+        sizes: dict[str, int] = {}
+        out: dict[str, torch.Tensor] = {}
+        for t in self.spec.inputs:
+            value = inputs[t.name]
+            tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+            if not isinstance(tensor, torch.Tensor):
+                raise InvalidArgumentError(t.name, type(value).__name__, "torch.Tensor or numpy.ndarray")
+            if tensor.dim() != len(t.shape):
+                raise InvalidArgumentError(f"{t.name} shape", tuple(tensor.shape), f"rank {len(t.shape)}: {t.shape}")
+            for axis, (entry, size) in enumerate(zip(t.shape, tensor.shape)):
+                parsed = parse_dim(entry)
+                if parsed is None:
+                    if size != entry:
+                        raise InvalidArgumentError(f"{t.name} shape", tuple(tensor.shape),
+                                                   f"{t.shape} (axis {axis} is fixed at {entry})")
+                    continue
+                symbol, div = parsed
+                root = size * div
+                if sizes.setdefault(symbol, root) != root:
+                    raise InvalidArgumentError(f"{t.name} shape", tuple(tensor.shape),
+                                               reason=f"dim {symbol!r} is {sizes[symbol]} in another input")
+            want = torch.bool if t.dtype == "bool" else getattr(torch, t.dtype)
+            if want.is_floating_point:
+                if not tensor.dtype.is_floating_point:
+                    raise InvalidArgumentError(f"{t.name} dtype", str(tensor.dtype), "floating point")
+                want = self.float_dtype
+            elif tensor.dtype != want:
+                if tensor.dtype.is_floating_point:
+                    raise InvalidArgumentError(f"{t.name} dtype", str(tensor.dtype), t.dtype)
+            out[t.name] = tensor.to(device=self.device, dtype=want)
+        if self.strict_profile:
+            for symbol, size in sizes.items():
+                rng = self.spec.profile.dims.get(symbol)
+                if rng is not None and not rng.min <= size <= rng.max:
+                    raise InvalidArgumentError(symbol, size, f"{rng.min} to {rng.max} (this engine's profile)")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What ``fastgen inspect`` shows."""
+        return {
+            "backend": self.backend,
+            "device": str(self.device),
+            "precision": self.precision,
+            "component": self.spec.component,
+            "model_type": self.spec.model_type,
+            "inputs": [t.to_dict() for t in self.spec.inputs],
+            "outputs": [t.to_dict() for t in self.spec.outputs],
+            "profile": self.spec.profile.to_dict(),
+            "cache_key": self.manifest.get("cache_key"),
+            "built_at": self.manifest.get("built_at"),
+            "build_seconds": self.manifest.get("build_seconds"),
+            "path": str(self.path) if self.path else None,
+        }
+
+    def close(self) -> None:
+        """Release backend resources (sessions, graphs)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.component} {self.backend}/{self.precision} on {self.device}>"

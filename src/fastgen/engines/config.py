@@ -1,0 +1,69 @@
+"""Build and runtime configuration of engines (frozen dataclasses; CLI flags come from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastgen._config import ConfigMixin
+from fastgen.errors import InvalidArgumentError
+from fastgen.export.config import ExportConfig
+from fastgen.models.spec import ShapeProfile
+
+Backend = Literal["torch", "onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions(ConfigMixin):
+    """Settings that change how an engine runs, not what is built (not part of the cache key)."""
+
+    execution_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    """onnxruntime: preferred execution provider; auto tries TensorRT, then CUDA, then CPU on a GPU machine."""
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    """onnxruntime: graph optimisation level of the session."""
+    intra_op_threads: int = 0
+    """onnxruntime: threads inside one operator (0: onnxruntime's default, one per physical core)."""
+    inter_op_threads: int = 0
+    """onnxruntime: threads across independent operators (0: onnxruntime's default)."""
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    """torch: torch.compile mode, or none for eager."""
+    cuda_graphs: bool = False
+    """torch: capture one CUDA graph per input-shape bucket and replay it (GPU only)."""
+
+    def __post_init__(self) -> None:
+        self.validate_literals()
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidArgumentError(name.replace("_", "-"), value, "integers >= 0")
+
+
+@dataclass(frozen=True)
+class BuildConfig(ConfigMixin):
+    """What engine to build from a model component."""
+
+    backend: Backend = "onnxruntime"
+    """Engine backend: torch (eager or compiled PyTorch), onnxruntime, or tensorrt."""
+    precision: Precision = "fp32"
+    """Numeric precision of the engine's weights and float tensors."""
+    device: Device = "auto"
+    """Where the engine runs: cuda when a GPU is present (auto), or forced."""
+    profile: ShapeProfile | None = None
+    """Overrides of the component's shape profile (min/opt/max per dim), e.g. batch=1:4:8."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """How the component is exported to ONNX (onnxruntime and tensorrt backends)."""
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """How the engine runs once built (not part of the cache key)."""
+
+    def __post_init__(self) -> None:
+        self.validate_literals()
+        if isinstance(self.profile, str):
+            object.__setattr__(self, "profile", ShapeProfile.parse(self.profile))
+
+    def artifact_dict(self) -> dict:
+        """The fields that change what is built: these, not the runtime options, enter the cache key."""
+        return {"backend": self.backend, "precision": self.precision,
+                "profile": self.profile.to_dict() if self.profile else None,
+                "export": self.export.artifact_dict() if self.backend != "torch" else None}
