@@ -37,7 +37,7 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map each field of a dataclass to the docstring written under it in the source."""
     docs: dict[str, str] = {}

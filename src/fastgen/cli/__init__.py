@@ -1,1 +1,1 @@
-
+"""The ``fastgen`` command line (see ``fastgen --help``)."""

@@ -93,6 +93,7 @@ class Engine(abc.ABC):
                 if tensor.dtype.is_floating_point:
                     raise InvalidArgumentError(f"{t.name} dtype", str(tensor.dtype), t.dtype)
             out[t.name] = tensor.to(device=self.device, dtype=want)
+        self.spec.check_dims(sizes)
         if self.strict_profile:
             for symbol, size in sizes.items():
                 rng = self.spec.profile.dims.get(symbol)

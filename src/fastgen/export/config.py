@@ -9,6 +9,7 @@ from fastgen._config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 MIN_OPSET = 17
+DYNAMO_MIN_OPSET = 18
 MAX_OPSET = 23
 
 
@@ -18,8 +19,8 @@ class ExportConfig(ConfigMixin):
 
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
     """ONNX exporter: the TorchScript tracer (robust on diffusers models) or torch.export + onnxscript."""
-    opset: int = 17
-    """ONNX opset version (17 or newer; 17 is what TensorRT 10 and ONNX Runtime 1.18+ handle best)."""
+    opset: int | None = None
+    """ONNX opset version; None picks the exporter's lowest: 17 for torchscript, 18 for dynamo (which needs 18+)."""
     cleanup: Literal["none", "onnxslim"] = "onnxslim"
     """Graph clean-up after export: constant folding, shape inference and dead-node removal via onnxslim."""
     verify: Literal["none", "opt", "profile"] = "profile"
@@ -35,14 +36,21 @@ class ExportConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         self.validate_literals()
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise InvalidArgumentError("opset", self.opset, f"{MIN_OPSET} to {MAX_OPSET}")
+        low = DYNAMO_MIN_OPSET if self.exporter == "dynamo" else MIN_OPSET
+        if self.opset is not None and not low <= self.opset <= MAX_OPSET:
+            raise InvalidArgumentError("opset", self.opset, f"{low} to {MAX_OPSET} with the {self.exporter} exporter")
         if not 0 < self.tolerance < 1:
             raise InvalidArgumentError("tolerance", self.tolerance, "0 < tolerance < 1")
         if not 0 < self.min_cosine <= 1:
             raise InvalidArgumentError("min-cosine", self.min_cosine, "0 < min-cosine <= 1")
 
+    @property
+    def resolved_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        return DYNAMO_MIN_OPSET if self.exporter == "dynamo" else MIN_OPSET
+
     def artifact_dict(self) -> dict:
         """The fields that change the exported file (verification settings do not)."""
-        return {"exporter": self.exporter, "opset": self.opset, "cleanup": self.cleanup,
+        return {"exporter": self.exporter, "opset": self.resolved_opset, "cleanup": self.cleanup,
                 "external_data": self.external_data}

@@ -9,6 +9,7 @@ the pipeline alike; derived dims must divide exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -177,8 +178,12 @@ class ExportSpec(ConfigMixin):
     """min/opt/max of every root symbol used by the inputs."""
     model_type: str = ""
     """Class name of the source model (``UNet2DConditionModel``...), for inspection only."""
+    multiples: Mapping[str, int] = field(default_factory=dict)
+    """Root symbol to the number every size of it must be a multiple of (a UNet's height must be a
+    multiple of its total down-sampling factor: the exported graph is only right for those sizes)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "multiples", {k: int(v) for k, v in sorted(self.multiples.items())})
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
         names = [t.name for t in self.inputs + self.outputs]
@@ -192,10 +197,24 @@ class ExportSpec(ConfigMixin):
         extra = set(self.profile.dims) - symbols
         if extra:
             raise InvalidArgumentError("profile", sorted(extra)[0], sorted(symbols))
+        unknown = set(self.multiples) - symbols
+        if unknown:
+            raise InvalidArgumentError("multiples", sorted(unknown)[0], sorted(symbols))
         for which in ("min", "opt", "max"):
-            dims = self.profile.shape(which)
-            for t in self.inputs:  # checks divisibility of derived dims
-                t.resolve(dims)
+            self.check_dims(self.profile.shape(which), argument="profile")
+
+    def check_dims(self, dims: Mapping[str, int], argument: str | None = None) -> None:
+        """Raise unless every root size is a multiple of what the component needs."""
+        for symbol, size in dims.items():
+            multiple = self.multiples.get(symbol, 1)
+            for t in self.inputs:  # derived dims (height/8) must divide exactly too
+                for entry in t.shape:
+                    parsed = parse_dim(entry)
+                    if parsed is not None and parsed[0] == symbol:
+                        multiple = math.lcm(multiple, parsed[1])
+            if size % multiple:
+                raise InvalidArgumentError(argument or symbol, size if argument is None else f"{symbol}={size}",
+                                           f"multiples of {multiple} for this {self.component}")
 
     @property
     def symbols(self) -> set[str]:
@@ -253,6 +272,7 @@ class ExportSpec(ConfigMixin):
         import torch
 
         dims = self.shape_at(shape)
+        self.check_dims(dims)
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for t in self.inputs:
@@ -281,6 +301,7 @@ class ExportSpec(ConfigMixin):
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "profile": self.profile.to_dict(),
+            "multiples": dict(self.multiples),
         }
 
     @classmethod
@@ -291,4 +312,5 @@ class ExportSpec(ConfigMixin):
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             profile=ShapeProfile.from_dict(data.get("profile", {})),
+            multiples=data.get("multiples", {}),
         )

@@ -1,0 +1,3 @@
+from fastgen.cli.main import main
+
+main()

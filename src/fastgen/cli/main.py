@@ -1,0 +1,221 @@
+"""The ``fastgen`` command line: export, build, inspect, bench, demo.
+
+Bad input prints one line (``error: ...``) on stderr and exits with code 2, with no traceback;
+``FASTGEN_DEBUG=1`` shows the traceback of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fastgen._version import __version__
+from fastgen.cli.options import dataclass_options, pop_config
+from fastgen.engines.config import BuildConfig, RuntimeOptions
+from fastgen.errors import FastgenError, InvalidArgumentError, VerificationError
+from fastgen.export.config import ExportConfig
+
+logger = logging.getLogger("fastgen.cli")
+
+MODEL_HELP = "a preset (tiny, sd15, sdxl) or a local checkpoint: diffusers or transformers folder, .safetensors file"
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _profile(value: str | None):
+    if not value:
+        return None
+    from fastgen.models.spec import ShapeProfile
+
+    return ShapeProfile.parse(value)
+
+
+def _int_list(argument: str, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or any(i < 1 for i in items):
+        raise InvalidArgumentError(argument, value, "comma-separated integers >= 1, e.g. 1,4,8")
+    return items
+
+
+def _dims(argument: str, value: str | None) -> dict[str, int]:
+    if not value:
+        return {}
+    out = {}
+    for part in value.split(","):
+        name, _, num = part.partition("=")
+        if not name.strip() or not num.strip().isdigit() or int(num) < 1:
+            raise InvalidArgumentError(argument, part, "NAME=N pairs, comma-separated, e.g. height=512,width=512")
+        out[name.strip()] = int(num)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="fastgen")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+def cli(verbose: int) -> None:
+    """fastgen: export, build, inspect and benchmark diffusion and classifier engines."""
+    from rich.logging import RichHandler
+
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=_console(True), show_path=False)])
+    logging.getLogger("fastgen").setLevel(level)
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--component", "-c", help="Component to export: unet, vae-decoder, vae-encoder, text-encoder, "
+              "text-encoder-2, classifier, text-classifier (what the model has).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--profile", help="Shape profile overrides, e.g. batch=1:2:8,height=256:512:1024.")
+@dataclass_options(ExportConfig)
+def export_cmd(model: str, component: str | None, out: str, profile: str | None, **kwargs: Any) -> None:
+    """Export one component of MODEL to ONNX and verify it against PyTorch.
+
+    MODEL is a preset (tiny, sd15, sdxl) or a local checkpoint (diffusers or transformers folder,
+    .safetensors file).
+    """
+    from fastgen.cli import report
+    from fastgen.export.api import export
+
+    config = pop_config(ExportConfig, kwargs)
+    result = export(model, out, component=component, config=config, profile=_profile(profile), progress=True)
+    report.export_summary(_console(), result)
+
+
+@cli.command("build")
+@click.argument("model")
+@click.option("--component", "-c", help="Component to build (see `fastgen export --help`); not for .onnx files.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Also write the engine directory here.")
+@click.option("--profile", help="Shape profile overrides, e.g. batch=1:4:8,height=512.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
+@click.option("--no-cache", is_flag=True, help="Build without the cache (needs --out).")
+@dataclass_options(BuildConfig)
+@dataclass_options(ExportConfig)
+@dataclass_options(RuntimeOptions)
+def build_cmd(model: str, component: str | None, out: str | None, profile: str | None, cache_dir: str | None,
+              no_cache: bool, **kwargs: Any) -> None:
+    """Build an engine for one component of MODEL, or for any .onnx file (MODEL_OR_ONNX).
+
+    Engines are content-addressed in the cache: a second build of the same inputs is a cache hit.
+    """
+    from fastgen.cli import report
+    from fastgen.engines.build import build
+    from fastgen.engines.cache import EngineCache
+
+    export_cfg = pop_config(ExportConfig, kwargs)
+    runtime = pop_config(RuntimeOptions, kwargs)
+    config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, runtime=runtime)
+    cache: Any = False if no_cache else (EngineCache(cache_dir) if cache_dir else None)
+    engine = build(model, component=component, config=config, out=out, cache=cache, progress=True)
+    report.build_summary(_console(), engine)
+
+
+@cli.command("inspect")
+@click.argument("engine")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_cmd(engine: str, as_json: bool) -> None:
+    """Show IO names, dtypes, dims, backend, precision, cache key and build time of an engine or .onnx file."""
+    from fastgen.cli import report
+
+    info = report.describe_path(engine)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        report.inspect_tables(_console(), info)
+
+
+@cli.command("bench")
+@click.argument("engine")
+@click.option("--batch", "batches", default="1,4,8", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--shape", help="Sizes of other dims, e.g. height=512,width=512 (default: the profile's opt).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0), help="Untimed runs per batch size.")
+@click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Run on this device (default: the engine's).")
+@click.option("--profile", help="Profile overrides for a third-party .onnx file with unknown dims, e.g. N=1:4:16.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@dataclass_options(RuntimeOptions)
+def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: int, device: str | None,
+              profile: str | None, as_json: bool, **kwargs: Any) -> None:
+    """Measure p50/p99 latency and throughput of ENGINE (an engine directory or .onnx file)."""
+    from fastgen.cli import report
+    from fastgen.engines.bench import benchmark
+    from fastgen.engines.loading import load_engine
+
+    batch_list = _int_list("batch", batches)
+    dims = _dims("shape", shape)
+    runtime = pop_config(RuntimeOptions, kwargs)
+    if device == "auto":
+        from fastgen.engines.device import resolve_device
+
+        device = str(resolve_device("auto"))
+    eng = load_engine(engine, device=device, runtime=runtime)
+    if profile:
+        eng.spec = eng.spec.with_profile(_profile(profile))
+    unknown = set(dims) - eng.spec.symbols
+    if unknown:
+        raise InvalidArgumentError("shape", sorted(unknown)[0], sorted(eng.spec.symbols) or "none")
+    results = benchmark(eng, batches=batch_list, shape=dims, warmup=warmup, iters=iters)
+    rows = [r.to_dict() for r in results]
+    if as_json:
+        click.echo(json.dumps({"engine": eng.describe(), "results": rows}, indent=2, default=str))
+    else:
+        report.bench_table(_console(), eng, rows)
+
+
+@cli.command("demo")
+@click.option("--out", "-o", default="fastgen-out/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the summary (summary.json) is written.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
+@click.option("--iters", default=10, show_default=True, type=click.IntRange(1), help="Timed runs per engine.")
+def demo_cmd(out: str, cache_dir: str | None, iters: int) -> None:
+    """The main job on the embedded `tiny` preset: export, build (cached) and benchmark every component
+    with the torch and onnxruntime backends, checking that they agree."""
+    from fastgen.cli.demo import run_demo
+
+    run_demo(Path(out), cache_dir=cache_dir, iters=iters, console=_console())
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="fastgen", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:  # usage errors: one line, exit 2
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except VerificationError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except FastgenError as e:
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split())[:500]
+        click.echo(f"error: internal error ({type(e).__name__}): {msg} (set FASTGEN_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""PyTorch engines: the component's module run eagerly, compiled, or replayed from CUDA graphs.
+
+Saved torch engines hold only ``weights.safetensors`` and the JSON recipe in the manifest; the model
+is rebuilt from its library class and config, so loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgen.engines.base import PRECISION_FLOAT, Engine
+from fastgen.engines.config import RuntimeOptions
+from fastgen.errors import CacheCorruptionError, InvalidArgumentError, UnsupportedError
+from fastgen.models.component import Component
+from fastgen.models.spec import ExportSpec
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+_ALIASES_KEY = "fastgen_aliases"  # safetensors metadata: JSON {tied name: saved name}
+
+# One CUDA graph per input signature: (name, shape, dtype) of every input.
+ShapeKey = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+class _GraphBucket:
+    """A captured CUDA graph with its static input and output buffers."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]):
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+
+
+class TorchEngine(Engine):
+    """The component's wrapper module on a device, at a precision, in inference mode.
+
+    The module is moved and cast in place (no copy: diffusion models are gigabytes), so the
+    component's own module ends up on the engine's device and dtype too.
+    """
+
+    backend = "torch"
+
+    def __init__(self, component: Component, *, device: str | torch.device = "cpu", precision: str = "fp32",
+                 runtime: RuntimeOptions | None = None, manifest: Mapping[str, Any] | None = None,
+                 path: Path | None = None, spec: ExportSpec | None = None) -> None:
+        if precision not in PRECISION_FLOAT:
+            raise InvalidArgumentError("precision", precision, PRECISION_FLOAT)
+        runtime = runtime or RuntimeOptions()
+        super().__init__(spec or component.spec, device=device, precision=precision, manifest=manifest, path=path)
+        if runtime.cuda_graphs and self.device.type != "cuda":
+            raise UnsupportedError(f"torch backend on {self.device}: CUDA graphs need a CUDA device")
+        if runtime.cuda_graphs and runtime.compile == "reduce-overhead":
+            raise InvalidArgumentError("cuda-graphs", True,
+                                       reason="compile='reduce-overhead' already captures CUDA graphs")
+        self.runtime = runtime
+        self.component = component
+        self.module = component.module.to(device=self.device, dtype=self.float_dtype).eval()
+        self._fn = self.module
+        if runtime.compile != "none":
+            # Compilation happens lazily on the first call of each new input shape.
+            self._fn = torch.compile(self.module, mode=runtime.compile)
+        self._graphs: dict[ShapeKey, _GraphBucket] = {}
+
+    def _call(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        outs = self._fn(*args)
+        if isinstance(outs, torch.Tensor):
+            outs = (outs,)
+        outs = tuple(outs)
+        if len(outs) != len(self.spec.outputs):
+            raise UnsupportedError(f"torch backend: the module returned {len(outs)} outputs, the spec "
+                                   f"names {len(self.spec.outputs)} ({self.spec.output_names})")
+        return outs
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = [inputs[n] for n in self.spec.input_names]
+        with torch.inference_mode():
+            if self.runtime.cuda_graphs:
+                outs = self._replay(args)
+            else:
+                outs = self._call(args)
+        return dict(zip(self.spec.output_names, outs, strict=True))
+
+    def _replay(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        key: ShapeKey = tuple((n, tuple(a.shape), a.dtype) for n, a in zip(self.spec.input_names, args, strict=True))
+        bucket = self._graphs.get(key)
+        if bucket is None:
+            bucket = self._capture(args)
+            self._graphs[key] = bucket
+            logger.info("torch engine: captured a CUDA graph for %s (%d graphs)",
+                        {n: s for n, s, _ in key}, len(self._graphs))
+        for static, arg in zip(bucket.inputs, args, strict=True):
+            static.copy_(arg)
+        bucket.graph.replay()
+        # Clones: the static outputs are overwritten by the next replay.
+        return tuple(o.clone() for o in bucket.outputs)
+
+    def _capture(self, args: list[torch.Tensor]) -> _GraphBucket:
+        static_inputs = [a.clone() for a in args]
+        # Warm up on a side stream (lazy initialisation, cuDNN autotuning, compilation) so none of
+        # it is recorded, as the CUDA graphs documentation prescribes.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._call(static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_outputs = self._call(static_inputs)
+        return _GraphBucket(graph, static_inputs, static_outputs)
+
+    def close(self) -> None:
+        self._graphs.clear()
+
+
+def _dedupe(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights (one tensor under several names) saved once: (unique tensors, {alias: saved name})."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+def save_torch_engine(component: Component, directory: str | os.PathLike, precision: str) -> list[str]:
+    """Write the model's weights at ``precision`` to ``directory/weights.safetensors``; return artifact names.
+
+    The manifest (written by the caller) must carry ``component.source`` as ``source`` and the spec:
+    that is what ``load_torch_engine`` rebuilds the model from.
+    """
+    from safetensors.torch import save_file
+
+    if not component.source:
+        raise UnsupportedError("torch engines of custom nn.Modules can't be saved; build an onnxruntime "
+                               "engine or keep the engine in memory")
+    if precision not in PRECISION_FLOAT:
+        raise InvalidArgumentError("precision", precision, PRECISION_FLOAT)
+    dtype = PRECISION_FLOAT[precision]
+    unique, aliases = _dedupe(component.model.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[tuple] = set()
+    for name, tensor in unique.items():
+        t = tensor.detach()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (views of one buffer that are not the same
+        # tensor); give each its own storage.
+        storage = (t.untyped_storage().data_ptr(), t.device)
+        if t.numel() and storage in storages:
+            t = t.clone()
+        storages.add((t.untyped_storage().data_ptr(), t.device))
+        tensors[name] = t
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata={_ALIASES_KEY: json.dumps(aliases, sort_keys=True),
+                                                "precision": precision})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [WEIGHTS_FILE]
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors state dict with tied names restored (both names map to one tensor)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    try:
+        aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise CacheCorruptionError(f"{path}: unreadable tied-weight metadata ({exc})") from exc
+    for alias, name in aliases.items():
+        if name not in tensors:
+            raise CacheCorruptionError(f"{path}: tied weight {alias!r} points at missing tensor {name!r}")
+        tensors[alias] = tensors[name]
+    return tensors
+
+
+def load_torch_engine(directory: str | os.PathLike, manifest: Mapping[str, Any], *,
+                      device: str | torch.device = "cpu", runtime: RuntimeOptions | None = None) -> TorchEngine:
+    """Rebuild a saved torch engine from ``manifest["source"]`` and its safetensors weights."""
+    from fastgen.models import rebuild_component  # lazy: fastgen.models imports diffusers/transformers
+
+    directory = Path(directory)
+    source = manifest.get("source")
+    if not source:
+        raise CacheCorruptionError(f"{directory}: torch engine manifest has no 'source' to rebuild the model from")
+    state_dict = load_weights(directory / WEIGHTS_FILE)
+    component = rebuild_component(source, state_dict)
+    spec = ExportSpec.from_dict(manifest["spec"]) if manifest.get("spec") else component.spec
+    return TorchEngine(component, device=device, precision=manifest.get("precision", "fp32"),
+                       runtime=runtime, manifest=manifest, path=directory, spec=spec)

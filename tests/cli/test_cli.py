@@ -1,0 +1,101 @@
+"""The fastgen CLI through a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def fastgen(*args: str, cwd=None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {}), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "fastgen.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["export"], ["build"], ["inspect"], ["bench"], ["demo"]):
+        proc = fastgen(*cmd, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout
+
+
+def test_export_build_inspect_bench(tmp_path):
+    proc = fastgen("export", "tiny", "--component", "text-encoder", "--out", str(tmp_path / "te"), "--verify", "opt")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "te" / "model.onnx").exists()
+
+    proc = fastgen("build", "tiny", "-c", "classifier", "--backend", "onnxruntime", "--device", "cpu",
+                   "--profile", "batch=1:2:4", "--out", str(tmp_path / "eng"), "--verify", "opt")
+    assert proc.returncode == 0, proc.stderr
+    again = fastgen("build", "tiny", "-c", "classifier", "--device", "cpu", "--profile", "batch=1:2:4",
+                    "--out", str(tmp_path / "eng"), "--verify", "opt")
+    assert again.returncode == 0 and "cache hit" in again.stdout
+
+    info = json.loads(fastgen("inspect", str(tmp_path / "eng"), "--json").stdout)
+    assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
+    assert [t["name"] for t in info["inputs"]] == ["pixel_values"] and len(info["cache_key"]) == 64
+    assert info["profile"]["batch"] == {"min": 1, "opt": 2, "max": 4} and info["built_at"]
+    table = fastgen("inspect", str(tmp_path / "eng"))
+    assert table.returncode == 0 and "pixel_values" in table.stdout and "logits" in table.stdout
+    onnx_info = json.loads(fastgen("inspect", str(tmp_path / "te" / "model.onnx"), "--json").stdout)
+    assert [t["name"] for t in onnx_info["inputs"]] == ["input_ids"]
+
+    bench = fastgen("bench", str(tmp_path / "eng"), "--batch", "1,3", "--iters", "3", "--json")
+    assert bench.returncode == 0, bench.stderr
+    rows = json.loads(bench.stdout)["results"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["p50_ms"] <= r["p99_ms"] for r in rows)
+    table = fastgen("bench", str(tmp_path / "te" / "model.onnx"), "--batch", "2", "--iters", "2")
+    assert table.returncode == 0 and "items/s" in table.stdout, table.stderr
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["export", "/no/such/model", "-c", "unet", "--out", "x"], ["/no/such/model"]),
+    (["export", "runwayml/stable-diffusion-v1-5", "-c", "unet", "--out", "x"], ["hub"]),
+    (["export", "tiny", "-c", "tail", "--out", "x"], ["component", "unet"]),
+    (["export", "tiny", "-c", "unet", "--out", "x", "--profile", "batch=1:x:3"], ["profile", "MIN:OPT:MAX"]),
+    (["export", "tiny", "-c", "unet", "--out", "x", "--profile", "batch=4:2:1"], ["profile", "min <= opt <= max"]),
+    (["export", "tiny", "-c", "unet", "--out", "x", "--profile", "frames=1:2:3"], ["profile", "batch"]),
+    (["export", "tiny", "-c", "unet", "--out", "x", "--opset", "9"], ["opset", "17"]),
+    (["build", "tiny", "-c", "unet", "--backend", "tvm"], ["--backend", "onnxruntime"]),
+    (["build", "tiny", "-c", "unet", "--backend", "tensorrt"], ["tensorrt"]),
+    (["build", "tiny", "-c", "unet", "--precision", "bf16", "--device", "cpu"], ["bf16"]),
+    (["inspect", "/no/such/engine"], ["engine", "no such file"]),
+    (["bench", "/no/such/engine"], ["engine"]),
+    (["export", "tiny"], ["--out"]),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needles):
+    assert_one_line_error(fastgen(*args, cwd=tmp_path), *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bench_bad_batch(tmp_path):
+    fastgen("build", "tiny", "-c", "classifier", "--device", "cpu", "--out", str(tmp_path / "e"), "--verify", "none")
+    assert_one_line_error(fastgen("bench", str(tmp_path / "e"), "--batch", "0,x"), "batch")
+    assert_one_line_error(fastgen("bench", str(tmp_path / "e"), "--shape", "frames=3"), "shape")
+
+
+def test_demo_main_job(tmp_path):
+    proc = fastgen("demo", "--out", str(tmp_path / "demo"), "--iters", "2",
+                   env_extra={"FASTGEN_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    names = [c["component"] for c in summary["components"]]
+    assert {"unet", "vae-decoder", "text-encoder", "classifier"} <= set(names)
+    assert all(c["min_cosine"] > 0.9999 for c in summary["components"])
+    warm = fastgen("demo", "--out", str(tmp_path / "demo"), "--iters", "2",
+                   env_extra={"FASTGEN_CACHE_DIR": str(tmp_path / "cache")})
+    assert warm.returncode == 0
+    warm_summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert all(c["onnxruntime_cache_hit"] and c["torch_cache_hit"] for c in warm_summary["components"])
