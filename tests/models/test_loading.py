@@ -217,7 +217,10 @@ def test_rebuild_component(tiny, tmp_path, name):
     # The torch engine's round trip: the model's state dict through a safetensors file.
     path = tmp_path / "weights.safetensors"
     save_file(comp.model.state_dict(), str(path))
+    before = torch.get_rng_state()
     rebuilt = rebuild_component(source, load_file(str(path)))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not any(p.is_meta for p in rebuilt.model.parameters())
     assert rebuilt.name == name and rebuilt.source == comp.source
     assert type(rebuilt.model) is type(comp.model)
     _same_outputs(rebuilt, comp, "min")
@@ -299,3 +302,20 @@ def test_pipeline_skips_unsupported_folders(tiny, tmp_path, caplog):
     (tmp_path / "model_index.json").write_text("{}")
     assert model_components(tmp_path) == ["unet"]
     assert "AutoencoderTiny" in caplog.text
+
+
+def test_meta_parameter_patch_acts_only_in_the_building_thread():
+    import threading
+
+    from torch import nn
+
+    from fastgen.models.loading import _parameters_on_meta
+
+    seen = {}
+    with _parameters_on_meta():
+        seen["builder"] = nn.Linear(2, 2).weight.device.type
+        worker = threading.Thread(target=lambda: seen.__setitem__("other", nn.Linear(2, 2).weight.device.type))
+        worker.start()
+        worker.join()
+    seen["after"] = nn.Linear(2, 2).weight.device.type
+    assert seen == {"builder": "meta", "other": "cpu", "after": "cpu"}

@@ -29,7 +29,10 @@ MODEL_HELP = "a preset (tiny, sd15, sdxl) or a local checkpoint: diffusers or tr
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # Off a terminal (CI logs, pipes) rich assumes 80 columns, which folds every table: use more.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, width=width)
 
 
 def _profile(value: str | None):

@@ -147,7 +147,13 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     if overrides:
         config = dataclasses.replace(config, **overrides)
     _check_config(config)
-    device = resolve_device(config.device)
+    if config.backend == "onnxruntime":
+        # auto picks the GPU only when onnxruntime itself can use it (onnxruntime-gpu installed)
+        from fastgen.engines.ort_backend import resolve_ort_device
+
+        device = resolve_ort_device(config.device)
+    else:
+        device = resolve_device(config.device)
     if device.type == "cpu" and config.precision == "bf16" and config.backend != "torch":
         raise UnsupportedError(f"backend {config.backend!r} has no bf16 on cpu")
 

@@ -41,7 +41,15 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def _trace_torchscript(component: Component, args: tuple, path: Path, config: ExportConfig) -> None:
+def _trace(component: Component, args: tuple, path: Path, config: ExportConfig) -> None:
+    if config.exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise UnsupportedError("exporter 'dynamo' needs the onnxscript package (pip install 'fastgen[dynamo]')") from e
+        extra = {"dynamo": True, "external_data": True, "optimize": True, "verbose": False}
+    else:
+        extra = {"dynamo": False, "do_constant_folding": True}
     spec = component.spec
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The tracer warns about every Python branch on a shape; the verification step is what
@@ -50,24 +58,7 @@ def _trace_torchscript(component: Component, args: tuple, path: Path, config: Ex
         torch.onnx.export(
             component.module, args, str(path),
             input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(), opset_version=config.resolved_opset,
-            do_constant_folding=True, dynamo=False,
-        )
-
-
-def _trace_dynamo(component: Component, args: tuple, path: Path, config: ExportConfig) -> None:
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise UnsupportedError("exporter 'dynamo' needs the onnxscript package (pip install 'fastgen[dynamo]')") from e
-    spec = component.spec
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            component.module, args, str(path),
-            input_names=spec.input_names, output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(), opset_version=config.resolved_opset,
-            dynamo=True, external_data=True, optimize=True, verbose=False,
+            dynamic_axes=spec.dynamic_axes(), opset_version=config.resolved_opset, **extra,
         )
 
 
@@ -132,10 +123,9 @@ def export_onnx(component: Component, directory: Path, config: ExportConfig) -> 
     with tempfile.TemporaryDirectory(prefix="fastgen-export-", dir=directory) as raw_dir:
         raw = Path(raw_dir) / "raw.onnx"
         t0 = time.perf_counter()
-        trace = _trace_dynamo if config.exporter == "dynamo" else _trace_torchscript
         with torch.inference_mode(False), torch.no_grad():
             try:
-                trace(component, args, raw, config)
+                _trace(component, args, raw, config)
             except FastgenError:
                 raise
             except Exception as e:  # exporter internals: name the exporter, keep the cause chained

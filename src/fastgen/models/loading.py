@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,27 +74,35 @@ def _parameters_on_meta() -> Iterator[None]:
 
     Non-persistent buffers (position ids...) are not in a state dict, so they must be computed by
     the constructor as usual; parameters are all replaced by ``load_state_dict(assign=True)``.
-    Patches ``nn.Module.register_parameter`` for the duration: not thread-safe.
+    ``nn.Module.register_parameter`` is patched for the duration, but the patch acts only in the
+    thread that builds (other threads constructing modules meanwhile are unaffected), and builds
+    are serialised by a lock so two of them never restore each other's patch.
     """
-    original = nn.Module.register_parameter
+    with _META_LOCK:
+        original = nn.Module.register_parameter
+        owner = threading.get_ident()
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+        def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+            if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
+                param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            original(module, name, param)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+_META_LOCK = threading.Lock()
 
 
 def _from_state_dict(library: str, cls_name: str, config: dict[str, Any],
                      state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build a model class from the allowlist and take ``state_dict`` as its weights (strict)."""
     presets.model_class(library, cls_name)  # refuse anything outside the allowlist before building
-    with _parameters_on_meta():
+    # fork_rng: a constructor that draws values before registering them must not move the global RNG.
+    with torch.random.fork_rng(devices=[]), _parameters_on_meta():
         model = presets.instantiate(library, cls_name, config)
     model.load_state_dict(_aligned(state_dict), strict=True, assign=True)
     return model.eval()
