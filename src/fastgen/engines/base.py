@@ -39,6 +39,30 @@ class Engine(abc.ABC):
         self.precision = precision
         self.manifest = dict(manifest or {})
         self.path = path
+        self._tokenizer: Any = None
+        self._extras: dict[str, Any] | None = None
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """Pipeline metadata of the component (scheduler config, VAE scaling, labels...)."""
+        if self._extras is None:
+            self._extras = dict(self.manifest.get("extras") or {})
+        return self._extras
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer saved with a text engine (``tokenizer/`` in its directory), or None."""
+        if self._tokenizer is None and self.path is not None and (Path(self.path) / "tokenizer").is_dir():
+            from fastgen.models.tokenizers import load_tokenizer
+
+            self._tokenizer = load_tokenizer(Path(self.path) / "tokenizer")
+        return self._tokenizer
+
+    def attach(self, *, tokenizer: Any = None, extras: dict[str, Any] | None = None) -> Engine:
+        """Give an in-memory engine its component's tokenizer and extras."""
+        self._tokenizer = tokenizer
+        self._extras = dict(extras or {})
+        return self
 
     @abc.abstractmethod
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

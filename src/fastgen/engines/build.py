@@ -54,6 +54,14 @@ def _onnx_with_data(path: Path) -> list[Path]:
     return [path, *(path.parent / loc for loc in sorted(locations))]
 
 
+def _tokenizer_digest(tokenizer: Any) -> str | None:
+    """Identity of a tokenizer for the cache key: its class, vocabulary and settings."""
+    if tokenizer is None:
+        return None
+    return sha256_json({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(),
+                        "max_length": tokenizer.model_max_length, "pad": str(tokenizer.pad_token)})
+
+
 def _backend_version(backend: str) -> str:
     if backend == "onnxruntime":
         import onnxruntime
@@ -174,7 +182,8 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
         comp = resolve_component(model, component, config.profile)
         spec_dict = comp.spec.to_dict()
         source = {"recipe": comp.source or {"class": type(comp.model).__qualname__, "repr": repr(comp.model)},
-                  "weights": weights_digest(comp.model)}
+                  "weights": weights_digest(comp.model), "extras": comp.extras,
+                  "tokenizer": _tokenizer_digest(comp.tokenizer)}
         if config.backend == "torch" and not comp.source:
             # A custom nn.Module cannot be rebuilt without pickle, so it is not cached on disk.
             if out is not None:
@@ -182,7 +191,8 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
                                        "(no pickle); build an onnxruntime engine or drop --out")
             from fastgen.engines.torch_backend import TorchEngine
 
-            return TorchEngine(comp, device=device, precision=config.precision, runtime=config.runtime)
+            engine = TorchEngine(comp, device=device, precision=config.precision, runtime=config.runtime)
+            return engine.attach(tokenizer=comp.tokenizer, extras=comp.extras)
 
     material = _key_material(source, spec_dict, config, device)
     key = sha256_json(material)
@@ -196,6 +206,8 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
             fields: dict[str, Any] = {"spec": spec_dict}
         else:
             fields = _build_onnx_artifacts(staging, config, comp, onnx_source, progress)
+        if comp is not None and comp.tokenizer is not None:
+            comp.tokenizer.save_pretrained(str(staging / "tokenizer"))  # JSON and text files only
         return {
             **fields,
             "backend": config.backend,
@@ -206,6 +218,7 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
             "build_config": config.to_dict(),
             "source": comp.source if comp is not None else {"onnx": str(onnx_source)},
             "origin": comp.origin if comp is not None else str(onnx_source),
+            "extras": comp.extras if comp is not None else {},
             "fastgen_version": __version__,
             "backend_version": _backend_version(config.backend),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

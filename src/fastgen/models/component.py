@@ -34,6 +34,10 @@ class Component:
     (a custom ``nn.Module``)."""
     origin: str = ""
     """Human-readable origin: preset name, local path, or ``<module ClassName>``."""
+    tokenizer: Any = None
+    """The text component's tokenizer (a transformers tokenizer), when the model has one."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """JSON metadata pipelines need (scheduler config, VAE scaling, labels...): see ``models.assets``."""
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the PyTorch module on named inputs and return named outputs (the export oracle)."""

@@ -33,6 +33,7 @@ from fastgen.errors import InvalidArgumentError, ModelNotFoundError, Unsupported
 from fastgen.models import presets
 from fastgen.models.adapters import adapt
 from fastgen.models.adapters_diffusers import vae_latent_factor
+from fastgen.models.assets import attach_assets
 from fastgen.models.component import Component
 from fastgen.models.spec import ShapeProfile
 
@@ -384,7 +385,7 @@ def load_component(model: str | os.PathLike | nn.Module, component: str | None =
     module = plan.builders[name](seed)
     comp = adapt(module, name, profile=profile, **plan.options[name])
     comp.origin = plan.origin
-    return comp
+    return attach_assets(comp, model)
 
 
 def rebuild_component(source: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Component:
