@@ -99,3 +99,24 @@ def test_demo_main_job(tmp_path):
     assert warm.returncode == 0
     warm_summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert all(c["onnxruntime_cache_hit"] and c["torch_cache_hit"] for c in warm_summary["components"])
+
+
+def test_build_all_components_into_one_folder(tmp_path):
+    proc = fastgen("build", "tiny", "-c", "all", "--device", "cpu", "--verify", "none", "--out", str(tmp_path / "p"))
+    assert proc.returncode == 0, proc.stderr
+    built = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert built == sorted(["unet", "vae-decoder", "vae-encoder", "text-encoder", "classifier", "text-classifier"])
+    assert all((tmp_path / "p" / name / "manifest.json").exists() for name in built)
+    assert (tmp_path / "p" / "text-encoder" / "tokenizer").is_dir()
+    assert_one_line_error(fastgen("build", "tiny", "-c", "all"), "out")
+
+
+def test_cache_commands(tmp_path):
+    env = {"FASTGEN_CACHE_DIR": str(tmp_path / "cache")}
+    assert fastgen("build", "tiny", "-c", "classifier", "--device", "cpu", "--verify", "none", env_extra=env).returncode == 0
+    listing = json.loads(fastgen("cache", "list", "--json", env_extra=env).stdout)
+    assert len(listing["entries"]) == 1 and listing["entries"][0]["component"] == "classifier"
+    entry = listing["entries"][0]["path"]
+    (tmp_path / "cache" / entry / "model.onnx").write_bytes(b"truncated")
+    assert "0 intact, 1 damaged" in fastgen("cache", "verify", env_extra=env).stdout
+    assert "removed 0 entries" in fastgen("cache", "clear", env_extra=env).stdout

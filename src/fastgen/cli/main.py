@@ -100,7 +100,8 @@ def export_cmd(model: str, component: str | None, out: str, profile: str | None,
 
 @cli.command("build")
 @click.argument("model")
-@click.option("--component", "-c", help="Component to build (see `fastgen export --help`); not for .onnx files.")
+@click.option("--component", "-c", help="Component to build (see `fastgen export --help`), or `all` (each into "
+              "OUT/<component>, the layout `fastgen generate --model OUT` reads); not for .onnx files.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Also write the engine directory here.")
 @click.option("--profile", help="Shape profile overrides, e.g. batch=1:4:8,height=512.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
@@ -122,6 +123,15 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
     runtime = pop_config(RuntimeOptions, kwargs)
     config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, runtime=runtime)
     cache: Any = False if no_cache else (EngineCache(cache_dir) if cache_dir else None)
+    if component == "all":
+        from fastgen.models import model_components
+
+        if out is None:
+            raise InvalidArgumentError("out", None, reason="required with --component all")
+        for name in model_components(model):
+            engine = build(model, component=name, config=config, out=Path(out) / name, cache=cache, progress=True)
+            report.build_summary(_console(), engine)
+        return
     engine = build(model, component=component, config=config, out=out, cache=cache, progress=True)
     report.build_summary(_console(), engine)
 
@@ -189,6 +199,52 @@ def demo_cmd(out: str, cache_dir: str | None, iters: int) -> None:
     from fastgen.cli.demo import run_demo
 
     run_demo(Path(out), cache_dir=cache_dir, iters=iters, console=_console())
+
+
+@cli.group("cache")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
+@click.pass_context
+def cache_cmd(ctx: click.Context, cache_dir: str | None) -> None:
+    """List, verify or clear the engine cache."""
+    from fastgen.engines.cache import EngineCache
+
+    ctx.obj = EngineCache(cache_dir)
+
+
+@cache_cmd.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def cache_list(cache, as_json: bool) -> None:
+    """One row per cached engine: key, component, backend, precision, size, build date."""
+    from rich.table import Table
+
+    rows = cache.entries()
+    if as_json:
+        click.echo(json.dumps({"root": str(cache.root), "entries": rows}, indent=2, default=str))
+        return
+    table = Table(title=f"engine cache {cache.root} ({len(rows)} entries)")
+    for col in ("key", "component", "backend", "precision", "MB", "built", "origin"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key"][:12], str(r.get("component")), str(r.get("backend")), str(r.get("precision")),
+                      f"{r['bytes'] / 1e6:.1f}", str(r.get("built_at")), str(r.get("origin")))
+    _console().print(table)
+
+
+@cache_cmd.command("verify")
+@click.pass_obj
+def cache_verify(cache) -> None:
+    """Check every entry against its manifest's sha256; damaged entries are removed."""
+    rows = cache.entries()
+    bad = [r["key"] for r in rows if cache.lookup(r["key"]) is None]
+    click.echo(f"{len(rows) - len(bad)} intact, {len(bad)} damaged and removed")
+
+
+@cache_cmd.command("clear")
+@click.pass_obj
+def cache_clear(cache) -> None:
+    """Delete every cached engine."""
+    click.echo(f"removed {cache.clear()} entries from {cache.root}")
 
 
 def main(argv: list[str] | None = None) -> None:
