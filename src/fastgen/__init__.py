@@ -6,9 +6,9 @@ global torch setting. The public names below are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from fastgen._lazy import lazy_getattr
 from fastgen._version import __version__
 
 # public name -> module that defines it
@@ -28,6 +28,9 @@ _LAZY = {
     "ExportSpec": "fastgen.models.spec",
     "ShapeProfile": "fastgen.models.spec",
     "TensorSpec": "fastgen.models.spec",
+    "Scorer": "fastgen.pipelines.scorer",
+    "Score": "fastgen.pipelines.scorer",
+    "VideoScore": "fastgen.pipelines.scorer",
     "FastgenError": "fastgen.errors",
     "InvalidArgumentError": "fastgen.errors",
 }
@@ -35,13 +38,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastgen' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:
@@ -60,3 +57,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.models import adapt, load_component
     from fastgen.models.component import Component
     from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec
+    from fastgen.pipelines.scorer import Score, Scorer, VideoScore

@@ -135,3 +135,32 @@ def test_failure_leaves_nothing(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
     with pytest.raises(InvalidArgumentError, match="no such file"):
         convert_to_fp16(tmp_path / "missing.onnx", tmp_path / "out" / "model.onnx")
+
+
+def test_shared_initializer_feeding_several_fp32_nodes(tmp_path):
+    """Two LayerNorms sharing one bias tensor (as onnxslim leaves them) convert to a valid graph."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from fastgen.engines.ort_backend import convert_to_fp16
+
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [8], np.ones(8, np.float32))
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [8], np.zeros(8, np.float32))
+    # bias also feeds an Add, which goes fp16, so both LayerNorms need a cast of it back to fp32
+    nodes = [helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["h"], axis=-1, name="ln1"),
+             helper.make_node("Add", ["h", "bias"], ["h2"], name="add"),
+             helper.make_node("LayerNormalization", ["h2", "scale", "bias"], ["y"], axis=-1, name="ln2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [scale, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "ln.onnx"))
+    convert_to_fp16(tmp_path / "ln.onnx", tmp_path / "ln16.onnx")
+    onnx.checker.check_model(str(tmp_path / "ln16.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    out = ort.InferenceSession(str(tmp_path / "ln16.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.astype(np.float16)})[0]
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=1e-2)

@@ -247,6 +247,16 @@ def cache_clear(cache) -> None:
     click.echo(f"removed {cache.clear()} entries from {cache.root}")
 
 
+def _register_pipeline_commands() -> None:
+    # Defined in their own modules (heavy imports happen inside the commands, not here).
+    from fastgen.cli.score import score
+
+    cli.add_command(score)
+
+
+_register_pipeline_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")
     try:

@@ -1,24 +1,15 @@
 """Engines: one interface over the torch, onnxruntime and (later) tensorrt backends."""
 
-from fastgen.engines.base import Engine
+from fastgen._lazy import lazy_getattr
 from fastgen.engines.config import BuildConfig, RuntimeOptions
 
+# Engine / build / load_engine / EngineCache import torch, onnx and the backends: on first use only,
+# so that the CLI answers --help and argument errors without loading them.
+_LAZY = {"Engine": "fastgen.engines.base", "build": "fastgen.engines.build",
+         "load_engine": "fastgen.engines.loading", "EngineCache": "fastgen.engines.cache"}
 
-def __getattr__(name: str):
-    # build / load_engine / EngineCache pull in onnx and the backends: load them on first use.
-    if name == "build":
-        from fastgen.engines.build import build
 
-        return build
-    if name == "load_engine":
-        from fastgen.engines.loading import load_engine
-
-        return load_engine
-    if name == "EngineCache":
-        from fastgen.engines.cache import EngineCache
-
-        return EngineCache
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["BuildConfig", "Engine", "EngineCache", "RuntimeOptions", "build", "load_engine"]

@@ -354,6 +354,28 @@ def _fold_cast_round_trips(graph: Any, fp32_nodes: set[str]) -> int:
     return len(dropped)
 
 
+def _drop_duplicate_nodes(graph) -> int:
+    """Remove nodes identical to an earlier one (op, inputs, outputs, attributes).
+
+    The converter adds one ``<init>_cast_to_fp32`` Cast per consumer of an initializer that feeds
+    several kept-fp32 nodes (onnxslim deduplicates equal initializers, e.g. the zero biases of
+    several LayerNorms): same name, same output, which the ONNX checker rejects.
+    """
+    seen: set[bytes] = set()
+    keep = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    dropped = len(graph.node) - len(keep)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return dropped
+
+
 def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
                     keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> None:
     """Convert an fp32 ONNX model to fp16 (float16 inputs and outputs), written atomically to ``dst``.
@@ -397,6 +419,7 @@ def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
                                          op_block_list=sorted(block_ops), node_block_list=sorted(chains))
         fp32_nodes = chains | {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)}
         folded = _fold_cast_round_trips(model.graph, fp32_nodes)
+        _drop_duplicate_nodes(model.graph)
         _topological_sort(model.graph)
         logger.debug("fp16 conversion of %s: %d nodes kept fp32 in norm chains, %d cast round trips folded",
                      src.name, len(chains), folded)

@@ -1,6 +1,13 @@
 """torch -> ONNX export with built-in verification against PyTorch."""
 
-from fastgen.export.api import ExportResult, export, export_into
+from fastgen._lazy import lazy_getattr
 from fastgen.export.config import ExportConfig
+
+# export / export_into / ExportResult need torch and onnx: imported on first use.
+_LAZY = {"ExportResult": "fastgen.export.api", "export": "fastgen.export.api", "export_into": "fastgen.export.api"}
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY)
+
 
 __all__ = ["ExportConfig", "ExportResult", "export", "export_into"]

@@ -1,30 +1,39 @@
 """Model components: adapters for diffusers / transformers / PyTorch models, presets, local loading.
 
 ``load_component("tiny", "unet")`` gives a :class:`Component` (wrapper module, export spec,
-provenance); ``adapt(module)`` wraps a model you already have. Importing this package does not
-import diffusers or transformers: they load on first use.
+provenance); ``adapt(module)`` wraps a model you already have. Importing this package imports
+neither torch nor diffusers nor transformers: the names below load on first use (the spec types
+are plain dataclasses, so configs and the CLI stay light).
 """
 
 from __future__ import annotations
 
-from fastgen.models.adapters import COMPONENT_NAMES, adapt
-from fastgen.models.component import Component
-from fastgen.models.loading import load_component, model_components, rebuild_component, weights_digest
-from fastgen.models.presets import list_presets, preset_config
+from typing import TYPE_CHECKING, Any
+
+from fastgen._lazy import lazy_getattr
 from fastgen.models.spec import DimRange, ExportSpec, ShapeProfile, TensorSpec
 
-__all__ = [
-    "COMPONENT_NAMES",
-    "Component",
-    "DimRange",
-    "ExportSpec",
-    "ShapeProfile",
-    "TensorSpec",
-    "adapt",
-    "list_presets",
-    "load_component",
-    "model_components",
-    "preset_config",
-    "rebuild_component",
-    "weights_digest",
-]
+_LAZY = {
+    "COMPONENT_NAMES": "fastgen.models.adapters",
+    "adapt": "fastgen.models.adapters",
+    "Component": "fastgen.models.component",
+    "load_component": "fastgen.models.loading",
+    "model_components": "fastgen.models.loading",
+    "rebuild_component": "fastgen.models.loading",
+    "weights_digest": "fastgen.models.loading",
+    "list_presets": "fastgen.models.presets",
+    "preset_config": "fastgen.models.presets",
+}
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastgen.models.adapters import COMPONENT_NAMES, adapt
+    from fastgen.models.component import Component
+    from fastgen.models.loading import load_component, model_components, rebuild_component, weights_digest
+    from fastgen.models.presets import list_presets, preset_config
+
+__all__ = ["COMPONENT_NAMES", "Component", "DimRange", "ExportSpec", "ShapeProfile", "TensorSpec", *_LAZY]
+__all__ = sorted(set(__all__))

@@ -1,0 +1,145 @@
+"""``fastgen score``: classify image, video and text inputs with a classifier engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fastgen.errors import InvalidArgumentError
+
+MODEL_HELP = ("a preset (tiny), a local transformers classifier folder, an engine directory made by "
+              "`fastgen build`, or an .onnx file")
+
+
+def _is_engine_path(model: str) -> bool:
+    path = Path(model).expanduser()
+    return (path / "manifest.json").is_file() or (path.is_file() and path.suffix.lower() == ".onnx")
+
+
+def _classify_file(path: str) -> str:
+    """``image`` or ``video``: by extension when it is a known video one, else by probing PIL then PyAV."""
+    from fastgen.pipelines.imageio import is_image_file
+    from fastgen.pipelines.video import VIDEO_EXTENSIONS, is_video_file
+
+    if not os.path.isfile(path):
+        raise InvalidArgumentError("file", path, reason="no such file")
+    if Path(path).suffix.lower() in VIDEO_EXTENSIONS:
+        return "video"
+    if is_image_file(path):
+        return "image"
+    if is_video_file(path):
+        return "video"
+    raise InvalidArgumentError("file", path, reason="not a readable image or video")
+
+
+def _fmt_top(top: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{label} {prob:.3f}" for label, prob in top)
+
+
+def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[str, Any]], labels: list[str],
+                  title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("input", overflow="fold")
+    table.add_column("kind")
+    table.add_column("top labels (probability; videos: mean over frames)")
+    for row in rows:
+        table.add_row(row["input"], row["kind"], _fmt_top([(t["label"], t["prob"]) for t in row["top"]]))
+    console.print(table)
+    for name, vs in videos:
+        shown = ", ".join(str(i) for i in vs.indices)
+        title = f"{name}: frames {shown}" + (f" of {vs.total_frames}" if vs.total_frames else "")
+        detail = Table(title=title, min_width=min(len(title) + 4, 150))
+        detail.add_column("label")
+        detail.add_column("mean", justify="right")
+        detail.add_column("max", justify="right")
+        for label in labels:
+            detail.add_row(label, f"{vs.mean[label]:.4f}", f"{vs.max[label]:.4f}")
+        console.print(detail)
+
+
+@click.command("score")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=True))
+@click.option("--model", "-m", required=True, help=f"The classifier: {MODEL_HELP}.")
+@click.option("--component", "-c", type=click.Choice(["classifier", "text-classifier"]), default=None,
+              help="Component of MODEL (default: text-classifier when only --text is given, else classifier).")
+@click.option("--text", "-t", "texts", multiple=True, help="A text to classify (repeatable).")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(1),
+              help="Frames sampled uniformly from each video.")
+@click.option("--top", "top_k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per input.")
+@click.option("--batch-size", type=click.IntRange(1), help="Inputs per engine call (default: the engine's opt batch).")
+@click.option("--multi-label", is_flag=True, help="Independent sigmoid probabilities instead of a softmax.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Engine backend (not for engine directories).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the engine runs.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Engine precision (not for engine directories).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def score(files: tuple[str, ...], model: str, component: str | None, texts: tuple[str, ...], frames: int,
+          top_k: int, batch_size: int | None, multi_label: bool, backend: str, device: str, precision: str,
+          cache_dir: str | None, as_json: bool) -> None:
+    """Classify image and video FILES, and --text inputs, with a classifier of MODEL.
+
+    Files are images or videos (known video extensions, else whatever PIL or PyAV can open); each
+    video is scored on --frames frames sampled uniformly, reported as the mean and max probability
+    of every label over those frames.
+    """
+    from fastgen.pipelines.scorer import Scorer
+
+    if not files and not texts:
+        raise InvalidArgumentError("inputs", None, reason="give image or video FILES, or --text")
+    kinds = [_classify_file(f) for f in files]
+    if component is None and texts and not files and not _is_engine_path(model):
+        component = "text-classifier"
+    cache: Any = None
+    if cache_dir:
+        from fastgen.engines.cache import EngineCache
+
+        cache = EngineCache(cache_dir)
+    scorer = Scorer.from_pretrained(model, component, backend=backend, device=device, precision=precision,
+                                    cache=cache, top_k=top_k, multi_label=multi_label, batch_size=batch_size,
+                                    progress=sys.stderr.isatty())
+    what = f"{model}'s {scorer.engine.spec.component}"
+    if texts and scorer.kind != "text":
+        raise InvalidArgumentError("--text", texts[0], reason=f"{what} is an image classifier; pass image or "
+                                   "video FILES (or --component text-classifier)")
+    if files and scorer.kind != "image":
+        raise InvalidArgumentError("FILES", files[0], reason=f"{what} is a text classifier; pass --text")
+
+    rows: list[dict[str, Any]] = []
+    videos: list[tuple[str, Any]] = []
+    with scorer:
+        images = [f for f, k in zip(files, kinds) if k == "image"]
+        image_scores = dict(zip(images, scorer.score_images(images))) if images else {}
+        for f, k in zip(files, kinds):
+            if k == "image":
+                rows.append({"input": f, "kind": "image", **image_scores[f].to_dict()})
+            else:
+                vs = scorer.score_video(f, frames=frames)
+                videos.append((f, vs))
+                rows.append({"input": f, "kind": "video", **vs.to_dict()})
+        for text, s in zip(texts, scorer.score_texts(list(texts)) if texts else []):
+            rows.append({"input": text, "kind": "text", **s.to_dict()})
+        labels = scorer.labels
+        engine_info = {"model": model, "component": scorer.engine.spec.component, "backend": scorer.engine.backend,
+                       "device": str(scorer.engine.device), "precision": scorer.engine.precision}
+
+    if as_json:
+        click.echo(json.dumps({**engine_info, "labels": labels, "multi_label": multi_label, "results": rows},
+                              indent=2))
+        return
+    from fastgen.cli.main import _console
+
+    _print_tables(_console(), rows, videos, labels,
+                  title=f"{model} {engine_info['component']} ({engine_info['backend']}, {engine_info['device']})")
+
+
+__all__ = ["score"]
