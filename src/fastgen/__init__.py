@@ -28,6 +28,9 @@ _LAZY = {
     "ExportSpec": "fastgen.models.spec",
     "ShapeProfile": "fastgen.models.spec",
     "TensorSpec": "fastgen.models.spec",
+    "Generator": "fastgen.pipelines.generator",
+    "GenerateConfig": "fastgen.pipelines.config",
+    "GenerationResult": "fastgen.pipelines.config",
     "Scorer": "fastgen.pipelines.scorer",
     "Score": "fastgen.pipelines.scorer",
     "VideoScore": "fastgen.pipelines.scorer",
@@ -57,4 +60,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.models import adapt, load_component
     from fastgen.models.component import Component
     from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec
+    from fastgen.pipelines.config import GenerateConfig, GenerationResult
+    from fastgen.pipelines.generator import Generator
     from fastgen.pipelines.scorer import Score, Scorer, VideoScore

@@ -26,7 +26,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["export"], ["build"], ["inspect"], ["bench"], ["demo"]):
+    for cmd in ([], ["export"], ["build"], ["inspect"], ["bench"], ["demo"], ["generate"], ["score"], ["cache"]):
         proc = fastgen(*cmd, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout
 
@@ -87,18 +87,20 @@ def test_bench_bad_batch(tmp_path):
 
 
 def test_demo_main_job(tmp_path):
-    proc = fastgen("demo", "--out", str(tmp_path / "demo"), "--iters", "2",
-                   env_extra={"FASTGEN_CACHE_DIR": str(tmp_path / "cache")})
+    env = {"FASTGEN_CACHE_DIR": str(tmp_path / "cache")}
+    proc = fastgen("demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--candidates", "2", env_extra=env)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    names = [c["component"] for c in summary["components"]]
-    assert {"unet", "vae-decoder", "text-encoder", "classifier"} <= set(names)
-    assert all(c["min_cosine"] > 0.9999 for c in summary["components"])
-    warm = fastgen("demo", "--out", str(tmp_path / "demo"), "--iters", "2",
-                   env_extra={"FASTGEN_CACHE_DIR": str(tmp_path / "cache")})
-    assert warm.returncode == 0
-    warm_summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert all(c["onnxruntime_cache_hit"] and c["torch_cache_hit"] for c in warm_summary["components"])
+    assert [b["backend"] for b in summary["backends"]] == ["torch", "onnxruntime"]
+    assert summary["psnr_torch_vs_onnxruntime_db"] > 60  # the two backends make the same images
+    pngs = sorted(p.name for p in (tmp_path / "demo").glob("*.png"))
+    assert len(pngs) == 2 * len(summary["prompts"]) and pngs == sorted(summary["files"])
+    for backend in summary["backends"]:
+        assert len(backend["best"]) == len(summary["prompts"]) and len(backend["image_scores"]) == len(summary["prompts"])
+        assert backend["unet_step_ms"] > 0 and backend["vae_decode_ms"] > 0
+    warm = fastgen("demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--candidates", "2", env_extra=env)
+    assert warm.returncode == 0, warm.stderr
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["total_seconds"] > 0
 
 
 def test_build_all_components_into_one_folder(tmp_path):

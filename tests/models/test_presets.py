@@ -30,11 +30,12 @@ PARAMS = {
 
 
 def test_list_presets_and_components():
-    assert list_presets() == ["tiny", "sd15", "sdxl"]
+    assert list_presets() == ["tiny", "sd15", "sdxl", "tiny-sdxl"]
     assert model_components("tiny") == ["unet", "vae-decoder", "vae-encoder", "text-encoder", "classifier",
                                         "text-classifier"]
     assert model_components("sd15") == ["unet", "vae-decoder", "vae-encoder", "text-encoder"]
     assert model_components("sdxl") == ["unet", "vae-decoder", "vae-encoder", "text-encoder", "text-encoder-2"]
+    assert model_components("tiny-sdxl") == model_components("sdxl")
 
 
 @pytest.mark.parametrize(("preset", "component"), list(PARAMS))
@@ -147,3 +148,33 @@ def test_sd15_unet_with_real_random_weights_rebuilds():
     assert ref.shape == (1, 4, 32, 32) and torch.isfinite(ref).all()
     rebuilt = rebuild_component(comp.source, comp.model.state_dict())
     torch.testing.assert_close(rebuilt(x)["noise_pred"], ref, rtol=0, atol=0)
+
+
+def test_tiny_sdxl_is_sdxl_shaped_and_runs():
+    """tiny-sdxl: SDXL's conditioning (two CLIP encoders side by side, pooled projection, six time
+    ids) at a size that runs in milliseconds; its VAE and first encoder are tiny's own."""
+    _, _, unet = preset_config("tiny-sdxl", "unet")
+    _, cls1, te1 = preset_config("tiny-sdxl", "text-encoder")
+    _, cls2, te2 = preset_config("tiny-sdxl", "text-encoder-2")
+    assert (cls1, cls2) == ("CLIPTextModel", "CLIPTextModelWithProjection")
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
+    assert unet["projection_class_embeddings_input_dim"] == te2["projection_dim"] + 6 * unet["addition_time_embed_dim"]
+    assert preset_config("tiny-sdxl", "vae-decoder") == preset_config("tiny", "vae-decoder")
+    assert preset_config("tiny-sdxl", "text-encoder") == preset_config("tiny", "text-encoder")
+    assert PRESET_IMAGE_SIZES["tiny-sdxl"] == PRESET_IMAGE_SIZES["tiny"]
+
+    comps = {name: load_component("tiny-sdxl", name) for name in ("unet", "text-encoder", "text-encoder-2")}
+    spec = comps["unet"].spec
+    assert spec.input_names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert spec.inputs[2].shape == ("batch", "seq", 96) and spec.inputs[3].shape == ("batch", 32)
+    assert comps["unet"].extras["pipeline"] == "sdxl" and comps["unet"].extras["force_zeros_for_empty_prompt"]
+    assert comps["unet"].extras["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
+    assert sum(p.numel() for p in comps["unet"].model.parameters()) < 2_000_000  # fast on a CPU
+    # SDXL's second tokenizer pads with "!", the first with the end token.
+    assert comps["text-encoder"].tokenizer.pad_token == "<|endoftext|>"
+    assert comps["text-encoder-2"].tokenizer.pad_token == "!"
+    te2_out = comps["text-encoder-2"](comps["text-encoder-2"].spec.sample_inputs("opt"))
+    assert te2_out["penultimate_hidden_state"].shape == (2, 77, 64) and te2_out["text_embeds"].shape == (2, 32)
+    out = comps["unet"](spec.sample_inputs({"batch": 2, "height": 64, "width": 48}))["noise_pred"]
+    assert out.shape == (2, 4, 8, 6) and torch.isfinite(out).all()

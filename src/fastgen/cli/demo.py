@@ -1,20 +1,23 @@
 """``fastgen demo``: the main job on the embedded ``tiny`` preset.
 
-For every tiny component: build (cached) a torch and an onnxruntime engine, check that they agree on
-fresh inputs, and time both at the profile's opt shape. Writes ``summary.json``.
+With each backend (torch, onnxruntime): build the tiny engines (cached), generate images for a handful
+of ad-style prompts, score them with the image classifier and the ad copy with the text classifier,
+and run best-of-N (several candidates per prompt, keep the best). Writes the onnxruntime images as
+PNGs, ``summary.json``, and prints stage latencies side by side with the agreement of the backends.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from rich.progress import Progress
 from rich.table import Table
 
 from fastgen._fs import write_json_atomic
@@ -23,67 +26,128 @@ from fastgen._version import __version__
 logger = logging.getLogger(__name__)
 
 PRESET = "tiny"
+BACKENDS = ("torch", "onnxruntime")
+PROMPTS = (
+    "a red sports car on a mountain road at sunset, product shot",
+    "minimalist poster of a running shoe, bold typography, summer sale",
+    "fresh orange juice bottle on a kitchen counter, bright morning light",
+    "luxury watch on black marble, dramatic shadows, premium advert",
+)
+COPY = ("Summer sale: fifty percent off every running shoe", "Buy now, free shipping, best price guaranteed")
 
 
-def _opt_batch(spec) -> list[int]:
-    return [spec.profile.dims["batch"].opt] if "batch" in spec.profile.dims else [1]
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two float images in [0, 1]."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def run_demo(out: Path, *, cache_dir: str | None, iters: int, console) -> dict[str, Any]:
-    from fastgen.engines.bench import benchmark
-    from fastgen.engines.build import build
+def _save_png(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _run_backend(backend: str, cache, steps: int, candidates: int) -> dict[str, Any]:
+    from fastgen.pipelines.generator import Generator
+    from fastgen.pipelines.scorer import Scorer
+
+    row: dict[str, Any] = {"backend": backend}
+    t0 = time.perf_counter()
+    gen = Generator.from_pretrained(PRESET, backend=backend, device="cpu", cache=cache)
+    scorer = Scorer.from_pretrained(PRESET, "classifier", backend=backend, device="cpu", cache=cache)
+    moderator = Scorer.from_pretrained(PRESET, "text-classifier", backend=backend, device="cpu", cache=cache)
+    row["setup_s"] = time.perf_counter() - t0
+    # Warm-up at the measured shapes so the table shows steady-state latencies: onnxruntime plans
+    # memory per new input shape on its first run.
+    gen.generate(list(PROMPTS), steps=1, seed=0, progress=False)
+    moderator.score_texts(list(COPY))
+
+    result = gen.generate(list(PROMPTS), steps=steps, seed=1234, output_type="np", progress=False)
+    lat = result.latencies
+    row.update(text_encoding_ms=lat.text_encoding_ms, unet_step_ms=float(np.median(lat.denoising_step_ms)),
+               denoising_ms=lat.denoising_ms, vae_decode_ms=lat.vae_decode_ms, total_ms=lat.total_ms)
+    row["images"] = result.images
+    row["seeds"] = result.seeds
+    t0 = time.perf_counter()
+    pil = [_to_pil(img) for img in result.images]
+    scores = scorer.score_images(pil)
+    row["image_scoring_ms"] = (time.perf_counter() - t0) * 1e3
+    row["image_scores"] = [s.to_dict() for s in scores]
+    t0 = time.perf_counter()
+    row["copy_scores"] = [s.to_dict() for s in moderator.score_texts(list(COPY))]
+    row["text_scoring_ms"] = (time.perf_counter() - t0) * 1e3
+
+    best = gen.generate(list(PROMPTS), steps=steps, seed=1234, candidates=candidates, keep=1,
+                        scorer=scorer, rank_by=scorer.labels[0], progress=False)
+    row["best_of_n_ms"] = best.latencies.total_ms
+    row["best"] = [{"prompt": p, "seed": s, "score": v} for p, s, v in zip(best.prompts, best.seeds, best.rank_values)]
+    row["best_images"] = best.images
+    return row
+
+
+def _to_pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8))
+
+
+def run_demo(out: Path, *, cache_dir: str | None, steps: int = 20, candidates: int = 4, console) -> dict[str, Any]:
+    from rich.progress import Progress
+
     from fastgen.engines.cache import EngineCache
-    from fastgen.export.verify import compare
-    from fastgen.models import load_component, model_components
 
     cache = EngineCache(cache_dir)
-    names = model_components(PRESET)
+    started = time.perf_counter()
     rows = []
-    t_start = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("demo", total=len(names) * 2)
-        for name in names:
-            progress.update(task, description=f"{name}: loading")
-            comp = load_component(PRESET, name)
-            row: dict[str, Any] = {"component": name, "model_type": comp.spec.model_type}
-            engines = {}
-            for backend in ("torch", "onnxruntime"):
-                progress.update(task, description=f"{name}: building {backend} engine")
-                t0 = time.perf_counter()
-                engines[backend] = build(comp, backend=backend, device="cpu", cache=cache)
-                row[f"{backend}_build_s"] = time.perf_counter() - t0
-                row[f"{backend}_cache_hit"] = bool(getattr(engines[backend], "cache_hit", False))
-                progress.advance(task)
-            progress.update(task, description=f"{name}: checking and timing")
-            inputs = comp.spec.sample_inputs("opt", seed=1)
-            ref = engines["torch"](inputs)
-            got = engines["onnxruntime"](inputs)
-            row["min_cosine"] = min(compare(ref[k], got[k])["cosine"] for k in ref)
-            row["max_rel_err"] = max(compare(ref[k], got[k])["max_rel"] for k in ref)
-            for backend, engine in engines.items():
-                res = benchmark(engine, batches=_opt_batch(comp.spec), warmup=2, iters=iters)[0]
-                row[f"{backend}_p50_ms"] = res.p50_ms
-                row["shape"] = res.shape
-            row["speedup"] = row["torch_p50_ms"] / row["onnxruntime_p50_ms"]
-            rows.append(row)
-    total = time.perf_counter() - t_start
+        task = progress.add_task("demo", total=len(BACKENDS))
+        for backend in BACKENDS:
+            progress.update(task, description=f"{backend}: building engines, generating, scoring")
+            rows.append(_run_backend(backend, cache, steps, candidates))
+            progress.advance(task)
+    total = time.perf_counter() - started
+    agreement = min(psnr(a, b) for a, b in zip(rows[0]["images"], rows[1]["images"]))
 
-    table = Table(title=f"fastgen demo: preset '{PRESET}' on {platform.machine()} CPU "
-                        f"({torch.get_num_threads()} threads), {total:.1f} s")
-    for col in ("component", "opt shape", "build torch / ort", "torch p50 ms", "ort p50 ms", "ort speed-up",
-                "agreement (cosine)"):
-        table.add_column(col, justify="right" if col != "component" else "left")
-    for r in rows:
-        builds = " / ".join("cached" if r[f"{b}_cache_hit"] else f"{r[f'{b}_build_s']:.1f} s"
-                            for b in ("torch", "onnxruntime"))
-        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
-        table.add_row(r["component"], shape, builds, f"{r['torch_p50_ms']:.2f}", f"{r['onnxruntime_p50_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['min_cosine']:.6f}")
-    console.print(table)
-    summary = {"preset": PRESET, "fastgen_version": __version__, "torch_version": torch.__version__,
-               "machine": platform.machine(), "threads": torch.get_num_threads(), "total_seconds": total,
-               "date": datetime.date.today().isoformat(), "components": rows}
     out.mkdir(parents=True, exist_ok=True)
+    files = []
+    ort = rows[1]
+    for i, (image, seed) in enumerate(zip(ort["images"], ort["seeds"])):
+        path = out / f"prompt{i}_seed{seed}.png"
+        _save_png(_to_pil(image), path)
+        files.append(path.name)
+    for i, (image, best) in enumerate(zip(ort["best_images"], ort["best"])):
+        path = out / f"prompt{i}_best_seed{best['seed']}.png"
+        _save_png(image, path)
+        files.append(path.name)
+
+    table = Table(title=f"fastgen demo: preset '{PRESET}', {len(PROMPTS)} prompts, {steps} steps, "
+                        f"{platform.machine()} CPU ({torch.get_num_threads()} threads), {total:.1f} s in all")
+    table.add_column("stage")
+    for backend in BACKENDS:
+        table.add_column(f"{backend} ms", justify="right")
+    table.add_column("onnxruntime speed-up", justify="right")
+    stages = [("text encoding", "text_encoding_ms"), ("UNet step (median)", "unet_step_ms"),
+              ("denoising loop", "denoising_ms"), ("VAE decode", "vae_decode_ms"), ("generate, total", "total_ms"),
+              ("image scoring", "image_scoring_ms"), ("text scoring (ad copy)", "text_scoring_ms"),
+              (f"best-of-{candidates}, total", "best_of_n_ms")]
+    for label, key in stages:
+        a, b = rows[0][key], rows[1][key]
+        table.add_row(label, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x" if b else "-")
+    console.print(table)
+    console.print(f"torch vs onnxruntime images: PSNR {agreement:.1f} dB (worst of {len(PROMPTS)})")
+    for best in ort["best"]:
+        console.print(f"  best of {candidates}: seed {best['seed']} ({best['score']:.3f}) for {best['prompt']!r}")
+    for text, score in zip(COPY, ort["copy_scores"]):
+        console.print(f"  ad copy {text!r}: {score['top'][0]['label']} {score['top'][0]['prob']:.3f}")
+
+    summary = {
+        "preset": PRESET, "prompts": list(PROMPTS), "steps": steps, "candidates": candidates,
+        "fastgen_version": __version__, "torch_version": torch.__version__, "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+        "total_seconds": total, "psnr_torch_vs_onnxruntime_db": agreement, "files": files,
+        "backends": [{k: v for k, v in r.items() if k not in ("images", "best_images")} for r in rows],
+    }
     write_json_atomic(out / "summary.json", summary)
-    console.print(f"summary written to {out / 'summary.json'}")
+    console.print(f"{len(files)} PNGs and summary.json written to {out}")
     return summary

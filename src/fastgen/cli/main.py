@@ -190,15 +190,16 @@ def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: 
 
 @cli.command("demo")
 @click.option("--out", "-o", default="fastgen-out/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the summary (summary.json) is written.")
+              help="Where the PNGs and summary.json are written.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
-@click.option("--iters", default=10, show_default=True, type=click.IntRange(1), help="Timed runs per engine.")
-def demo_cmd(out: str, cache_dir: str | None, iters: int) -> None:
-    """The main job on the embedded `tiny` preset: export, build (cached) and benchmark every component
-    with the torch and onnxruntime backends, checking that they agree."""
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1), help="Denoising steps.")
+@click.option("--candidates", default=4, show_default=True, type=click.IntRange(1), help="Best-of-N: candidates per prompt.")
+def demo_cmd(out: str, cache_dir: str | None, steps: int, candidates: int) -> None:
+    """The main job on the embedded `tiny` preset: with the torch and the onnxruntime backends, build the
+    engines (cached), generate ad-style images, score them and the ad copy, run best-of-N, and compare."""
     from fastgen.cli.demo import run_demo
 
-    run_demo(Path(out), cache_dir=cache_dir, iters=iters, console=_console())
+    run_demo(Path(out), cache_dir=cache_dir, steps=steps, candidates=candidates, console=_console())
 
 
 @cli.group("cache")
@@ -249,8 +250,10 @@ def cache_clear(cache) -> None:
 
 def _register_pipeline_commands() -> None:
     # Defined in their own modules (heavy imports happen inside the commands, not here).
+    from fastgen.cli.generate import generate
     from fastgen.cli.score import score
 
+    cli.add_command(generate)
     cli.add_command(score)
 
 

@@ -2,7 +2,7 @@
 
 A preset names a set of components (``unet``, ``vae-decoder``...) whose architectures are plain
 config dicts (:func:`preset_config`), so a preset needs no download: ``tiny`` is a few-kilobyte
-stand-in for tests and demos, ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
+stand-in for tests and demos (``tiny-sdxl`` the same for SDXL's architecture), ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
 SDXL base 1.0 architectures (for benchmarking engines; the weights are random, not trained).
 """
 
@@ -181,6 +181,39 @@ _TINY_TEXT_CLASSIFIER: dict[str, Any] = {
     "vocab_size": 1000,
 }
 
+# --- tiny-sdxl: SDXL's architecture (text_time conditioning, two text encoders) at tiny size ---
+
+# SDXL's layout: no attention in the first block, more transformer layers deeper, linear projections,
+# cross-attention over both encoders' hidden states (32 + 64), added conditioning from the pooled
+# projection (32) and six time ids embedded at 8 channels each: 32 + 6 * 8 = 80.
+_TINY_SDXL_UNET: dict[str, Any] = {
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 4],
+    "block_out_channels": [32, 64],
+    "cross_attention_dim": 96,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 80,
+    "sample_size": 8,
+    "transformer_layers_per_block": [1, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+# The second encoder differs from the first as bigG does from ViT-L: wider, gelu, with a projection.
+_TINY_CLIP_2: dict[str, Any] = {
+    **_TINY_CLIP,
+    "hidden_act": "gelu",
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+
 # preset -> component -> (library, class name, config). vae-decoder and vae-encoder share one VAE.
 _PRESETS: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
     "tiny": {
@@ -204,6 +237,15 @@ _PRESETS: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
         "text-encoder": ("transformers", "CLIPTextModel", _CLIP_L),
         "text-encoder-2": ("transformers", "CLIPTextModelWithProjection", _CLIP_BIGG),
     },
+    # The VAE and first text encoder are tiny's own (SDXL shares SD's VAE layout and CLIP ViT-L), so a
+    # bare weights file of either still maps to exactly one architecture.
+    "tiny-sdxl": {
+        "unet": ("diffusers", "UNet2DConditionModel", _TINY_SDXL_UNET),
+        "vae-decoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "vae-encoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "text-encoder": ("transformers", "CLIPTextModel", _TINY_CLIP),
+        "text-encoder-2": ("transformers", "CLIPTextModelWithProjection", _TINY_CLIP_2),
+    },
 }
 
 #: Nominal image size (pixels, min/opt/max) of each preset: the UNet and VAE height/width profile.
@@ -211,6 +253,7 @@ PRESET_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (32, 64, 128),
     "sd15": (256, 512, 1024),
     "sdxl": (512, 1024, 1536),
+    "tiny-sdxl": (32, 64, 128),
 }
 
 #: Latent factor of every preset (its VAE has four blocks).

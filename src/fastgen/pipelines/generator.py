@@ -1,0 +1,416 @@
+"""``fastgen.Generator``: text-to-image and image-to-image over engines, diffusers-exact on the same weights.
+
+The pipeline is diffusers' Stable Diffusion / SDXL one, step for step (encode prompts and negatives,
+prepare latents, ``scheduler.set_timesteps``, one UNet call per step for both halves of
+classifier-free guidance, ``scheduler.step``, VAE decode), with every model call on an
+:class:`~fastgen.engines.base.Engine` of any backend and per-image seeds: image ``j`` of a prompt with
+seed ``s`` is drawn from ``torch.Generator().manual_seed(s + j)`` whatever else is in the batch.
+
+Best-of-N: ``generate(..., candidates=N, scorer=S, keep=k)`` makes N variants per prompt (seeds
+``seed .. seed + N - 1``), scores them with ``S.score_images(list of PIL images) -> list[Score]``
+(``Score.probs``: label -> probability) and keeps the k best per prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.models.spec import parse_dim
+from fastgen.pipelines import images as imaging
+from fastgen.pipelines.conditioning import PromptEncoder, build_conditioning, run_chunked
+from fastgen.pipelines.config import MAX_SEED, GenerateConfig, GenerationResult, Latencies
+from fastgen.pipelines.sampling import (
+    denoise,
+    encode_images,
+    img2img_timesteps,
+    make_scheduler,
+    per_sample_noise,
+    set_timesteps,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Engine directory names of a generator folder (``fastgen build ... --out DIR/<name>``).
+COMPONENTS = ("text-encoder", "text-encoder-2", "unet", "vae-decoder", "vae-encoder")
+PIPELINES = ("sd", "sdxl")
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+class Generator:
+    """Stable Diffusion (1.x/2.x) or SDXL generation from component engines.
+
+    ``unet``, ``vae_decoder``, ``text_encoder`` (and ``text_encoder_2`` for SDXL, ``vae_encoder``
+    for image-to-image) are engines: anything called with a dict of named tensors that returns one,
+    with ``spec``, ``extras`` and (text encoders) ``tokenizer``. ``tokenizer``/``tokenizer_2``,
+    ``scheduler_config`` (a diffusers scheduler config dict), ``scaling_factor`` (the VAE's) and
+    ``pipeline`` (``sd``/``sdxl``) default to what the engines carry (``engine.tokenizer``,
+    ``unet.extras["scheduler"]``, ``vae_decoder.extras["scaling_factor"]``, ``unet.extras["pipeline"]``).
+    ``vae_encoder`` may also be a zero-argument callable returning the engine, built on first use.
+    """
+
+    def __init__(self, *, unet: Any, vae_decoder: Any, text_encoder: Any = None, text_encoder_2: Any = None,
+                 vae_encoder: Any = None, tokenizer: Any = None, tokenizer_2: Any = None,
+                 scheduler_config: dict[str, Any] | None = None, scaling_factor: float | None = None,
+                 pipeline: str | None = None, force_zeros_for_empty_prompt: bool | None = None) -> None:
+        if "encoder_hidden_states" not in unet.spec.input_names:
+            raise InvalidArgumentError("unet", unet.spec.model_type or unet.spec.component,
+                                       reason="a text-conditioned UNet (UNet2DConditionModel) engine is needed")
+        self.unet = unet
+        self.vae_decoder = vae_decoder
+        self._vae_encoder = vae_encoder
+        unet_extras, vae_extras = _extras(unet), _extras(vae_decoder)
+        self.pipeline = pipeline or unet_extras.get("pipeline") or (
+            "sdxl" if "text_embeds" in unet.spec.input_names else "sd")
+        if self.pipeline not in PIPELINES:
+            raise InvalidArgumentError("pipeline", self.pipeline, PIPELINES)
+        self.scheduler_config = dict(scheduler_config or unet_extras.get("scheduler") or {})
+        if not self.scheduler_config:
+            raise InvalidArgumentError("scheduler_config", None, reason="the unet engine carries none: pass "
+                                       "a diffusers scheduler config (scheduler_config.json as a dict)")
+        factor = scaling_factor if scaling_factor is not None else vae_extras.get("scaling_factor")
+        if factor is None:
+            raise InvalidArgumentError("scaling_factor", None, reason="the vae-decoder engine carries none: pass "
+                                       "the VAE's scaling_factor (0.18215 for SD 1.x, 0.13025 for SDXL)")
+        self.scaling_factor = float(factor)
+        self.force_zeros_for_empty_prompt = bool(
+            force_zeros_for_empty_prompt if force_zeros_for_empty_prompt is not None
+            else unet_extras.get("force_zeros_for_empty_prompt", self.pipeline == "sdxl"))
+        encoders = [(e, tok if tok is not None else getattr(e, "tokenizer", None))
+                    for e, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)) if e is not None]
+        if self.pipeline == "sd" and text_encoder_2 is not None:
+            raise InvalidArgumentError("text_encoder_2", text_encoder_2.spec.component,
+                                       reason="an SD 1.x/2.x UNet takes one text encoder")
+        self.prompt_encoder = PromptEncoder(self.pipeline, encoders)
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        sample = unet.spec.inputs[unet.spec.input_names.index("sample")]
+        self.latent_channels = int(sample.shape[1])
+        parsed = parse_dim(sample.shape[2])
+        self.latent_factor = parsed[1] if parsed else 1
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "auto",
+                        precision: str = "fp32", cache: Any = None, profile: Any = None,
+                        build_config: Any = None, progress: bool = False) -> Generator:
+        """Build (cached) or load the engines of ``model`` and make a generator of them.
+
+        ``model``: a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``), a local diffusers pipeline
+        folder, or a folder of engine directories made by ``fastgen build`` (``unet/``,
+        ``vae-decoder/``, ``text-encoder/``... each with a ``manifest.json``; then no PyTorch model is
+        loaded and ``backend``/``precision``/``profile`` are the engines' own). ``profile``: shape
+        ranges for all components (``batch=1:2:8,height=512``: each component takes the dims it has).
+        ``build_config``: a :class:`~fastgen.BuildConfig` for the other build settings (export,
+        runtime); the keyword arguments override its fields.
+        """
+        from fastgen.engines.loading import load_engine
+
+        path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
+        if path is not None and path.is_dir() and (path / "unet" / "manifest.json").is_file():
+            dev = None if device == "auto" else device
+            found = {name: path / name for name in COMPONENTS if (path / name / "manifest.json").is_file()}
+            engines = {name: load_engine(p, device=dev) for name, p in found.items() if name != "vae-encoder"}
+            lazy = found.get("vae-encoder")
+            vae_encoder = (lambda: load_engine(lazy, device=dev)) if lazy is not None else None
+            logger.info("generator from engine directories in %s: %s", path, ", ".join(found))
+        else:
+            engines, vae_encoder = _build_engines(model, backend=backend, device=device, precision=precision,
+                                                  cache=cache, profile=profile, build_config=build_config,
+                                                  progress=progress)
+        missing = [n for n in ("unet", "vae-decoder") if n not in engines]
+        if missing:
+            raise InvalidArgumentError("model", os.fspath(model), reason=f"has no {missing[0]} component")
+        return cls(unet=engines["unet"], vae_decoder=engines["vae-decoder"], text_encoder=engines.get("text-encoder"),
+                   text_encoder_2=engines.get("text-encoder-2"), vae_encoder=vae_encoder)
+
+    @property
+    def vae_encoder(self) -> Any:
+        """The VAE encoder engine (built or loaded on first use when it was given lazily), or None."""
+        if callable(self._vae_encoder) and not hasattr(self._vae_encoder, "spec"):
+            self._vae_encoder = self._vae_encoder()
+        return self._vae_encoder
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) at the UNet profile's opt."""
+        dims = self.unet.spec.profile.dims
+        return dims["height"].opt, dims["width"].opt
+
+    # --- checks ----------------------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int, engines: Sequence[Any]) -> None:
+        for engine in engines:
+            engine.spec.check_dims({"height": height, "width": width})
+            if getattr(engine, "strict_profile", False):
+                for name, size in (("height", height), ("width", width)):
+                    rng = engine.spec.profile.dims[name]
+                    if not rng.min <= size <= rng.max:
+                        raise InvalidArgumentError(name, size, f"{rng.min} to {rng.max} (the "
+                                                   f"{engine.spec.component} engine's profile)")
+
+    def _size(self, cfg: GenerateConfig, init_images: list | None) -> tuple[int, int]:
+        height, width = cfg.height, cfg.width
+        if init_images is not None:
+            # diffusers' img2img takes the image's size, rounded down to what the models accept.
+            unit_h, unit_w = (math.lcm(self.unet.spec.multiples.get(n, 1), self.latent_factor)
+                              for n in ("height", "width"))
+            w0, h0 = init_images[0].size
+            height = height or imaging.round_down(h0, unit_h)
+            width = width or imaging.round_down(w0, unit_w)
+            if not height or not width:
+                raise InvalidArgumentError("image", f"{w0}x{h0} pixels", f"at least {unit_w}x{unit_h} pixels")
+        opt_h, opt_w = self.default_size
+        return height or opt_h, width or opt_w
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str], *, image: Any = None, config: GenerateConfig | None = None,
+                 progress: bool = True, seeds: Sequence[int] | None = None, candidates: int | None = None,
+                 scorer: Any = None, keep: int = 1, rank_by: str | Callable[[Any], float] | None = None,
+                 **overrides: Any) -> GenerationResult:
+        """Generate images for ``prompts`` (a string or a list of them; empty strings are allowed).
+
+        ``image``: image-to-image from one image for every prompt, or a list with one per prompt (PIL
+        images, paths, uint8 (H, W, 3) arrays). ``config`` and keyword ``overrides`` (its field names:
+        ``steps=30, guidance_scale=5``) set the sampling. ``seeds``: one seed per prompt (overrides
+        ``config.seed``). ``candidates``/``scorer``/``keep``/``rank_by``: best-of-N (module docstring);
+        ``rank_by`` is a label of the scorer (default: its first) or a function of a ``Score``.
+        """
+        start = time.perf_counter()
+        cfg = (config or GenerateConfig()).replace(**overrides) if overrides else (config or GenerateConfig())
+        prompts = _check_prompts(prompts)
+        seeds = _prompt_seeds(cfg, seeds, len(prompts))
+        best_of = _check_best_of(candidates, scorer, keep, rank_by, cfg)
+        per_prompt = candidates if best_of else cfg.num_images_per_prompt
+        # An unknown scheduler, or a step count it refuses, fails before any work.
+        set_timesteps(make_scheduler(cfg.scheduler, self.scheduler_config), cfg.steps)
+        init_images = imaging.load_images(image, len(prompts)) if image is not None else None
+        if init_images is not None and self.vae_encoder is None:
+            raise InvalidArgumentError("image", "an image", reason="this generator has no vae-encoder engine")
+        height, width = self._size(cfg, init_images)
+        self._check_size(height, width, [self.unet, self.vae_decoder] +
+                         ([self.vae_encoder] if init_images is not None else []))
+
+        # Prompt-major rows, as diffusers orders num_images_per_prompt: prompt 0's images first.
+        prompt_indices = [p for p in range(len(prompts)) for _ in range(per_prompt)]
+        image_seeds = [seeds[p] + j for p in range(len(prompts)) for j in range(per_prompt)]
+        with torch.inference_mode():
+            latents, decoded, timings = self._run(prompts, image_seeds, per_prompt, cfg, init_images, height, width,
+                                                  progress)
+        scores = rank_values = None
+        if best_of:
+            t0 = time.perf_counter()
+            chosen, scores, rank_values = _best_of(decoded, prompt_indices, per_prompt, scorer, keep, rank_by)
+            timings["scoring_ms"] = _ms(t0)
+            decoded = decoded[chosen]
+            prompt_indices = [prompt_indices[i] for i in chosen]
+            image_seeds = [image_seeds[i] for i in chosen]
+        images = latents if cfg.output_type == "latent" else imaging.to_output(decoded, cfg.output_type)
+        latencies = Latencies(**timings, total_ms=_ms(start))
+        return GenerationResult(images=images, prompts=[prompts[p] for p in prompt_indices], seeds=image_seeds,
+                                prompt_indices=prompt_indices, latencies=latencies, config=cfg, scores=scores,
+                                rank_values=rank_values,
+                                extras={"height": height, "width": width, "pipeline": self.pipeline,
+                                        "scheduler": cfg.scheduler or self.scheduler_config.get("_class_name"),
+                                        "mode": "img2img" if init_images is not None else "txt2img"})
+
+    __call__ = generate
+
+    def _run(self, prompts: list[str], image_seeds: list[int], per_prompt: int, cfg: GenerateConfig,
+             init_images: list | None, height: int, width: int, progress: bool):
+        """The diffusers loop. Returns (latents, decoded images or None, stage timings in ms)."""
+        device = getattr(self.unet, "device", None)
+        device = device if isinstance(device, torch.device) else torch.device("cpu")
+        timings: dict[str, Any] = {}
+        # One CPU generator per image: its noise never depends on the batch (diffusers draws the same way).
+        generators = [torch.Generator().manual_seed(s) for s in image_seeds]
+        n = len(generators)
+
+        # 1. Prompts and negatives -> conditioning rows (unconditional first when guided).
+        t0 = time.perf_counter()
+        guided = cfg.guidance_scale > 1.0
+        zero_negative = self.pipeline == "sdxl" and self.force_zeros_for_empty_prompt and cfg.negative_prompt is None
+        cond = build_conditioning(self.prompt_encoder, prompts, [per_prompt] * len(prompts),
+                                  negative_prompt=cfg.negative_prompt, guided=guided, zero_negative=zero_negative,
+                                  height=height, width=width)
+        timings["text_encoding_ms"] = _ms(t0)
+
+        # 2. Timesteps and initial latents.
+        scheduler = make_scheduler(cfg.scheduler, self.scheduler_config)
+        set_timesteps(scheduler, cfg.steps, device)
+        shape = (n, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
+        if init_images is None:
+            timesteps = scheduler.timesteps
+            latents = per_sample_noise(shape, generators, device) * scheduler.init_noise_sigma
+        else:
+            t0 = time.perf_counter()
+            timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength)
+            # One image given for every prompt is encoded once (by identity, not by content).
+            slots: dict[int, int] = {}
+            distinct: list = []
+            for img in init_images:
+                if id(img) not in slots:
+                    slots[id(img)] = len(distinct)
+                    distinct.append(img)
+            pixels = imaging.to_pixels(distinct, height, width)  # (distinct, 3, H, W) in [-1, 1]
+            sources = [slots[id(init_images[p])] for p in range(len(prompts)) for _ in range(per_prompt)]
+            latents = encode_images(self.vae_encoder, pixels, sources, generators, self.scaling_factor, device)
+            timings["vae_encode_ms"] = _ms(t0)
+            if len(timesteps):  # strength 0 (or too few steps to run one): the encoded image as it is
+                noise = per_sample_noise(shape, generators, device)
+                latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(n))
+
+        # 3. Denoise: one weight per image, so requests with different guidance could share the batch.
+        guidance = torch.full((n, 1, 1, 1), float(cfg.guidance_scale), device=device)
+        t0 = time.perf_counter()
+        latents, step_ms = denoise(self.unet, scheduler, latents, timesteps, cond, guidance, generators,
+                                   eta=cfg.eta, progress=progress)
+        timings["denoising_ms"] = _ms(t0)
+        timings["denoising_step_ms"] = tuple(step_ms)
+
+        # 4. Decode (diffusers decodes latents / scaling_factor).
+        decoded = None
+        if cfg.output_type != "latent":
+            t0 = time.perf_counter()
+            decoded = run_chunked(self.vae_decoder, {"latent": latents / self.scaling_factor})["image"]
+            timings["vae_decode_ms"] = _ms(t0)
+        return latents, decoded, timings
+
+    def close(self) -> None:
+        """Release the engines' backend resources."""
+        for engine in (self.unet, self.vae_decoder, self.text_encoder, self.text_encoder_2, self._vae_encoder):
+            if engine is not None and hasattr(engine, "close"):
+                engine.close()
+
+    def __repr__(self) -> str:
+        backend = getattr(self.unet, "backend", "?")
+        return f"<Generator {self.pipeline} on {backend} engines, scheduler {self.scheduler_config.get('_class_name')}>"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _extras(engine: Any) -> dict[str, Any]:
+    return dict(getattr(engine, "extras", None) or {})
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise InvalidArgumentError("prompts", prompts if not isinstance(prompts, Sequence) else list(prompts),
+                                   "a string or a non-empty list of strings")
+    bad = next((p for p in prompts if not isinstance(p, str)), None)
+    if bad is not None:
+        raise InvalidArgumentError("prompt", bad, "strings (the empty string is allowed)")
+    return list(prompts)
+
+
+def _prompt_seeds(cfg: GenerateConfig, seeds: Sequence[int] | None, count: int) -> list[int]:
+    if seeds is None:
+        if cfg.seed is not None:
+            return [cfg.seed] * count
+        return [secrets.randbelow(2**31) for _ in range(count)]
+    if isinstance(seeds, (int, str)) or len(seeds) != count:
+        raise InvalidArgumentError("seeds", seeds, f"a list of {count} seeds, one per prompt")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidArgumentError("seed", s, f"integers from 0 to {MAX_SEED}")
+    return list(seeds)
+
+
+def _check_best_of(candidates: int | None, scorer: Any, keep: int, rank_by: Any, cfg: GenerateConfig) -> bool:
+    if candidates is None:
+        return False
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise InvalidArgumentError("candidates", candidates, "integers >= 1")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= candidates:
+        raise InvalidArgumentError("keep", keep, f"integers from 1 to candidates ({candidates})")
+    if scorer is None or not hasattr(scorer, "score_images"):
+        raise InvalidArgumentError("scorer", scorer, reason="best-of-N needs a scorer with score_images()")
+    if cfg.num_images_per_prompt != 1:
+        raise InvalidArgumentError("num-images-per-prompt", cfg.num_images_per_prompt,
+                                   reason="with candidates, choose how many images to return with keep")
+    if cfg.output_type == "latent":
+        raise InvalidArgumentError("output-type", "latent", ("pil", "np", "uint8"),
+                                   reason="best-of-N scores decoded images")
+    labels = list(getattr(scorer, "labels", None) or [])
+    if isinstance(rank_by, str) and labels and rank_by not in labels:
+        raise InvalidArgumentError("rank-by", rank_by, labels)
+    if rank_by is not None and not isinstance(rank_by, str) and not callable(rank_by):
+        raise InvalidArgumentError("rank-by", rank_by, "a label name or a function of a Score")
+    return True
+
+
+def _best_of(decoded: torch.Tensor, prompt_indices: list[int], per_prompt: int, scorer: Any, keep: int,
+             rank_by: Any) -> tuple[list[int], list[Any], list[float]]:
+    """Indices (into ``decoded``) of the ``keep`` best images of each prompt, best first, with scores."""
+    pixels = imaging.to_output(decoded, "uint8")
+    scores = list(scorer.score_images(imaging.to_pil(pixels)))
+    if len(scores) != len(pixels):
+        raise InvalidArgumentError("scorer", type(scorer).__name__,
+                                   reason=f"score_images returned {len(scores)} scores for {len(pixels)} images")
+    if callable(rank_by):
+        key = rank_by
+    else:
+        labels = list(getattr(scorer, "labels", None) or scores[0].probs)
+        label = rank_by or labels[0]
+        key = lambda score: float(score.probs[label])  # noqa: E731
+    values = [float(key(s)) for s in scores]
+    chosen: list[int] = []
+    for start in range(0, len(prompt_indices), per_prompt):
+        block = range(start, start + per_prompt)
+        # Highest first; ties keep seed order (sorted is stable).
+        chosen += sorted(block, key=lambda i: -values[i])[:keep]
+    return chosen, [scores[i] for i in chosen], [values[i] for i in chosen]
+
+
+def _filter_profile(profile: Any, symbols: set[str]):
+    """The part of a pipeline-wide profile that concerns one component (None when nothing does)."""
+    dims = {k: v for k, v in profile.dims.items() if k in symbols} if profile is not None else {}
+    return type(profile)(dims) if dims else None
+
+
+def _build_engines(model: Any, *, backend: str, device: str, precision: str, cache: Any, profile: Any,
+                   build_config: Any, progress: bool) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+    """Build (or fetch from the cache) the generation components' engines; the VAE encoder lazily."""
+    import dataclasses
+
+    from fastgen.engines.build import build
+    from fastgen.engines.config import BuildConfig
+    from fastgen.models import load_component, model_components
+    from fastgen.models.spec import ShapeProfile
+
+    config = dataclasses.replace(build_config or BuildConfig(), backend=backend, device=device, precision=precision,
+                                 profile=None)
+    if isinstance(profile, str):
+        profile = ShapeProfile.parse(profile)
+    available = [c for c in COMPONENTS if c in model_components(model)]
+    components = {name: load_component(model, name) for name in available if name != "vae-encoder"}
+    if profile is not None:
+        known = set().union(*(c.spec.symbols for c in components.values()))
+        unknown = sorted(set(profile.dims) - known)
+        if unknown:
+            raise InvalidArgumentError("profile", unknown[0], sorted(known))
+
+    def build_one(comp) -> Any:
+        sub = _filter_profile(profile, comp.spec.symbols)
+        return build(comp, config=dataclasses.replace(config, profile=sub), cache=cache, progress=progress)
+
+    engines = {name: build_one(comp) for name, comp in components.items()}
+    vae_encoder = None
+    if "vae-encoder" in available:
+        vae_encoder = lambda: build_one(load_component(model, "vae-encoder"))  # noqa: E731
+    return engines, vae_encoder
