@@ -122,3 +122,34 @@ def test_cache_commands(tmp_path):
     (tmp_path / "cache" / entry / "model.onnx").write_bytes(b"truncated")
     assert "0 intact, 1 damaged" in fastgen("cache", "verify", env_extra=env).stdout
     assert "removed 0 entries" in fastgen("cache", "clear", env_extra=env).stdout
+
+
+def test_generate_then_score(tmp_path):
+    out = tmp_path / "gen"
+    proc = fastgen("generate", "--model", "tiny", "--prompt", "a red car", "--prompt", "a blue shoe", "-n", "2",
+                   "--steps", "3", "--seed", "7", "--backend", "onnxruntime", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4 and results["seeds"] == [7, 8, 7, 8]
+    scored = fastgen("score", "--model", "tiny", *map(str, pngs), "--json")
+    assert scored.returncode == 0, scored.stderr
+    rows = json.loads(scored.stdout)
+    assert len(rows["results"] if isinstance(rows, dict) else rows) == 4
+    img2img = fastgen("generate", "--model", "tiny", "--prompt", "a red car", "--image", str(pngs[0]), "--strength",
+                      "0.5", "--steps", "4", "--seed", "1", "--out", str(tmp_path / "i2i"))
+    assert img2img.returncode == 0, img2img.stderr
+    assert len(list((tmp_path / "i2i").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--steps", "0"], ["steps"]),
+    (["--strength", "1.5", "--image", "x.png"], ["strength"]),
+    (["--scheduler", "heun2"], ["scheduler", "euler"]),
+    (["--image", "/no/such.png"], ["/no/such.png"]),
+    (["--height", "72"], ["height"]),
+])
+def test_generate_bad_input(tmp_path, args, needles):
+    proc = fastgen("generate", "--model", "tiny", "--prompt", "p", "--out", str(tmp_path / "o"), *args, cwd=tmp_path)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

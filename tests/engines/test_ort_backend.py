@@ -140,19 +140,24 @@ def test_cuda_io_binding_matches_torch(conv, onnx_export, tmp_path, provider):
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_ORT_CUDA, reason="needs a GPU and onnxruntime-gpu")
-def test_cuda_data_dependent_output_shape(tmp_path):
+def _nonzero_onnx(path) -> None:
+    """A graph whose output length depends on the data: x (N,) -> indices of non-zeros (1, ?)."""
     import onnx
     from onnx import TensorProto, helper
 
-    # NonZero's output length depends on the data: bound to the device and read back via DLPack.
     graph = helper.make_graph([helper.make_node("NonZero", ["x"], ["idx"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
                               [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, None])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, str(tmp_path / "nz.onnx"))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_ORT_CUDA, reason="needs a GPU and onnxruntime-gpu")
+def test_cuda_data_dependent_output_shape(tmp_path):
+    # NonZero's output length depends on the data: bound to the device and read back via DLPack.
+    _nonzero_onnx(tmp_path / "nz.onnx")
     from fastgen.engines.loading import load_engine
 
     engine = load_engine(tmp_path / "nz.onnx", device="cuda")
@@ -184,16 +189,8 @@ def test_io_binding_path_on_cpu(conv_engines):
 
 
 def test_io_binding_data_dependent_output_on_cpu(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
     # NonZero's output length depends on the data: onnxruntime allocates it and we convert it back.
-    graph = helper.make_graph([helper.make_node("NonZero", ["x"], ["idx"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
-                              [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "nz.onnx"))
+    _nonzero_onnx(tmp_path / "nz.onnx")
     from fastgen.engines.loading import load_engine
 
     engine = load_engine(tmp_path / "nz.onnx")

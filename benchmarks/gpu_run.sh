@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one device call (see ../shared/device/README.md):
+#   bash ../shared/device/fetch-wheels.sh            # once, here: diffusers and friends into .whl/
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
+# Results land in $OUT (and are then committed to benchmarks/results/).
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+FASTGEN_BUILD_EXT=${FASTGEN_BUILD_EXT:-1} python3 -m pip install -q --no-deps --no-build-isolation -e . \
+  || FASTGEN_BUILD_EXT=0 python3 -m pip install -q --no-deps --no-build-isolation -e .
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# GPU tests first (they are skipped on CPU machines)
+python3 -m pytest -q -m "cuda" tests 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
+# SD 1.5 at 512x512, 50 steps, and SDXL at 1024x1024, 30 steps: fastgen's torch backend (fp16) against
+# diffusers' own pipeline (fp16) in the same run (onnxruntime on this machine is a CPU build).
+python3 benchmarks/bench_pipeline.py --preset sd15 --device cuda --precision fp16 --backends torch \
+  --steps 50 --height 512 --iters 3 --out "$OUT/pipeline_sd15_cuda.json" 2>&1 | tail -5
+python3 benchmarks/bench_pipeline.py --preset sdxl --device cuda --precision fp16 --backends torch \
+  --steps 30 --height 1024 --iters 2 --out "$OUT/pipeline_sdxl_cuda.json" 2>&1 | tail -5
+ls -la "$OUT"
