@@ -210,3 +210,12 @@ def test_ortvalue_conversion_fallback_without_dlpack():
     host = np.arange(6, dtype=np.int64).reshape(2, 3)
     out = _ortvalue_to_torch(OldOrtValue(), torch.device("cpu"), lambda: host)
     assert out.dtype == torch.int64 and out.tolist() == host.tolist()
+
+
+def test_spin_wait_is_a_runtime_option():
+    from fastgen.engines.config import RuntimeOptions
+    from fastgen.engines.ort_backend import session_options
+
+    assert session_options(RuntimeOptions()).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(RuntimeOptions(spin_wait=True)).get_session_config_entry(
+        "session.intra_op.allow_spinning") == "1"

@@ -27,6 +27,9 @@ class RuntimeOptions(ConfigMixin):
     """onnxruntime: threads inside one operator (0: onnxruntime's default, one per physical core)."""
     inter_op_threads: int = 0
     """onnxruntime: threads across independent operators (0: onnxruntime's default)."""
+    spin_wait: bool = False
+    """onnxruntime: let idle intra-op threads spin between runs; faster back-to-back calls, but they take
+    the cores from the PyTorch work between calls (scheduler steps, guidance), so off by default."""
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     """torch: torch.compile mode, or none for eager."""
     cuda_graphs: bool = False

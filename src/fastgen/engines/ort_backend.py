@@ -106,6 +106,9 @@ def session_options(runtime: RuntimeOptions):
         so.intra_op_num_threads = runtime.intra_op_threads
     if runtime.inter_op_threads:
         so.inter_op_num_threads = runtime.inter_op_threads
+    spin = "1" if runtime.spin_wait else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     # onnxruntime prints every provider-assignment warning to stderr; keep its log to errors
     # unless the user asked for debug logging.
     so.log_severity_level = 1 if logger.isEnabledFor(logging.DEBUG) else 3
