@@ -1,0 +1,237 @@
+"""Scaled dot-product attention with pluggable backends: ``triton``, ``sdpa``, ``reference``.
+
+Layout (all backends): q ``(batch, seq_q, heads, head_dim)``, k and v ``(batch, seq_k, heads, head_dim)``
+with any strides; the output is shaped like q. Semantics shared by every backend:
+
+- ``mask``: optional boolean key-padding mask ``(batch, seq_k)``, True = attend.
+- ``causal``: query ``i`` sees key ``j`` iff ``j <= i + (seq_k - seq_q)`` (aligned to the end, as in
+  flash-attention; for ``seq_q == seq_k`` this is PyTorch SDPA's ``is_causal``). With ``seq_q > seq_k``
+  the first ``seq_q - seq_k`` queries see no key.
+- A query row with no visible key (all keys masked) outputs zeros, not NaN.
+- ``scale``: softmax scale, default ``1 / sqrt(head_dim)``.
+
+Backends declare their constraints as data (:data:`BACKENDS`). ``backend=None`` picks the first that
+fits in the order ``triton`` (CUDA tensors only), ``sdpa``, ``reference``; naming a backend whose
+constraints the call violates raises :class:`UnsupportedError` naming the backend and the constraint.
+``triton`` also runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for
+tests only, so never picked automatically there). Triton is imported only when its backend runs.
+
+The Triton path is registered as the custom op ``torch.ops.fastgen.attention`` (torch >= 2.4) with a
+fake implementation, so torch.compile / torch.export can trace through it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastgen.errors import InvalidArgumentError, UnsupportedError
+
+__all__ = ["BACKENDS", "BackendConstraints", "attention", "attention_reference", "check_attention_args",
+           "select_backend"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class BackendConstraints:
+    """What one attention backend can serve; checked before it runs."""
+
+    name: str
+    """Backend name as passed to :func:`attention`."""
+    devices: tuple[str, ...]
+    """Tensor device types served (``"cpu"``, ``"cuda"``)."""
+    dtypes: tuple[torch.dtype, ...]
+    """Input dtypes served (q, k, v share one)."""
+    head_dim: tuple[int, int]
+    """Inclusive range of head dims served."""
+    masks: tuple[str, ...]
+    """Mask kinds served: ``"none"``, ``"key_padding"``."""
+    causal: bool
+    """Whether ``causal=True`` is served."""
+    available: bool = True
+    """False for a declared backend that is not implemented yet."""
+
+    def violation(self, q: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> str | None:
+        """The first constraint the call violates, as a phrase, or None if it fits."""
+        if not self.available:
+            return "anything yet (not implemented)"
+        device = q.device.type
+        if device not in self.devices and not (
+                self.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            extra = " (cpu only with TRITON_INTERPRET=1)" if self.name == "triton" else ""
+            return f"device {device!r} (allowed: {', '.join(self.devices)}{extra})"
+        if q.dtype not in self.dtypes:
+            return f"dtype {q.dtype} (allowed: {', '.join(str(d) for d in self.dtypes)})"
+        lo, hi = self.head_dim
+        if not lo <= q.shape[-1] <= hi:
+            return f"head_dim {q.shape[-1]} (allowed: {lo}..{hi})"
+        kind = "none" if mask is None else "key_padding"
+        if kind not in self.masks:
+            return f"mask kind {kind!r} (allowed: {', '.join(self.masks)})"
+        if causal and not self.causal:
+            return "causal=True"
+        return None
+
+
+BACKENDS: dict[str, BackendConstraints] = {
+    # Head dims 16..256: the kernel splits the head dim into power-of-two chunks of at least 16
+    # (tl.dot's minimum), and 256 is the largest that fits registers/shared memory.
+    "triton": BackendConstraints("triton", ("cuda",), _FLOAT_DTYPES, (16, 256), ("none", "key_padding"), True),
+    "triton-int8": BackendConstraints("triton-int8", ("cuda",), (torch.float16, torch.bfloat16), (16, 256),
+                                      ("none", "key_padding"), True, available=False),
+    "sdpa": BackendConstraints("sdpa", ("cpu", "cuda"), _FLOAT_DTYPES + (torch.float64,), (1, 1 << 16),
+                               ("none", "key_padding"), True),
+    "reference": BackendConstraints("reference", ("cpu", "cuda"), _FLOAT_DTYPES + (torch.float64,),
+                                    (1, 1 << 16), ("none", "key_padding"), True),
+}
+_AUTO_ORDER = ("triton", "sdpa", "reference")
+
+
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float | None) -> None:
+    """Raise :class:`InvalidArgumentError` naming the first bad argument (shapes, dtypes, devices)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidArgumentError(name, getattr(t, "shape", t), "a 4-d tensor (batch, seq, heads, head_dim)")
+        if not t.dtype.is_floating_point:
+            raise InvalidArgumentError(f"{name}.dtype", t.dtype, "float16, bfloat16, float32, float64")
+        if t.dtype != q.dtype:
+            raise InvalidArgumentError(f"{name}.dtype", t.dtype, f"q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise InvalidArgumentError(f"{name}.device", t.device, f"q's device {q.device}")
+    b, _, h, d = q.shape
+    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise InvalidArgumentError("k", tuple(k.shape), f"(batch={b}, seq_k, heads={h}, head_dim={d})")
+    if v.shape != k.shape:
+        raise InvalidArgumentError("v", tuple(v.shape), f"k's shape {tuple(k.shape)}")
+    if q.shape[1] < 1 or k.shape[1] < 1 or b < 1 or h < 1 or d < 1:
+        raise InvalidArgumentError("q", tuple(q.shape), "non-empty batch, seq, heads, head_dim and seq_k")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise InvalidArgumentError("mask", getattr(mask, "dtype", mask), "a torch.bool tensor (batch, seq_k)")
+        if tuple(mask.shape) != (b, k.shape[1]):
+            raise InvalidArgumentError("mask", tuple(mask.shape), f"(batch={b}, seq_k={k.shape[1]})")
+        if mask.device != q.device:
+            raise InvalidArgumentError("mask.device", mask.device, f"q's device {q.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise InvalidArgumentError("scale", scale, "a positive finite float or None")
+
+
+def _visible(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """Boolean (batch, 1, seq_q, seq_k) of which keys each query sees, or None if it sees all."""
+    sq, sk = q.shape[1], k.shape[1]
+    allowed = None
+    if mask is not None:
+        allowed = mask[:, None, None, :]  # (batch, 1, 1, seq_k)
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        tri = (j <= i + (sk - sq))[None, None]  # (1, 1, seq_q, seq_k), aligned to the end
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+                        causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch attention in fp32 (fp64 stays fp64), cast back to q's dtype; the test oracle."""
+    check_attention_args(q, k, v, mask, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (batch, heads, seq_q, seq_k)
+    allowed = _visible(q, k, mask, causal)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # A row with no visible key: max is -inf; subtract 0 instead so exp gives 0s and the sum is 0.
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, vf) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+          scale: float | None) -> torch.Tensor:
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim) views
+    sq, sk = q.shape[1], k.shape[1]
+    if mask is None and (not causal or sq == sk):
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+        return out.transpose(1, 2)
+    allowed = _visible(q, k, mask, causal)  # SDPA's bool attn_mask: True = attend
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=scale)
+    # SDPA gives NaN (or, depending on version and kernel, zeros) for rows without a visible key.
+    dead = ~allowed.any(dim=-1, keepdim=True)  # (batch, 1, seq_q, 1)
+    return out.masked_fill(dead, 0.0).transpose(1, 2)
+
+
+def _triton(q, k, v, mask, causal, scale):
+    from fastgen.kernels.attention import attention_fwd  # lazy: imports triton
+
+    return attention_fwd(q, k, v, mask=mask, causal=causal, scale=scale)
+
+
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+if _HAS_CUSTOM_OP:
+    try:
+        @torch.library.custom_op(
+            "fastgen::attention", mutates_args=(),
+            schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float? scale) -> Tensor")
+        def _attention_op(q, k, v, mask, causal, scale):
+            return _triton(q, k, v, mask, causal, scale)
+
+        @_attention_op.register_fake
+        def _(q, k, v, mask, causal, scale):
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
+    except RuntimeError:  # already registered (module imported twice under another name)
+        _HAS_CUSTOM_OP = hasattr(torch.ops.fastgen, "attention")
+
+
+def select_backend(q: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> str:
+    """The first backend in preference order that serves this call (triton only for CUDA tensors)."""
+    for name in _AUTO_ORDER:
+        if name == "triton" and q.device.type != "cuda":
+            continue
+        if name == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                continue
+        if BACKENDS[name].violation(q, mask, causal) is None:
+            return name
+    raise UnsupportedError(f"no attention backend serves dtype {q.dtype} on {q.device.type} "
+                           f"with head_dim {q.shape[-1]}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Attention over q ``(batch, seq_q, heads, head_dim)``, k/v ``(batch, seq_k, heads, head_dim)``.
+
+    Returns a tensor shaped like q, in q's dtype. See the module docstring for mask, causal and scale
+    semantics and backend selection.
+    """
+    check_attention_args(q, k, v, mask, scale)
+    causal = bool(causal)
+    scale = None if scale is None else float(scale)
+    if backend is None:
+        backend = select_backend(q, mask, causal)
+    elif backend not in BACKENDS:
+        raise InvalidArgumentError("backend", backend, (*BACKENDS, None))
+    elif not BACKENDS[backend].available:
+        raise UnsupportedError(f"attention backend {backend!r} is not implemented yet (planned: int8 Q/K "
+                               "Triton kernel); use 'triton', 'sdpa' or 'reference'")
+    else:
+        reason = BACKENDS[backend].violation(q, mask, causal)
+        if reason is not None:
+            raise UnsupportedError(f"attention backend {backend!r} does not support {reason}")
+    if backend == "triton":
+        if _HAS_CUSTOM_OP:
+            return torch.ops.fastgen.attention(q, k, v, mask, causal, scale)
+        return _triton(q, k, v, mask, causal, scale)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, mask, causal, scale)
+    return attention_reference(q, k, v, mask=mask, causal=causal, scale=scale)

@@ -1,0 +1,11 @@
+"""Kernel tests run Triton on the CPU through its interpreter.
+
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so it must be set before any
+kernel module is imported: conftest files are imported before the test modules they govern.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
