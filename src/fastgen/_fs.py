@@ -66,7 +66,12 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.rename(dst, trash / dst.name)
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            os.rename(trash / dst.name, dst)  # put the previous one back
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(src, dst)

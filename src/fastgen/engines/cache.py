@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from fastgen._fs import atomic_dir
 from fastgen.errors import CacheCorruptionError, InvalidArgumentError
 
 logger = logging.getLogger(__name__)
@@ -324,22 +325,6 @@ def publish_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                 raise InvalidArgumentError("out", str(dst),
                                            reason="exists and is not a fastgen engine directory; "
                                            "choose a new path or an empty directory") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, "out") as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{secrets.token_hex(4)}")
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except OSError:
-                os.rename(old, dst)  # put the previous engine back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -76,8 +76,10 @@ class PromptEncoder:
         seq = engine.spec.profile.dims.get("seq")
         max_length = min(int(tokenizer.model_max_length), seq.max if seq is not None else 77)
         tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        for text in texts:
-            if len(tokenizer(text).input_ids) > max_length:
+        # One batched, untruncated pass to tell which prompts were cut (CLIP keeps its end token last,
+        # so the truncated ids above cannot show it).
+        for text, ids in zip(texts, tokenizer(texts).input_ids):
+            if len(ids) > max_length:
                 logger.warning("prompt truncated to %d tokens: %r", max_length, text[:80])
         feeds = {"input_ids": tokens.input_ids.to(torch.int64)}
         if "attention_mask" in engine.spec.input_names:

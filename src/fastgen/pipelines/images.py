@@ -25,15 +25,9 @@ RESAMPLE = "LANCZOS"
 
 
 def _open(path: str | os.PathLike):
-    from PIL import Image, UnidentifiedImageError
+    from fastgen.pipelines.imageio import open_image
 
-    try:
-        with Image.open(Path(path).expanduser()) as img:
-            img.load()  # read now: the file is closed when the block ends
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidArgumentError("image", os.fspath(path), reason=f"cannot read the image file ({reason})") from None
+    return open_image(Path(path).expanduser(), "image").convert("RGB")
 
 
 def load_image(item: Any):
