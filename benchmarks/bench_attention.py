@@ -10,7 +10,12 @@ cross), DiT (head dim 128, 16 heads, seq 4096/8192/16384). Reports TFLOP/s (4 * 
 flops), the fraction of a bf16 matmul peak measured in the same run (8192^3), and the speed ratio
 (SDPA time / Triton time) against each SDPA backend (flash, efficient, cuDNN, math); a backend that
 refuses a shape is reported as ``unsupported``. Each Triton result is checked against the fp32
-reference on a slice before timing. Without CUDA it prints one line and exits 0.
+reference on a slice before timing. ``triton-int8`` (SageAttention-style int8 Q/K, quantization
+included in its time) is timed on the same inputs (fp16 P.V, and fp8 P.V on sm_89+) and reported
+against the fastest SDPA backend, with its output cosine against the fp32 reference. ``--autotune``
+tunes block sizes per shape bucket first and writes the tuned tables (``<kernel>_configs.json``) next
+to the JSON, to be committed as ``kernels/configs/<kernel>.json``. Without CUDA it prints one line and
+exits 0.
 """
 
 from __future__ import annotations
@@ -51,10 +56,10 @@ def sdpa_backends() -> dict[str, object]:
     return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, peak, do_bench):
-    from fastgen.kernels.attention import attention_fwd
+def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, int8, peak, do_bench):
     from torch.nn.attention import sdpa_kernel
 
+    from fastgen.kernels.attention import attention_fwd
     from fastgen.ops.attention import attention_reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -70,6 +75,8 @@ def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, pea
     res = {"shape": name, "batch": batch, "heads": heads, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim,
            "max_abs_err": err, "triton_ms": ms, "triton_tflops": flops / (ms * 1e-3) / 1e12}
     res["fraction_of_matmul_peak"] = res["triton_tflops"] / peak
+    if int8:
+        res.update(bench_int8(q, k, v, ref, rows, flops, autotune, do_bench))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim) views
     for bname, backend in sdpa_backends().items():
         if bname == "math" and seq_q * seq_k * heads * batch > 2**31:
@@ -83,7 +90,36 @@ def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, pea
             res[f"speedup_vs_{bname}"] = sms / ms
         except RuntimeError as e:
             res[f"sdpa_{bname}"] = f"unsupported ({str(e).splitlines()[0][:80]})"
+    sdpa_ms = [res[f"sdpa_{b}_ms"] for b in sdpa_backends() if f"sdpa_{b}_ms" in res]
+    if sdpa_ms:
+        res["fastest_sdpa_ms"] = min(sdpa_ms)
+        res["speedup_vs_fastest_sdpa"] = min(sdpa_ms) / ms
+        for pv in ("fp16", "fp8"):
+            if f"int8_{pv}_ms" in res:
+                res[f"int8_{pv}_speedup_vs_fastest_sdpa"] = min(sdpa_ms) / res[f"int8_{pv}_ms"]
     return res
+
+
+def bench_int8(q, k, v, ref, rows, flops, autotune, do_bench) -> dict:
+    """triton-int8 with fp16 P.V (and fp8 P.V on sm_89+): time, TFLOP/s and cosine on the checked slice."""
+    try:
+        from fastgen.kernels.attention_int8 import attention_int8_fwd
+    except ImportError as e:
+        return {"int8": f"unavailable ({e})"}
+    out = {}
+    pvs = ["fp16"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+    for pv in pvs:
+        try:
+            o = attention_int8_fwd(q, k, v, pv=pv, autotune=autotune)
+            cos = torch.nn.functional.cosine_similarity(
+                o[:1, :rows].float().flatten(), ref.float().flatten(), dim=0).item()
+            ms = do_bench(lambda pv=pv: attention_int8_fwd(q, k, v, pv=pv, autotune=autotune))
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the other shapes
+            out[f"int8_{pv}"] = f"failed ({str(e).splitlines()[0][:80]})"
+            continue
+        out.update({f"int8_{pv}_ms": ms, f"int8_{pv}_tflops": flops / (ms * 1e-3) / 1e12,
+                    f"int8_{pv}_cosine": cos})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--autotune", action="store_true", help="tune block sizes per shape first")
     p.add_argument("--only", default="", help="substring filter on shape names")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the triton-int8 kernel")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/attention_<gpu>.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -108,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     for shape in SHAPES:
         if args.only not in shape[0]:
             continue
-        r = bench_shape(*shape, dtype, args.batch, args.autotune, peak, do_bench)
+        r = bench_shape(*shape, dtype, args.batch, args.autotune, args.int8, peak, do_bench)
         results.append(r)
         ratios = " ".join(f"{b}={r[f'speedup_vs_{b}']:.2f}x" if f"speedup_vs_{b}" in r else f"{b}=n/a"
                           for b in sdpa_backends())
+        int8 = " ".join(f"int8/{pv}={r[f'int8_{pv}_speedup_vs_fastest_sdpa']:.2f}x (cos {r[f'int8_{pv}_cosine']:.4f})"
+                        for pv in ("fp16", "fp8") if f"int8_{pv}_speedup_vs_fastest_sdpa" in r)
         print(f"{r['shape']:24s} {r['triton_ms']:8.3f} ms {r['triton_tflops']:6.1f} TFLOP/s "
-              f"({r['fraction_of_matmul_peak']:.0%} of peak) err {r['max_abs_err']:.1e}  vs SDPA: {ratios}")
+              f"({r['fraction_of_matmul_peak']:.0%} of peak) err {r['max_abs_err']:.1e}  vs SDPA: {ratios} {int8}")
     report = {"benchmark": "attention", "device": device, "torch": torch.__version__,
               "triton": triton.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -126,7 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)  # never a half-written result file
     print(f"wrote {path}")
+    if args.autotune:
+        save_tuned_tables(path.parent)
     return 0
+
+
+def save_tuned_tables(folder: Path) -> None:
+    """The configs tuned in this run, as shippable tables (commit them as kernels/configs/<kernel>.json)."""
+    import importlib
+
+    for mod in ("fastgen.kernels.attention", "fastgen.kernels.attention_int8"):
+        try:
+            table = importlib.import_module(mod).CONFIGS
+        except (ImportError, AttributeError):
+            continue
+        dest = folder / f"{table.kernel}_configs.json"
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(json.dumps(table.export(), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, dest)
+        print(f"wrote {dest}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # GPU tests first (they are skipped on CPU machines)
 python3 -m pytest -q -m "cuda" tests 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
+# Kernels: attention (fp16/bf16, triton-int8) against every SDPA backend, tuned configs saved for kernels/configs/;
+# quantized GEMMs against cuBLAS bf16 and torch._scaled_mm; UNet step latency per quantization config.
+export FASTGEN_AUTOTUNE_DIR="$OUT/autotune"
+python3 benchmarks/bench_attention.py --dtype bf16 --autotune --json "$OUT/attention_bf16.json" 2>&1 | tail -25
+python3 benchmarks/bench_attention.py --dtype fp16 --autotune --json "$OUT/attention_fp16.json" 2>&1 | tail -25
+[ -f benchmarks/bench_quant_gemm.py ] && python3 benchmarks/bench_quant_gemm.py --json "$OUT/quant_gemm.json" 2>&1 | tail -25
+[ -f benchmarks/bench_quant.py ] && python3 benchmarks/bench_quant.py --gpu --json "$OUT/quant_unet.json" 2>&1 | tail -15
 # SD 1.5 at 512x512, 50 steps, and SDXL at 1024x1024, 30 steps: fastgen's torch backend (fp16) against
 # diffusers' own pipeline (fp16) in the same run (onnxruntime on this machine is a CPU build).
 python3 benchmarks/bench_pipeline.py --preset sd15 --device cuda --precision fp16 --backends torch \

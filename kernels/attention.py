@@ -22,8 +22,9 @@ tl.dot's minimum), each with its own q tile and fp32 accumulator, the tail maske
 Precision: scores, softmax statistics and accumulators in fp32; P is cast to the input dtype for P·V
 on fp16/bf16 (as flash-attention does); fp32 inputs stay fp32 throughout (``input_precision="ieee"``).
 
-Block sizes ``BLOCK_M`` (queries) x ``BLOCK_N`` (keys) come from a small table by head dim and dtype;
-on CUDA the launcher may autotune over a few configs (``autotune=True``). Under the interpreter
+Block sizes ``BLOCK_M`` (queries) x ``BLOCK_N`` (keys) come from :data:`CONFIGS` (per GPU architecture:
+the user's autotune cache, then the shipped table, then a small default table by head dim and dtype);
+``autotune=True`` times a few candidates once per shape bucket and persists the winner. Under the interpreter
 (``TRITON_INTERPRET=1``) fixed small blocks are used and nothing is ever autotuned.
 """
 
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.kernels.tuning import ConfigTable, pow2_bucket
 from fastgen.ops.attention import attention_reference, check_attention_args
 
 __all__ = ["attention_fwd", "attention_reference", "head_dim_chunks"]
@@ -181,20 +183,18 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
-# GPU autotuning candidates (never used under the interpreter or in tests).
+# GPU autotuning candidates (never timed under the interpreter or in tests).
 AUTOTUNE_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2))
 ]
-_tuned: dict[tuple, dict[str, int]] = {}
+CONFIGS = ConfigTable("attention", AUTOTUNE_CONFIGS)
 
 
-def _time(launch, cfg: dict[str, int]) -> float:
-    """Median ms of one config; a config the GPU cannot run (e.g. out of shared memory) is infinitely slow."""
-    try:
-        return triton.testing.do_bench(lambda: launch(cfg))
-    except Exception:  # noqa: BLE001 - any compile/launch failure just disqualifies the config
-        return float("inf")
+def shape_key(seq_q: int, seq_k: int, head_dim: int, dtype: torch.dtype, masked: bool, causal: bool) -> str:
+    """Key of the config tables: sequence lengths bucketed to powers of two."""
+    return (f"d{head_dim}-{str(dtype).removeprefix('torch.')}-q{pow2_bucket(seq_q)}-k{pow2_bucket(seq_k)}"
+            f"{'-mask' if masked else ''}{'-causal' if causal else ''}")
 
 
 def _check(name: str, t: torch.Tensor) -> None:
@@ -210,8 +210,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: to
 
     ``out``: optional preallocated output shaped like q (any strides), e.g. a poisoned buffer in tests.
     ``block_m``/``block_n``: override the default block table (powers of two >= 16).
-    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape and reuse the fastest
-    (ignored under the interpreter).
+    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket and persist the fastest
+    (see :mod:`fastgen.kernels.tuning`); without it, tuned/shipped configs are used when present, else
+    the default table. Ignored under the interpreter.
     """
     check_attention_args(q, k, v, mask, scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -246,12 +247,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: to
         grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
         _attn_fwd_kernel[grid](*args, **meta, **cfg)
 
-    cfg = dict(_default_config(head_dim, q.dtype))
-    if autotune and q.device.type == "cuda" and not _interpreting() and block_m is None and block_n is None:
-        key = (batch, heads, seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))
-        if key not in _tuned:
-            _tuned[key] = min(AUTOTUNE_CONFIGS, key=lambda c: _time(launch, c))
-        cfg = dict(_tuned[key])
+    cfg = _default_config(head_dim, q.dtype)
+    if not _interpreting():
+        key = shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))
+        if autotune and block_m is None and block_n is None:
+            cfg = CONFIGS.tune(key, q.device, launch, cfg)
+        else:
+            cfg = CONFIGS.config(key, q.device, cfg)
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_n is not None:

@@ -1,0 +1,131 @@
+"""Kernel config tables: autotune cache, shipped tables and defaults, with a fake timer (no GPU, no tuning)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from fastgen.kernels import tuning
+from fastgen.kernels.tuning import ConfigTable, pow2_bucket
+
+CANDIDATES = [{"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 32, "num_warps": 2}]
+DEFAULT = {"BLOCK_M": 16, "num_warps": 1}
+
+
+@pytest.fixture()
+def sm90(monkeypatch, tmp_path):
+    """Pretend to be on an sm90 GPU with Triton 3.6; isolated autotune and shipped dirs."""
+    monkeypatch.setenv("FASTGEN_AUTOTUNE_DIR", str(tmp_path / "user"))
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm90")
+    monkeypatch.setattr(tuning, "triton_version", lambda: "3.6")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    return shipped
+
+
+def _timer(times):
+    """A fake do_bench: launches the config, then returns the time listed for its BLOCK_M."""
+    launched = []
+
+    def timer(fn):
+        fn()
+        return times[launched[-1]["BLOCK_M"]]
+
+    return timer, launched
+
+
+def test_default_when_no_table(sm90):
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    assert table.config("key", "cuda", DEFAULT) == DEFAULT
+
+
+def test_tune_picks_fastest_persists_and_is_reused(sm90):
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    timer, launched = _timer({64: 2.0, 128: 1.0, 32: 3.0})
+    best = table.tune("key", "cuda", launched.append, DEFAULT, timer=timer)
+    assert best == CANDIDATES[1] and len(launched) == 3
+    data = json.loads(table.path.read_text())
+    assert data["archs"]["sm90"]["key"] == {**CANDIDATES[1], "triton": "3.6"}
+    # A new process (new table) finds it without timing again.
+    fresh = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    assert fresh.config("key", "cuda", DEFAULT) == CANDIDATES[1]
+    launched.clear()
+    assert fresh.tune("key", "cuda", launched.append, DEFAULT, timer=timer) == CANDIDATES[1]
+    assert launched == []
+    # Other keys keep their own entries (merge, not overwrite).
+    timer2, launched2 = _timer({64: 1.0, 128: 2.0, 32: 3.0})
+    assert fresh.tune("other", "cuda", launched2.append, DEFAULT, timer=timer2) == CANDIDATES[0]
+    archs = json.loads(table.path.read_text())["archs"]["sm90"]
+    assert set(archs) == {"key", "other"}
+    assert not list(table.path.parent.glob(".*"))  # no temp file left behind
+
+
+def test_shipped_table_below_user_cache(sm90):
+    (sm90 / "k.json").write_text(json.dumps(
+        {"format": 1, "kernel": "k", "archs": {"sm90": {"key": CANDIDATES[2], "old": {**CANDIDATES[0], "triton": "3.0"}},
+                                               "sm80": {"key": CANDIDATES[0]}}}))
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    assert table.config("key", "cuda", DEFAULT) == CANDIDATES[2]
+    assert table.config("old", "cuda", DEFAULT) == DEFAULT  # tuned under another Triton: ignored
+    timer, launched = _timer({64: 1.0, 128: 2.0, 32: 3.0})
+    table.tune("key", "cuda", launched.append, DEFAULT, timer=timer)  # user cache has nothing yet: tunes
+    assert ConfigTable("k", CANDIDATES, shipped_dir=sm90).config("key", "cuda", DEFAULT) == CANDIDATES[0]
+
+
+def test_corrupt_or_foreign_files_are_ignored(sm90, caplog):
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    table.path.parent.mkdir(parents=True)
+    table.path.write_text("{not json")
+    (sm90 / "k.json").write_text(json.dumps({"format": 99, "archs": {}}))
+    with caplog.at_level(logging.WARNING, logger="fastgen.kernels.tuning"):
+        assert table.config("key", "cuda", DEFAULT) == DEFAULT
+    assert "unreadable" in caplog.text and "not format 1" in caplog.text
+    # An entry with unknown fields or bad values is not trusted either.
+    table.path.write_text(json.dumps({"format": 1, "archs": {"sm90": {"a": {"BLOCK_M": -1}, "b": {"EVIL": 1}}}}))
+    fresh = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    assert fresh.config("a", "cuda", DEFAULT) == DEFAULT and fresh.config("b", "cuda", DEFAULT) == DEFAULT
+    # Tuning rewrites a corrupt cache file into a valid one.
+    table.path.write_text("{not json")
+    fresh.tune("key", "cuda", lambda cfg: None, DEFAULT, timer=lambda fn: 1.0)
+    assert json.loads(table.path.read_text())["archs"]["sm90"]["key"]["BLOCK_M"] == 64
+
+
+def test_failing_candidates_are_skipped(sm90):
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+
+    def launch(cfg):
+        if cfg["BLOCK_M"] != 32:
+            raise RuntimeError("out of shared memory")
+
+    assert table.tune("key", "cuda", launch, DEFAULT, timer=lambda fn: (fn(), 1.0)[1]) == CANDIDATES[2]
+
+    def never(cfg):
+        raise RuntimeError("nothing compiles")
+
+    assert table.tune("other", "cuda", never, DEFAULT, timer=lambda fn: (fn(), 1.0)[1]) == DEFAULT
+
+
+def test_export_is_a_shippable_table(sm90):
+    table = ConfigTable("k", CANDIDATES, shipped_dir=sm90)
+    table.tune("key", "cuda", lambda cfg: None, DEFAULT, timer=lambda fn: 1.0)
+    exported = table.export()
+    assert exported["format"] == 1 and exported["archs"]["sm90"]["key"]["BLOCK_M"] == 64
+    (sm90 / "k.json").write_text(json.dumps(exported))
+    table.path.unlink()
+    assert ConfigTable("k", CANDIDATES, shipped_dir=sm90).config("key", "cuda", DEFAULT) == CANDIDATES[0]
+
+
+def test_pow2_bucket_and_arch():
+    assert [pow2_bucket(n) for n in (1, 2, 3, 77, 1024, 1025)] == [1, 2, 4, 128, 1024, 2048]
+    assert tuning.device_arch("cpu") == "cpu"
+
+
+def test_attention_shape_key_buckets():
+    import torch
+
+    from fastgen.kernels.attention import shape_key
+
+    assert shape_key(4096, 77, 40, torch.float16, True, False) == "d40-float16-q4096-k128-mask"
+    assert shape_key(1000, 1000, 64, torch.bfloat16, False, True) == "d64-bfloat16-q1024-k1024-causal"
