@@ -36,6 +36,7 @@ _LAZY = {
     "VideoScore": "fastgen.pipelines.scorer",
     "FastgenError": "fastgen.errors",
     "InvalidArgumentError": "fastgen.errors",
+    "optimize": "fastgen.ops.optimize",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.models import adapt, load_component
     from fastgen.models.component import Component
     from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec
+    from fastgen.ops.optimize import optimize
     from fastgen.pipelines.config import GenerateConfig, GenerationResult
     from fastgen.pipelines.generator import Generator
     from fastgen.pipelines.scorer import Score, Scorer, VideoScore

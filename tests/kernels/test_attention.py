@@ -171,7 +171,19 @@ def test_auto_selection_on_cpu_is_sdpa():
 def test_constraints_are_data():
     assert BACKENDS["triton"].head_dim == (16, 256) and "cuda" in BACKENDS["triton"].devices
     assert BACKENDS["triton"].causal and "key_padding" in BACKENDS["triton"].masks
-    assert not BACKENDS["triton-int8"].available
+    assert BACKENDS["triton-int8"].head_dim == (1, 256) and BACKENDS["triton-int8"].causal
+
+
+def test_triton_int8_through_dispatch():
+    """backend='triton-int8' runs the int8 kernel (custom op) and is close to fp32; never auto-picked."""
+    q, k, v = _qkv(1, 77, 77, 2, 40)
+    mask = torch.ones(1, 77, dtype=torch.bool)
+    mask[:, 60:] = False
+    out = attention(q, k, v, mask=mask, backend="triton-int8")
+    ref = attention_reference(q, k, v, mask=mask)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert out.shape == q.shape and cos > 0.999
+    assert select_backend(q) != "triton-int8"
 
 
 def test_constraint_errors_name_backend(monkeypatch):
@@ -184,7 +196,10 @@ def test_constraint_errors_name_backend(monkeypatch):
         attention(q.double(), k.double(), v.double(), backend="triton")
     with pytest.raises(UnsupportedError, match=r"'triton'.*head_dim 8"):
         attention(*_qkv(1, 4, 4, 1, 8), backend="triton")
-    with pytest.raises(UnsupportedError, match=r"'triton-int8'.*not implemented yet"):
+    with pytest.raises(UnsupportedError, match=r"'triton-int8'.*dtype torch.float64"):
+        attention(q.double(), k.double(), v.double(), backend="triton-int8")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UnsupportedError, match=r"'triton-int8'.*device 'cpu'"):
         attention(q, k, v, backend="triton-int8")
     with pytest.raises(InvalidArgumentError, match="backend"):
         attention(q, k, v, backend="flash")

@@ -117,3 +117,21 @@ def test_wheel_without_extension_has_every_package(tmp_path):
         for py in folder.rglob("*.py"):
             if (py.parent / "__init__.py").exists() and "__pycache__" not in py.parts:
                 assert f"{prefix}/{py.relative_to(folder).as_posix()}" in names, py
+
+
+def test_verbs_stay_callable_after_their_modules_are_imported():
+    """Importing ``fastgen.export`` (a package) or ``fastgen.ops.attention`` (a module) sets the module as
+    the package attribute of the same name; the verbs must still be callable."""
+    code = """
+import torch
+import fastgen.export.config, fastgen.ops.attention
+import fastgen, fastgen.ops
+from fastgen.export.api import export
+q = torch.randn(1, 3, 2, 8)
+assert torch.equal(fastgen.ops.attention(q, q, q, backend="reference"),
+                   fastgen.ops.attention.attention(q, q, q, backend="reference"))
+assert callable(fastgen.export) and fastgen.export.__verb__() is export
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -1,6 +1,6 @@
 """torch -> ONNX export with built-in verification against PyTorch."""
 
-from fastgen._lazy import lazy_getattr
+from fastgen._lazy import callable_module, lazy_getattr
 from fastgen.export.config import ExportConfig
 
 # export / export_into / ExportResult need torch and onnx: imported on first use.
@@ -11,3 +11,12 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["ExportConfig", "ExportResult", "export", "export_into"]
+
+
+def _verb():
+    from fastgen.export.api import export
+
+    return export
+
+
+callable_module(__name__, _verb)  # `fastgen.export(...)` works even once this package is imported

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Attention implementations that trace to ONNX with dynamic batch and sequence (both verified on
 # CLIP and BERT with transformers 5: the causal / padding masks are built from traced shapes).
-TRACEABLE_ATTENTION = ("eager", "sdpa")
+TRACEABLE_ATTENTION = ("eager", "sdpa", "fastgen")  # fastgen: see ops/attention_transformers.py
 TEXT_ENCODER_NAMES = ("text-encoder", "text-encoder-2")
 
 

@@ -11,7 +11,8 @@ from fastgen._lazy import lazy_getattr
 from fastgen.ops._ext import available
 from fastgen.ops.image import normalize_nchw, to_uint8_nhwc
 
-_LAZY = {"attention": "fastgen.ops.attention", "attention_reference": "fastgen.ops.attention"}
+_LAZY = {"attention": "fastgen.ops.attention", "attention_reference": "fastgen.ops.attention",
+         "OptimizeReport": "fastgen.ops.optimize"}
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
-__all__ = ["attention", "attention_reference", "available", "normalize_nchw", "to_uint8_nhwc"]
+__all__ = ["OptimizeReport", "attention", "attention_reference", "available", "normalize_nchw", "to_uint8_nhwc"]

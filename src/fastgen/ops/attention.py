@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with pluggable backends: ``triton``, ``sdpa``, ``reference``.
+"""Scaled dot-product attention with pluggable backends: ``triton``, ``triton-int8``, ``sdpa``, ``reference``.
 
 Layout (all backends): q ``(batch, seq_q, heads, head_dim)``, k and v ``(batch, seq_k, heads, head_dim)``
 with any strides; the output is shaped like q. Semantics shared by every backend:
@@ -11,13 +11,15 @@ with any strides; the output is shaped like q. Semantics shared by every backend
 - ``scale``: softmax scale, default ``1 / sqrt(head_dim)``.
 
 Backends declare their constraints as data (:data:`BACKENDS`). ``backend=None`` picks the first that
-fits in the order ``triton`` (CUDA tensors only), ``sdpa``, ``reference``; naming a backend whose
+fits in the order ``triton`` (CUDA tensors only), ``sdpa``, ``reference`` (``triton-int8`` is lossy,
+so only ever used when named: SageAttention-style int8 Q/K with fp16 or fp8 P.V); naming a backend whose
 constraints the call violates raises :class:`UnsupportedError` naming the backend and the constraint.
 ``triton`` also runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for
 tests only, so never picked automatically there). Triton is imported only when its backend runs.
 
-The Triton path is registered as the custom op ``torch.ops.fastgen.attention`` (torch >= 2.4) with a
-fake implementation, so torch.compile / torch.export can trace through it.
+The Triton paths are registered as the custom ops ``torch.ops.fastgen.attention`` and
+``torch.ops.fastgen.attention_int8`` (torch >= 2.4) with fake implementations, so torch.compile and
+torch.export can trace through them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen._lazy import callable_module
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 
 __all__ = ["BACKENDS", "BackendConstraints", "attention", "attention_reference", "check_attention_args",
@@ -52,17 +55,14 @@ class BackendConstraints:
     """Mask kinds served: ``"none"``, ``"key_padding"``."""
     causal: bool
     """Whether ``causal=True`` is served."""
-    available: bool = True
-    """False for a declared backend that is not implemented yet."""
 
     def violation(self, q: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> str | None:
         """The first constraint the call violates, as a phrase, or None if it fits."""
-        if not self.available:
-            return "anything yet (not implemented)"
         device = q.device.type
+        triton_kernel = self.name.startswith("triton")
         if device not in self.devices and not (
-                self.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            extra = " (cpu only with TRITON_INTERPRET=1)" if self.name == "triton" else ""
+                triton_kernel and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            extra = " (cpu only with TRITON_INTERPRET=1)" if triton_kernel else ""
             return f"device {device!r} (allowed: {', '.join(self.devices)}{extra})"
         if q.dtype not in self.dtypes:
             return f"dtype {q.dtype} (allowed: {', '.join(str(d) for d in self.dtypes)})"
@@ -81,8 +81,10 @@ BACKENDS: dict[str, BackendConstraints] = {
     # Head dims 16..256: the kernel splits the head dim into power-of-two chunks of at least 16
     # (tl.dot's minimum), and 256 is the largest that fits registers/shared memory.
     "triton": BackendConstraints("triton", ("cuda",), _FLOAT_DTYPES, (16, 256), ("none", "key_padding"), True),
-    "triton-int8": BackendConstraints("triton-int8", ("cuda",), (torch.float16, torch.bfloat16), (16, 256),
-                                      ("none", "key_padding"), True, available=False),
+    # SageAttention-style: int8 Q.K^T (K smoothed, per-block scales), fp16 (or fp8 on sm_89+) P.V.
+    # Lossy, so never picked by backend=None. Head dims below 32 are zero-padded to int8 tl.dot's 32.
+    "triton-int8": BackendConstraints("triton-int8", ("cuda",), _FLOAT_DTYPES, (1, 256),
+                                      ("none", "key_padding"), True),
     "sdpa": BackendConstraints("sdpa", ("cpu", "cuda"), _FLOAT_DTYPES + (torch.float64,), (1, 1 << 16),
                                ("none", "key_padding"), True),
     "reference": BackendConstraints("reference", ("cpu", "cuda"), _FLOAT_DTYPES + (torch.float64,),
@@ -175,6 +177,12 @@ def _triton(q, k, v, mask, causal, scale):
     return attention_fwd(q, k, v, mask=mask, causal=causal, scale=scale)
 
 
+def _triton_int8(q, k, v, mask, causal, scale):
+    from fastgen.kernels.attention_int8 import attention_int8_fwd  # lazy: imports triton
+
+    return attention_int8_fwd(q, k, v, mask=mask, causal=causal, scale=scale)
+
+
 _HAS_CUSTOM_OP = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
 if _HAS_CUSTOM_OP:
     try:
@@ -184,11 +192,21 @@ if _HAS_CUSTOM_OP:
         def _attention_op(q, k, v, mask, causal, scale):
             return _triton(q, k, v, mask, causal, scale)
 
+        @torch.library.custom_op(
+            "fastgen::attention_int8", mutates_args=(),
+            schema="(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float? scale) -> Tensor")
+        def _attention_int8_op(q, k, v, mask, causal, scale):
+            return _triton_int8(q, k, v, mask, causal, scale)
+
         @_attention_op.register_fake
         def _(q, k, v, mask, causal, scale):
             return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+        @_attention_int8_op.register_fake
+        def _(q, k, v, mask, causal, scale):
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
     except RuntimeError:  # already registered (module imported twice under another name)
-        _HAS_CUSTOM_OP = hasattr(torch.ops.fastgen, "attention")
+        _HAS_CUSTOM_OP = hasattr(torch.ops.fastgen, "attention") and hasattr(torch.ops.fastgen, "attention_int8")
 
 
 def select_backend(q: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> str:
@@ -221,9 +239,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
         backend = select_backend(q, mask, causal)
     elif backend not in BACKENDS:
         raise InvalidArgumentError("backend", backend, (*BACKENDS, None))
-    elif not BACKENDS[backend].available:
-        raise UnsupportedError(f"attention backend {backend!r} is not implemented yet (planned: int8 Q/K "
-                               "Triton kernel); use 'triton', 'sdpa' or 'reference'")
     else:
         reason = BACKENDS[backend].violation(q, mask, causal)
         if reason is not None:
@@ -232,6 +247,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
         if _HAS_CUSTOM_OP:
             return torch.ops.fastgen.attention(q, k, v, mask, causal, scale)
         return _triton(q, k, v, mask, causal, scale)
+    if backend == "triton-int8":
+        if _HAS_CUSTOM_OP:
+            return torch.ops.fastgen.attention_int8(q, k, v, mask, causal, scale)
+        return _triton_int8(q, k, v, mask, causal, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, mask, causal, scale)
     return attention_reference(q, k, v, mask=mask, causal=causal, scale=scale)
+
+
+# `fastgen.ops.attention(...)` stays the op even once this module has been imported (which sets the
+# module as the package attribute of the same name).
+callable_module(__name__, lambda: attention)
