@@ -13,8 +13,8 @@ refuses a shape is reported as ``unsupported``. Each Triton result is checked ag
 reference on a slice before timing. ``triton-int8`` (SageAttention-style int8 Q/K, quantization
 included in its time) is timed on the same inputs (fp16 P.V, and fp8 P.V on sm_89+) and reported
 against the fastest SDPA backend, with its output cosine against the fp32 reference. ``--autotune``
-tunes block sizes per shape bucket first and writes the tuned tables (``<kernel>_configs.json``) next
-to the JSON, to be committed as ``kernels/configs/<kernel>.json``. Without CUDA it prints one line and
+tunes block sizes per shape bucket first; the tuned tables land in ``$FASTGEN_AUTOTUNE_DIR/<kernel>.json``,
+in the format to commit as ``kernels/configs/<kernel>.json``. Without CUDA it prints one line and
 exits 0.
 """
 
@@ -165,25 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)  # never a half-written result file
     print(f"wrote {path}")
-    if args.autotune:
-        save_tuned_tables(path.parent)
     return 0
-
-
-def save_tuned_tables(folder: Path) -> None:
-    """The configs tuned in this run, as shippable tables (commit them as kernels/configs/<kernel>.json)."""
-    import importlib
-
-    for mod in ("fastgen.kernels.attention", "fastgen.kernels.attention_int8"):
-        try:
-            table = importlib.import_module(mod).CONFIGS
-        except (ImportError, AttributeError):
-            continue
-        dest = folder / f"{table.kernel}_configs.json"
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_text(json.dumps(table.export(), indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, dest)
-        print(f"wrote {dest}")
 
 
 if __name__ == "__main__":

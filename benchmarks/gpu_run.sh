@@ -18,7 +18,7 @@ python3 -m pytest -q -m "cuda" tests 2>&1 | tail -20 | tee "$OUT/cuda_tests.txt"
 export FASTGEN_AUTOTUNE_DIR="$OUT/autotune"
 python3 benchmarks/bench_attention.py --dtype bf16 --autotune --json "$OUT/attention_bf16.json" 2>&1 | tail -25
 python3 benchmarks/bench_attention.py --dtype fp16 --autotune --json "$OUT/attention_fp16.json" 2>&1 | tail -25
-[ -f benchmarks/bench_quant_gemm.py ] && python3 benchmarks/bench_quant_gemm.py --json "$OUT/quant_gemm.json" 2>&1 | tail -25
+[ -f benchmarks/bench_quant_gemm.py ] && python3 benchmarks/bench_quant_gemm.py --autotune --json "$OUT/quant_gemm.json" 2>&1 | tail -25
 [ -f benchmarks/bench_quant.py ] && python3 benchmarks/bench_quant.py --gpu --json "$OUT/quant_unet.json" 2>&1 | tail -15
 # SD 1.5 at 512x512, 50 steps, and SDXL at 1024x1024, 30 steps: fastgen's torch backend (fp16) against
 # diffusers' own pipeline (fp16) in the same run (onnxruntime on this machine is a CPU build).

@@ -247,13 +247,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: to
         grid = (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
         _attn_fwd_kernel[grid](*args, **meta, **cfg)
 
-    cfg = _default_config(head_dim, q.dtype)
-    if not _interpreting():
-        key = shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))
-        if autotune and block_m is None and block_n is None:
-            cfg = CONFIGS.tune(key, q.device, launch, cfg)
-        else:
-            cfg = CONFIGS.config(key, q.device, cfg)
+    key = shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))
+    cfg = CONFIGS.choose(key, q.device, launch, _default_config(head_dim, q.dtype),
+                         autotune and block_m is None and block_n is None)
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_n is not None:

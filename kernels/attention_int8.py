@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError, UnsupportedError
+from fastgen.kernels.attention import shape_key
+from fastgen.kernels.tuning import ConfigTable
 from fastgen.ops.attention import check_attention_args
 from fastgen.ops.attention_int8 import (
     DTYPES,
@@ -285,15 +287,7 @@ AUTOTUNE_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3))
 ]
-_tuned: dict[tuple, dict[str, int]] = {}
-
-
-def _time(launch, cfg: dict[str, int]) -> float:
-    """Median ms of one config; a config the GPU cannot run (e.g. out of shared memory) is infinitely slow."""
-    try:
-        return triton.testing.do_bench(lambda: launch(cfg))
-    except Exception:  # noqa: BLE001 - any compile/launch failure just disqualifies the config
-        return float("inf")
+CONFIGS = ConfigTable("attention_int8", AUTOTUNE_CONFIGS)
 
 
 def quantize_int8(x: torch.Tensor, block: int, *, shift: torch.Tensor | None = None, mult: float = 1.0,
@@ -337,7 +331,8 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
 
     ``out``: optional preallocated output shaped like q (any strides). ``block_m``/``block_n``: powers
     of two, >= 16 / >= 32, overriding the default table (they are the quantization blocks too).
-    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape. ``pv``: ``"fp16"``, ``"fp8"``
+    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket and persist the winner
+    (:mod:`fastgen.kernels.tuning`); otherwise tuned or shipped configs are used when present. ``pv``: ``"fp16"``, ``"fp8"``
     or None (fp8 on CUDA compute capability >= 8.9, else fp16).
     """
     check_attention_args(q, k, v, mask, scale)
@@ -387,12 +382,9 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
             CAUSAL=bool(causal), PV_FP8=pv == "fp8", V_CLAMP=pv == "fp16" and v.dtype != torch.float16,
             EMULATE=_interpreting(), **cfg)
 
-    cfg = dict(_default_config(head_dim))
-    if autotune and q.device.type == "cuda" and not _interpreting() and block_m is None and block_n is None:
-        key = (batch, heads, seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal), pv)
-        if key not in _tuned:
-            _tuned[key] = min(AUTOTUNE_CONFIGS, key=lambda c: _time(launch, c))
-        cfg = dict(_tuned[key])
+    key = f"{shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))}-pv{pv}"
+    cfg = CONFIGS.choose(key, q.device, launch, _default_config(head_dim),
+                         autotune and block_m is None and block_n is None)
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_n is not None:

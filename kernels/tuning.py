@@ -184,6 +184,18 @@ class ConfigTable:
             except OSError as exc:
                 logger.warning("could not save tuned configs to %s: %s", path, exc)
 
+    def choose(self, key: str, device: Any, launch: Callable[[Config], None], default: Config,
+               autotune: bool) -> Config:
+        """What a launcher uses: ``default`` off CUDA (the interpreter), else :meth:`tune` when
+        ``autotune``, else :meth:`config`."""
+        import torch
+
+        if torch.device(device).type != "cuda":
+            return dict(default)
+        if autotune:
+            return self.tune(key, device, launch, default)
+        return self.config(key, device, default)
+
     def export(self, archs: Iterable[str] | None = None) -> dict[str, Any]:
         """The user's cache as a shippable table (to commit as ``kernels/configs/<kernel>.json``)."""
         cached = _read(self.path)
