@@ -194,3 +194,21 @@ def test_tiny_unet_save_and_load(tmp_path, monkeypatch):
     got = engine.run(inputs)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_attention_option_routes_attention_through_fastgen():
+    """RuntimeOptions(attention=...) runs fastgen.optimize on the engine's module; outputs stay equal."""
+    from fastgen.models import load_component
+    from fastgen.ops.attention_diffusers import FastgenAttnProcessor
+
+    unet = load_component("tiny", "unet")
+    inputs = unet.spec.sample_inputs({"batch": 2, "height": 64, "width": 64, "seq": 77}, seed=0)
+    want = TorchEngine(unet)(inputs)
+    engine = TorchEngine(unet, runtime=RuntimeOptions(attention="reference"))
+    procs = [m.processor for m in engine.module.modules() if hasattr(m, "processor")]
+    assert procs and all(isinstance(p, FastgenAttnProcessor) for p in procs)
+    got = engine(inputs)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5)
+    with pytest.raises(InvalidArgumentError, match="attention"):
+        RuntimeOptions(attention="flash")

@@ -34,6 +34,9 @@ class RuntimeOptions(ConfigMixin):
     """torch: torch.compile mode, or none for eager."""
     cuda_graphs: bool = False
     """torch: capture one CUDA graph per input-shape bucket and replay it (GPU only)."""
+    attention: Literal["default", "triton", "triton-int8", "sdpa", "reference"] = "default"
+    """torch: run the model's attention layers on this fastgen.ops.attention backend (fastgen.optimize);
+    default keeps the model's own attention. triton-int8 is lossy (int8 Q.K^T)."""
 
     def __post_init__(self) -> None:
         self.validate_literals()

@@ -63,6 +63,11 @@ class TorchEngine(Engine):
         self.runtime = runtime
         self.component = component
         self.module = component.module.to(device=self.device, dtype=self.float_dtype).eval()
+        if runtime.attention != "default":
+            from fastgen.ops.optimize import optimize
+
+            report = optimize(self.module, attention=runtime.attention)
+            logger.info("%s: %d attention layers on %s", component.name, len(report.layers), runtime.attention)
         self._fn = self.module
         if runtime.compile != "none":
             # Compilation happens lazily on the first call of each new input shape.
