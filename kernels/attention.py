@@ -47,6 +47,32 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def softmax_step(s, m_i, l_i, offs_m, offs_n, n_ok, mask_row, stride_mn, SEQ_Q, SEQ_K,
+                 HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """One key block of the online softmax, shared by the fp and int8 kernels.
+
+    ``s``: (BLOCK_M, BLOCK_N) scores in log2 units. Masks out-of-range, padded (``mask_row``: this
+    batch's key-padding row) and causal keys, then returns ``(p, alpha, m_i, l_i)``: the block's
+    unnormalised probabilities, the rescale factor for the running accumulators, and the new running
+    max and sum.
+    """
+    ok = n_ok[None, :] & (offs_m[:, None] >= 0)
+    if HAS_MASK:
+        kp = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0)
+        ok = ok & (kp != 0)[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (SEQ_K - SEQ_Q))
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible so far keep m = -inf; subtract 0 so exp2 gives 0, not NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     # pointers
     Q, K, V, Out, MASK,
@@ -110,22 +136,8 @@ def _attn_fwd_kernel(
                 qk += tl.dot(q1, kt1, input_precision="ieee")
             else:
                 qk += tl.dot(q1, kt1)
-        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        ok = n_ok[None, :] & (offs_m[:, None] >= 0)
-        if HAS_MASK:
-            kp = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)
-            ok = ok & (kp != 0)[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (SEQ_K - SEQ_Q))
-        qk = tl.where(ok, qk, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # Rows with nothing visible so far keep m = -inf; subtract 0 so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(qk * qk_scale, m_i, l_i, offs_m, offs_n, n_ok, MASK + b * stride_mb,
+                                          stride_mn, SEQ_Q, SEQ_K, HAS_MASK, CAUSAL)
 
         v0 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd,
                      mask=n_ok[:, None] & d0_ok[None, :], other=0.0)  # (BLOCK_N, D0)

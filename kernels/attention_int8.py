@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.kernels.attention import shape_key
+from fastgen.kernels.attention import shape_key, softmax_step
 from fastgen.kernels.tuning import ConfigTable
 from fastgen.ops.attention import check_attention_args
 from fastgen.ops.attention_int8 import (
@@ -203,21 +203,8 @@ def _attn_int8_fwd_kernel(
             qk = tl.dot(q1, kt1, qk)
         k_scale = tl.load(KS + pid_bh * n_kblocks + start_n // BLOCK_N)
         s = qk.to(tl.float32) * (q_scale * k_scale)  # (BLOCK_M, BLOCK_N), log2 units
-        ok = n_ok[None, :] & (offs_m[:, None] >= 0)
-        if HAS_MASK:
-            kp = tl.load(MASK + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0)
-            ok = ok & (kp != 0)[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (SEQ_K - SEQ_Q))
-        s = tl.where(ok, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing visible so far keep m = -inf; subtract 0 so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, offs_m, offs_n, n_ok, MASK + b * stride_mb, stride_mn,
+                                          SEQ_Q, SEQ_K, HAS_MASK, CAUSAL)
         if PV_FP8:
             p_in = _to_e4m3(p * 448.0, EMULATE)  # p <= 1: the row max maps to e4m3's largest value
         else:
