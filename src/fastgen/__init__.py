@@ -34,6 +34,14 @@ _LAZY = {
     "Scorer": "fastgen.pipelines.scorer",
     "Score": "fastgen.pipelines.scorer",
     "VideoScore": "fastgen.pipelines.scorer",
+    "Runtime": "fastgen.runtime.runtime",
+    "RuntimeConfig": "fastgen.runtime.config",
+    "quantize_": "fastgen.quant.api",
+    "calibrate": "fastgen.quant.calibration",
+    "Int8WeightOnlyConfig": "fastgen.quant.config",
+    "Int4WeightOnlyConfig": "fastgen.quant.config",
+    "Int8DynamicConfig": "fastgen.quant.config",
+    "Fp8DynamicConfig": "fastgen.quant.config",
     "FastgenError": "fastgen.errors",
     "InvalidArgumentError": "fastgen.errors",
     "optimize": "fastgen.ops.optimize",
@@ -65,3 +73,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.pipelines.config import GenerateConfig, GenerationResult
     from fastgen.pipelines.generator import Generator
     from fastgen.pipelines.scorer import Score, Scorer, VideoScore
+    from fastgen.quant.api import quantize_
+    from fastgen.quant.calibration import calibrate
+    from fastgen.quant.config import (
+        Fp8DynamicConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicConfig,
+        Int8WeightOnlyConfig,
+    )
+    from fastgen.runtime.config import RuntimeConfig
+    from fastgen.runtime.runtime import Runtime

@@ -123,14 +123,32 @@ def build_conditioning(encoder: PromptEncoder, prompts: Sequence[str], images_pe
     ``zero_negative``: SDXL's ``force_zeros_for_empty_prompt`` with no negative prompt: the
     unconditional rows are zeros, not the empty prompt's embeddings.
     """
-    texts = list(prompts)
-    negative = negative_prompt if negative_prompt is not None else ""
-    if guided and not zero_negative:
-        texts.append(negative)
+    texts = conditioning_texts(prompts, negative_prompt=negative_prompt, guided=guided, zero_negative=zero_negative)
     states, pooled = encoder.encode(texts)
+    return assemble_conditioning(states, pooled, images_per_prompt, guided=guided, zero_negative=zero_negative,
+                                 sdxl=encoder.pipeline == "sdxl", height=height, width=width)
+
+
+def conditioning_texts(prompts: Sequence[str], *, negative_prompt: str | None, guided: bool,
+                       zero_negative: bool) -> list[str]:
+    """The texts :func:`build_conditioning` encodes: the prompts, then the negative prompt when it is used."""
+    texts = list(prompts)
+    if guided and not zero_negative:
+        texts.append(negative_prompt if negative_prompt is not None else "")
+    return texts
+
+
+def assemble_conditioning(states: torch.Tensor, pooled: torch.Tensor | None, images_per_prompt: Sequence[int], *,
+                          guided: bool, zero_negative: bool, sdxl: bool, height: int, width: int) -> Conditioning:
+    """UNet rows from the encoded :func:`conditioning_texts` (states (texts, seq, dim), pooled (texts, dim)).
+
+    Split from :func:`build_conditioning` so that a caller may encode the texts of many requests in
+    one text-encoder call and assemble each request's rows from its slice.
+    """
+    prompts = len(images_per_prompt)
     repeat = torch.tensor(list(images_per_prompt), device=states.device)
-    cond_states = states[: len(prompts)].repeat_interleave(repeat, dim=0)  # (images, seq, dim)
-    cond_pooled = pooled[: len(prompts)].repeat_interleave(repeat, dim=0) if pooled is not None else None
+    cond_states = states[:prompts].repeat_interleave(repeat, dim=0)  # (images, seq, dim)
+    cond_pooled = pooled[:prompts].repeat_interleave(repeat, dim=0) if pooled is not None else None
     rows = cond_states.shape[0]
     if guided:
         if zero_negative:
@@ -143,7 +161,7 @@ def build_conditioning(encoder: PromptEncoder, prompts: Sequence[str], images_pe
         if cond_pooled is not None:
             cond_pooled = torch.cat([neg_pooled, cond_pooled])
     time_ids = None
-    if encoder.pipeline == "sdxl":
+    if sdxl:
         # original size, crop top-left (0, 0), target size: what diffusers passes without overrides.
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
         time_ids = ids.expand(cond_states.shape[0], -1).contiguous()  # (rows, 6)

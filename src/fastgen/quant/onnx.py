@@ -1,0 +1,230 @@
+"""Quantized layers as ONNX QuantizeLinear/DequantizeLinear graphs (TorchScript exporter).
+
+While ``torch.onnx.export`` (``dynamo=False``, what ``fastgen.export`` uses by default) traces a
+quantized module, each quantized layer becomes one ``torch.autograd.Function`` whose ``symbolic``
+writes the graph below; its eager ``forward`` computes the real quantized result, so the rest of the
+trace sees the right values. Weights are written as int8 (fp8) initializers already in the layout
+the graph reads (``(K, N)``), so nothing needs constant folding.
+
+- ``Int8WeightOnlyConfig``: ``DequantizeLinear(W int8 (K, N), scale (N,), axis=1) -> MatMul``: the
+  standard weight-only QDQ form (TensorRT weight-only GEMMs; ONNX Runtime fuses it into
+  MatMulNBits, whose default ``accuracy_level`` 4 quantizes the activations too; set the session
+  entry ``session.qdq_matmulnbits_accuracy_level`` to ``"1"`` for the exact fp32 math).
+- ``Int4WeightOnlyConfig``: int4 codes stored as int8, grouped so one per-axis DequantizeLinear
+  applies the per-group scales (opset 13+; the packed INT4 type needs opset 21).
+- ``Int8DynamicConfig``: the exact per-token math (``ReduceMax(|x|)/127``, round half to even,
+  clamp) and ``MatMulInteger`` (uint8 activations with zero point 128, int8 weights): what ONNX
+  Runtime's CPU provider runs as an int8 GEMM, bit-exact against the PyTorch module. A per-token
+  QuantizeLinear/DequantizeLinear pair is avoided on purpose: ONNX Runtime 1.2x fuses it into
+  MatMulIntegerToFloat and then fails at run time (per-row zero points are unsupported there).
+- ``Int8StaticConfig``: ``QuantizeLinear/DequantizeLinear(x, calibrated scale, int8 zero point 0)``
+  and a DequantizeLinear'd int8 weight before MatMul: pure QDQ, what a strongly typed TensorRT
+  network consumes, and what ONNX Runtime fuses into QuantizeLinear + MatMulIntegerToFloat (int8).
+- ``Fp8DynamicConfig`` (opset >= 19): a DequantizeLinear'd float8e4m3fn weight before MatMul; the
+  per-token activation rounding is a saturating Cast to float8e4m3fn and back, because ONNX Runtime
+  1.2x-1.3x fuses a float8 QuantizeLinear/DequantizeLinear pair in front of MatMul into
+  MatMulIntegerToFloat, which only takes int8, and then refuses the graph. ORT's CPU provider has
+  no fp8 GEMM: the graph is for parity and for runtimes with fp8 support.
+
+What ONNX Runtime (CPU) executes in int8, checked on its optimized graph (``ort_optimized_ops``):
+W8A8 dynamic -> MatMulInteger for every layer; static -> QuantizeLinear + MatMulIntegerToFloat,
+except (a) a layer with a 2-D input and a bias (``time_emb_proj``, a pooler): ORT folds MatMul + Add
+into Gemm before its QDQ fusions, so that one runs as DequantizeLinear + fp32 Gemm; and (b) layers
+that share an input and a scale (q/k/v without SmoothQuant) after onnxslim's common-subexpression
+elimination merged their QuantizeLinear nodes: ORT converts int8 QDQ to its u8 kernels only for a
+QuantizeLinear with one consumer, so export quantized graphs with ``cleanup="none"`` or without
+onnxslim's ``subexpression_elimination``. Per-token scales are why TensorRT cannot take the dynamic
+graphs (no MatMulInteger; its explicit quantization wants constant scales): use ``Int8StaticConfig``.
+
+Only the TorchScript exporter writes these graphs; the dynamo exporter traces the eager reference
+math (correct values, float64 MatMul, no int8 kernels).
+
+Non-tensor arguments of ``Function.apply`` may only be numbers and strings under the tracer, so the
+layer travels as a key into a weak registry.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fastgen.errors import UnsupportedError
+
+_LAYERS: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
+
+_ONNX_UINT8 = 2
+_ONNX_FLOAT = 1
+_ONNX_FLOAT8E4M3FN = 17
+
+
+def _const(g, value) -> object:
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(value, dtype=torch.float32)
+    return g.op("Constant", value_t=value.detach().cpu().contiguous())
+
+
+def _reduce_amax(g, x, axis: int, keepdims: int) -> object:
+    """ReduceMax(|x|) over one axis; opset 18 moved ``axes`` from an attribute to an input."""
+    ax = g.op("Abs", x)
+    if g.opset >= 18:
+        return g.op("ReduceMax", ax, _const(g, torch.tensor([axis], dtype=torch.int64)), keepdims_i=keepdims)
+    return g.op("ReduceMax", ax, axes_i=[axis], keepdims_i=keepdims)
+
+
+def _scale_from_amax(g, amax, qmax: float) -> object:
+    # scale = amax / qmax, 1 where amax == 0 (the ops' convention: an all-zero row has scale 1).
+    scale = g.op("Div", amax, _const(g, qmax))
+    return g.op("Where", g.op("Greater", amax, _const(g, 0.0)), scale, _const(g, 1.0))
+
+
+def _smoothed(g, x, layer) -> object:
+    return x if layer.smooth is None else g.op("Div", x, _const(g, layer.smooth.float()))
+
+
+def _with_bias(g, y, bias) -> object:
+    return y if bias is None or _is_none(bias) else g.op("Add", y, bias)
+
+
+def _is_none(value) -> bool:
+    return value is None or (hasattr(value, "node") and value.node().mustBeNone())
+
+
+def _dq_weight(g, layer) -> object:
+    """DequantizeLinear of the weight, giving fp32 ``(K, N)`` for MatMul."""
+    from fastgen.ops.quant import unpack_int4
+
+    cfg = layer.config
+    scale = layer.weight_scale.float()
+    if cfg.weight_dtype == "int4":
+        n, k, gs = layer.out_features, layer.in_features, cfg.group_size
+        codes = unpack_int4(layer.qweight.cpu())  # (N, K) int8 in [-8, 7]
+        # rows (group kg, channel n) of g codes, one scale each: (K/g * N, g) with scale (K/g * N,)
+        grouped = codes.reshape(n, k // gs, gs).permute(1, 0, 2).reshape(k // gs * n, gs)
+        flat_scale = scale.cpu().t().reshape(-1)  # (K/g * N,): [kg * N + n] = scale[n, kg]
+        wd = g.op("DequantizeLinear", _const(g, grouped), _const(g, flat_scale), axis_i=0)  # (K/g*N, g)
+        wd = g.op("Reshape", wd, _const(g, torch.tensor([k // gs, n, gs], dtype=torch.int64)))
+        wd = g.op("Transpose", wd, perm_i=[0, 2, 1])  # (K/g, g, N)
+        return g.op("Reshape", wd, _const(g, torch.tensor([k, n], dtype=torch.int64)))
+    wt = layer.qweight.t().contiguous()  # (K, N) int8 or fp8
+    if cfg.weight_dtype == "fp8":
+        zp = torch.zeros(layer.out_features, dtype=wt.dtype)
+        return g.op("DequantizeLinear", _const(g, wt), _const(g, scale), _const(g, zp), axis_i=1)
+    return g.op("DequantizeLinear", _const(g, wt), _const(g, scale), axis_i=1)
+
+
+def _weight_only(g, x, bias, layer) -> object:
+    return _with_bias(g, g.op("MatMul", x, _dq_weight(g, layer)), bias)
+
+
+def _int8_dynamic(g, x, bias, layer) -> object:
+    # x (..., K): per-token scale (..., 1), the same fp32 operations as fastgen.ops.quant's reference.
+    xs = _smoothed(g, x, layer)
+    scale = _scale_from_amax(g, _reduce_amax(g, xs, -1, 1), 127.0)
+    codes = g.op("Clip", g.op("Round", g.op("Div", xs, scale)), _const(g, -127.0), _const(g, 127.0))
+    # uint8 with zero point 128: the U8S8 GEMM is ONNX Runtime's fast int8 path on x86.
+    xu = g.op("Cast", g.op("Add", codes, _const(g, 128.0)), to_i=_ONNX_UINT8)
+    wt = _const(g, layer.qweight.t().contiguous())  # (K, N) int8
+    acc = g.op("MatMulInteger", xu, wt, _const(g, torch.tensor(128, dtype=torch.uint8)))  # (..., N) int32
+    y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), scale), _const(g, layer.weight_scale.float()))
+    return _with_bias(g, y, bias)
+
+
+def _int8_static(g, x, bias, layer) -> object:
+    xs = _smoothed(g, x, layer)
+    s = _const(g, layer.input_scale.float().reshape(()))
+    zp = _const(g, torch.tensor(0, dtype=torch.int8))
+    xd = g.op("DequantizeLinear", g.op("QuantizeLinear", xs, s, zp), s, zp)
+    return _with_bias(g, g.op("MatMul", xd, _dq_weight(g, layer)), bias)
+
+
+def _fp8_dynamic(g, x, bias, layer) -> object:
+    if g.opset < 19:
+        raise UnsupportedError(f"fp8 layers export with ONNX opset >= 19 (float8e4m3fn); this export uses "
+                               f"opset {g.opset}: pass ExportConfig(opset=19)")
+    # x (..., K): per-token scale (..., 1); the e4m3 rounding as a saturating Cast round trip (see above).
+    scale = _scale_from_amax(g, _reduce_amax(g, x, -1, 1), 448.0)
+    v = g.op("Clip", g.op("Div", x, scale), _const(g, -448.0), _const(g, 448.0))
+    xq = g.op("Cast", g.op("Cast", v, to_i=_ONNX_FLOAT8E4M3FN), to_i=_ONNX_FLOAT)
+    y = g.op("Mul", g.op("MatMul", xq, _dq_weight(g, layer)), scale)
+    return _with_bias(g, y, bias)
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """One quantized layer as one ONNX subgraph (see the module docstring).
+
+    The layer's tensors are passed explicitly: the tracer cannot see a module's buffers read inside
+    ``forward``. ``symbolic`` ignores them and writes the weights as constants in the graph's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qweight, weight_scale, bias, smooth, input_scale, key: int):
+        from fastgen.quant.modules import quant_linear
+
+        return quant_linear(x, _LAYERS[key].config, qweight, weight_scale, bias, smooth, input_scale)
+
+    @staticmethod
+    def symbolic(g, x, qweight, weight_scale, bias, smooth, input_scale, key: int):
+        layer = _LAYERS[key]
+        cfg = layer.config
+        if cfg.activation is None:
+            return _weight_only(g, x, bias, layer)
+        if cfg.activation == "static":
+            return _int8_static(g, x, bias, layer)
+        if cfg.act_dtype == "fp8":
+            return _fp8_dynamic(g, x, bias, layer)
+        return _int8_dynamic(g, x, bias, layer)
+
+
+def export_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The quantized layer's output, recorded by the ONNX tracer as its QDQ subgraph."""
+    _LAYERS[id(layer)] = layer
+    return _QuantLinearFunction.apply(x, *layer.quant_tensors(), id(layer))
+
+
+# ------------------------------------------------------------------------ checking ORT's execution
+#: ``fastgen.export`` verification bounds a quantized graph meets against its PyTorch module. Each
+#: layer's graph matches the module bit for bit (int8 dynamic, int4) or within an ulp, but the
+#: float parts of a network differ between ONNX Runtime and PyTorch in the last bits, and an input
+#: that lands on the other side of a rounding boundary moves by one quantization step: the errors
+#: are discontinuous, so the default 1e-3 max-error bound is too tight for any quantized model.
+VERIFY_TOLERANCE = 0.05
+VERIFY_MIN_COSINE = 0.999
+
+#: ONNX Runtime CPU kernels that compute in int8 (or packed low-bit) arithmetic.
+INT8_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
+                "MatMulNBits", "ConvInteger", "QLinearConv", "QGemm")
+
+
+def exact_session_options(**entries: str):
+    """CPU ``SessionOptions`` under which ONNX Runtime computes what the QDQ graph says.
+
+    ``session.qdq_matmulnbits_accuracy_level`` 1: the MatMulNBits that weight-only DequantizeLinear ->
+    MatMul becomes computes in fp32 (ORT's default, 4, also quantizes the activations to int8).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    for key, value in entries.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def ort_optimized_ops(onnx_path, options=None) -> dict[str, int]:
+    """Op types (and counts) of the graph ONNX Runtime's CPU provider actually runs after its
+    optimisations (QDQ fusions included): proof of which layers execute as int8."""
+    import collections
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = options or exact_session_options()
+    with tempfile.TemporaryDirectory(prefix="fastgen-ortopt-") as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        return dict(collections.Counter(n.op_type for n in graph.node))

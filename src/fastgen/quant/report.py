@@ -1,0 +1,356 @@
+"""Accuracy of quantized models, measured against fp32: what ``bench_quant.py --accuracy`` reports.
+
+- UNets: SQNR of one UNet output, and of the final latents after a full classifier-free-guided
+  denoising loop with the model's own scheduler, against the fp32 UNet from the same seed and
+  prompt embeddings; plus the per-layer sensitivity ranking (``fastgen.quant.sensitivity``).
+- Classifiers: top-1 agreement and the largest softmax-probability difference on a fixed input set.
+- ONNX Runtime: the int8 QDQ classifier graph against the fp32 graph on the CPU (speed ratio,
+  top-1 agreement, and which int8 kernels ORT's optimized graph actually runs).
+
+Static and SmoothQuant configs are calibrated on different seeds (and prompts) than they are
+measured on. Random-weight models lack the activation outliers of trained ones, so these figures
+are an upper bound on what trained weights give (see the project report).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import torch
+
+from fastgen.quant.api import quantize_, quantized_layers
+from fastgen.quant.calibration import calibrate
+from fastgen.quant.config import QuantConfig
+from fastgen.quant.layerwise import run_module, sensitivity, sqnr_db
+
+logger = logging.getLogger(__name__)
+
+#: Required SQNR (dB) of the final latents after the denoising loop, per config class.
+FLOORS_DB = {"Int8WeightOnlyConfig": 30.0, "Int8DynamicConfig": 25.0, "Fp8DynamicConfig": 25.0}
+
+
+def _db(value: float) -> float | None:
+    return None if math.isinf(value) or math.isnan(value) else round(value, 2)
+
+
+# ------------------------------------------------------------------------------------------ UNets
+def unet_conditioning(comp: Any, *, batch: int, seed: int, seq: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-ish prompt embeddings (cond, uncond), each (batch, seq, dim), fixed by ``seed``.
+
+    Unit-variance Gaussian, roughly the scale of CLIP's last hidden state after its final LayerNorm.
+    """
+    spec = next(t for t in comp.spec.inputs if t.name == "encoder_hidden_states")
+    dim = spec.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, dim, generator=gen), torch.randn(batch, seq, dim, generator=gen)
+
+
+def denoise(module: torch.nn.Module, comp: Any, *, height: int, width: int, steps: int = 20, guidance: float = 7.5,
+            batch: int = 1, seed: int = 0, scheduler: str | None = None) -> torch.Tensor:
+    """Final latents (batch, C, height/8, width/8) of a text-to-image loop over ``module`` (a UNet
+    component's wrapper: ``module(sample, timestep, encoder_hidden_states) -> (noise_pred,)``).
+
+    The same ``seed`` gives the same initial noise and embeddings whatever the module, so two
+    modules' latents compare directly. SD 1.x UNets only (no SDXL added conditioning).
+    """
+    from fastgen.pipelines.sampling import make_scheduler, set_timesteps
+
+    sched = make_scheduler(scheduler, comp.extras["scheduler"])
+    set_timesteps(sched, steps)
+    channels = comp.spec.inputs[0].shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, channels, height // 8, width // 8, generator=gen) * sched.init_noise_sigma
+    cond, uncond = unet_conditioning(comp, batch=batch, seed=seed + 7919)
+    embeds = torch.cat([uncond, cond])  # (2 * batch, seq, dim)
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            sample = sched.scale_model_input(torch.cat([latents, latents]), t)
+            timestep = t.reshape(1).to(torch.float32).repeat(2 * batch)
+            (noise,) = module(sample, timestep, embeds)
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = noise_uncond + guidance * (noise_text - noise_uncond)
+            latents = sched.step(noise, t, latents, return_dict=False)[0]
+    return latents
+
+
+def unet_calibration_loop(comp: Any, *, height: int, width: int, steps: int, seeds: tuple[int, ...] = (101, 102)):
+    """A ``forward_loop`` for ``calibrate``: full denoising loops on other seeds than any measurement."""
+
+    def loop(module: torch.nn.Module) -> None:
+        for s in seeds:
+            denoise(module, comp, height=height, width=width, steps=steps, seed=s)
+
+    return loop
+
+
+def quantized_copy(comp: Any, config: QuantConfig, forward_loop: Any = None) -> Any:
+    """A deep copy of ``comp`` with its module quantized (calibrated first when the config needs it)."""
+    q = copy.deepcopy(comp)
+    if config.needs_calibration:
+        calibrate(q.module, forward_loop)
+    quantize_(q.module, config)
+    return q
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def unet_accuracy(comp: Any, configs: dict[str, QuantConfig], *, height: int, width: int, steps: int = 20,
+                  seed: int = 0, sensitivity_configs: tuple[str, ...] = (), sensitivity_layers: Any = None,
+                  sensitivity_batch: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Per config: one-step UNet output SQNR, final-latent SQNR, layer counts, bytes.
+
+    For the configs named in ``sensitivity_configs``, also every layer's sensitivity (``sensitivity``
+    on one input batch of ``sensitivity_batch`` at the same size) and a summary per layer role.
+    """
+    inputs = comp.spec.sample_inputs({"batch": 2, "height": height, "width": width}, seed=seed + 1)
+    args = tuple(inputs.values())
+    ref_out = run_module(comp.module, args)
+    ref_latents = denoise(comp.module, comp, height=height, width=width, steps=steps, seed=seed)
+    loop = unet_calibration_loop(comp, height=height, width=width, steps=max(steps // 4, 2))
+    result: dict[str, Any] = {"settings": {"height": height, "width": width, "steps": steps, "guidance": 7.5,
+                                           "scheduler": comp.extras["scheduler"].get("_class_name"), "seed": seed,
+                                           "calibration": "2 denoising loops of steps/4 steps on seeds 101, 102"},
+                              "fp32_weight_bytes": weight_bytes(comp.module), "configs": {}}
+    for name, config in configs.items():
+        q = quantized_copy(comp, config, loop)
+        latents = denoise(q.module, q, height=height, width=width, steps=steps, seed=seed)
+        entry = {
+            "config": config.to_dict(),
+            "unet_output_sqnr_db": _db(sqnr_db(ref_out, run_module(q.module, args))),
+            "final_latents_sqnr_db": _db(sqnr_db(ref_latents, latents)),
+            "layers_quantized": len(quantized_layers(q.module)),
+            "weight_bytes": weight_bytes(q.module),
+        }
+        del q
+        floor = FLOORS_DB.get(type(config).__name__)
+        if floor is not None:
+            entry["floor_db"] = floor
+            entry["meets_floor"] = entry["final_latents_sqnr_db"] is not None and entry["final_latents_sqnr_db"] >= floor
+        result["configs"][name] = entry
+        logger.info("unet %s: output %s dB, final latents %s dB", name, entry["unet_output_sqnr_db"],
+                    entry["final_latents_sqnr_db"])
+        if name in sensitivity_configs:
+            small = tuple(a[:sensitivity_batch] for a in args)
+            target = comp
+            if config.needs_calibration:
+                target = copy.deepcopy(comp)
+                calibrate(target.module, loop)
+            layers = sensitivity(target.module, small, config, layers=sensitivity_layers, progress=progress)
+            entry["sensitivity"] = [r.to_dict() for r in layers]
+            entry["sensitivity_by_role"] = summarize_roles(layers)
+    return result
+
+
+#: Layer roles in diffusers UNets (first matching pattern wins), for the sensitivity summary.
+ROLES = (("time_embedding", r"time_embedding\."), ("add_embedding", r"add_embedding\."),
+         ("time_emb_proj", r"time_emb_proj$"), ("conv_shortcut", r"conv_shortcut$"),
+         ("proj_in", r"proj_in$"), ("proj_out", r"proj_out$"), ("attn_qkv", r"attn\d\.to_[qkv]$"),
+         ("attn_out", r"attn\d\.to_out\.0$"), ("ff_in", r"ff\.net\.0\.proj$"), ("ff_out", r"ff\.net\.2$"))
+
+
+def layer_role(name: str) -> str:
+    import re
+
+    return next((role for role, pattern in ROLES if re.search(pattern, name)), "other")
+
+
+def summarize_roles(layers: list) -> dict[str, dict[str, Any]]:
+    """Per role: layer count, worst / median SQNR (dB), and the worst layer's name."""
+    import statistics
+
+    groups: dict[str, list] = {}
+    for r in layers:
+        groups.setdefault(layer_role(r.name), []).append(r)
+    out = {}
+    for role, rs in groups.items():
+        finite = [r.sqnr_db for r in rs if math.isfinite(r.sqnr_db)] or [math.inf]
+        worst = min(rs, key=lambda r: r.sqnr_db)
+        out[role] = {"layers": len(rs), "worst_db": _db(min(finite)), "median_db": _db(statistics.median(finite)),
+                     "worst_layer": worst.name}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["worst_db"] if kv[1]["worst_db"] is not None else 1e9))
+
+
+# ------------------------------------------------------------------------------------ classifiers
+def image_set(n: int, size: int, *, seed: int = 0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """``n`` random-ish images (n, 3, size, size), normalized: smooth colour fields plus blobs and
+    fine noise, so they have image-like spatial statistics rather than white noise."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=gen)
+    mid = torch.rand(n, 3, 16, 16, generator=gen)
+    img = (0.6 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+           + 0.3 * torch.nn.functional.interpolate(mid, size=(size, size), mode="bilinear", align_corners=False)
+           + 0.1 * torch.rand(n, 3, size, size, generator=gen))
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (img.clamp(0, 1) - m) / s
+
+
+def classifier_inputs(comp: Any, n: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed input set for an image or text classifier component."""
+    if comp.spec.inputs[0].name == "pixel_values":
+        size = comp.spec.profile.dims["height"].opt
+        ex = comp.extras
+        return {"pixel_values": image_set(n, size, seed=seed, mean=ex.get("mean", (0.5,) * 3),
+                                          std=ex.get("std", (0.5,) * 3))}
+    return comp.spec.sample_inputs({"batch": n}, seed=seed)
+
+
+def _logits(module: torch.nn.Module, comp: Any, inputs: dict[str, torch.Tensor], chunk: int = 32) -> torch.Tensor:
+    n = next(iter(inputs.values())).shape[0]
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, n, chunk):
+            outs.append(module(*(inputs[k][i:i + chunk] for k in comp.spec.input_names))[0].float())
+    return torch.cat(outs)
+
+
+def agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and the largest absolute softmax-probability difference."""
+    top = (ref_logits.argmax(-1) == logits.argmax(-1)).float().mean()
+    prob = (ref_logits.softmax(-1) - logits.softmax(-1)).abs().max()
+    return {"top1_agreement": round(float(top), 4), "max_prob_diff": round(float(prob), 5),
+            "logits_sqnr_db": _db(sqnr_db(ref_logits, logits))}
+
+
+def classifier_accuracy(comp: Any, configs: dict[str, QuantConfig], *, n: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Per config: top-1 agreement / max probability difference against fp32 on ``n`` fixed inputs."""
+    inputs = classifier_inputs(comp, n, seed=seed)
+    calib = classifier_inputs(comp, 64, seed=seed + 1000)
+    ref = _logits(comp.module, comp, inputs)
+    out: dict[str, Any] = {"inputs": n, "configs": {}}
+    for name, config in configs.items():
+        loop = [tuple(calib[k][i:i + 16] for k in comp.spec.input_names) for i in range(0, 64, 16)]
+        try:
+            q = quantized_copy(comp, config, loop)
+        except Exception as e:  # e.g. every layer skipped: report it, do not stop the report
+            out["configs"][name] = {"error": str(e)}
+            continue
+        out["configs"][name] = {**agreement(ref, _logits(q.module, q, inputs)),
+                                "layers_quantized": len(quantized_layers(q.module))}
+    return out
+
+
+# --------------------------------------------------------------------------- ONNX Runtime int8
+def _ort_logits(session: Any, comp: Any, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    import numpy as np
+
+    n = next(iter(inputs.values())).shape[0]
+    outs = []
+    for i in range(0, n, batch):
+        feeds = {k: np.ascontiguousarray(inputs[k][i:i + batch].numpy()) for k in comp.spec.input_names}
+        outs.append(torch.from_numpy(session.run(None, feeds)[0]))
+    return torch.cat(outs).float()
+
+
+def ort_int8_comparison(comp: Any, configs: dict[str, QuantConfig], *, n: int = 256, batch: int = 32,
+                        repeats: int = 5, min_seconds: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """Export fp32 and each quantized classifier to ONNX, run both in ONNX Runtime on the CPU.
+
+    Per config: wall time per pass over the ``n`` fixed inputs (fp32 and int8 timed alternately,
+    ``repeats`` times, each from at least ``min_seconds`` of passes; the minimum is the figure least
+    disturbed by other load, the median is reported too),
+    the speed ratio fp32 / int8, top-1 agreement and max probability difference against the fp32
+    graph, the ORT-vs-PyTorch parity of the quantized graph (SQNR), and the int8 kernels in ORT's
+    optimized graph.
+    """
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from fastgen.export.api import export
+    from fastgen.export.config import ExportConfig
+    from fastgen.quant.onnx import INT8_KERNELS, exact_session_options, ort_optimized_ops
+
+    inputs = classifier_inputs(comp, n, seed=seed)
+    calib = classifier_inputs(comp, 64, seed=seed + 1000)
+    loop = [tuple(calib[k][i:i + 16] for k in comp.spec.input_names) for i in range(0, 64, 16)]
+    out: dict[str, Any] = {"inputs": n, "batch": batch, "repeats": repeats, "threads": "onnxruntime default",
+                           "configs": {}}
+
+    def session(path: Path) -> Any:
+        return ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
+
+    def timed(sess: Any) -> float:
+        """Seconds per pass over the inputs, from as many passes as fill ``min_seconds``."""
+        passes, t0 = 0, time.perf_counter()
+        while True:
+            _ort_logits(sess, comp, inputs, batch)
+            passes += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                return elapsed / passes
+
+    # No onnxslim clean-up, for either graph: its common-subexpression elimination merges the
+    # identical QuantizeLinear nodes of layers that share an input and a static scale (q/k/v), and
+    # ONNX Runtime only fuses a QuantizeLinear with a single consumer into its int8 MatMul.
+    export_config = ExportConfig(verify="none", cleanup="none")
+    with tempfile.TemporaryDirectory(prefix="fastgen-quant-ort-") as tmp:
+        fp32_dir = Path(tmp) / "fp32"
+        export(comp, fp32_dir, config=export_config)
+        fp32 = session(fp32_dir / "model.onnx")
+        ref = _ort_logits(fp32, comp, inputs, batch)
+        for name, config in configs.items():
+            q = quantized_copy(comp, config, loop)
+            qdir = Path(tmp) / name
+            opset = 19 if config.weight_dtype == "fp8" else None
+            export(q, qdir, config=dataclasses.replace(export_config, opset=opset))
+            qs = session(qdir / "model.onnx")
+            logits = _ort_logits(qs, comp, inputs, batch)
+            torch_q = _logits(q.module, q, inputs)
+            times_fp32, times_q = [], []
+            for _ in range(repeats):
+                times_fp32.append(timed(fp32))
+                times_q.append(timed(qs))
+            ops = ort_optimized_ops(qdir / "model.onnx")
+            out["configs"][name] = {
+                **agreement(ref, logits),
+                "parity_sqnr_db": _db(sqnr_db(torch_q, logits)),
+                "torch_top1_agreement": agreement(ref, torch_q)["top1_agreement"],
+                "fp32_ms_per_input": round(min(times_fp32) / n * 1e3, 3),
+                "int8_ms_per_input": round(min(times_q) / n * 1e3, 3),
+                "speed_ratio": round(min(times_fp32) / min(times_q), 3),
+                "speed_ratio_median": round(statistics.median(times_fp32) / statistics.median(times_q), 3),
+                "layers_quantized": len(quantized_layers(q.module)),
+                "ort_int8_kernels": {k: v for k, v in ops.items() if k in INT8_KERNELS},
+                "onnx_bytes": sum(f.stat().st_size for f in qdir.iterdir() if f.name.startswith("model.onnx")),
+            }
+            logger.info("ort %s: speed x%.2f, top-1 %.3f", name, out["configs"][name]["speed_ratio"],
+                        out["configs"][name]["top1_agreement"])
+        out["fp32_onnx_bytes"] = sum(f.stat().st_size for f in fp32_dir.iterdir() if f.name.startswith("model.onnx"))
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Device, library versions and date for a results file."""
+    import datetime
+    import platform
+
+    import onnxruntime
+
+    import fastgen
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"fastgen": fastgen.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    for lib in ("diffusers", "transformers", "onnx"):
+        try:
+            versions[lib] = __import__(lib).__version__
+        except ImportError:
+            versions[lib] = None
+    return {"device": {"cpu": cpu, "torch_threads": torch.get_num_threads(),
+                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,54 @@
+"""Batched serving: ``Runtime`` turns single requests from many clients into full batches on one device loop.
+
+Scoring is batched per request (shape buckets, count and token / pixel budgets), generation per
+denoising step (continuous batching). See :mod:`fastgen.runtime.runtime`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastgen._lazy import lazy_getattr
+
+_LAZY = {
+    "Runtime": "fastgen.runtime.runtime",
+    "RuntimeConfig": "fastgen.runtime.config",
+    "GenerateRequest": "fastgen.runtime.requests",
+    "ScoreRequest": "fastgen.runtime.requests",
+    "RequestFuture": "fastgen.runtime.requests",
+    "RequestStatus": "fastgen.runtime.requests",
+    "RequestError": "fastgen.runtime.requests",
+    "OverloadedError": "fastgen.runtime.requests",
+    "DeadlineExceededError": "fastgen.runtime.requests",
+    "ShutdownError": "fastgen.runtime.requests",
+    "OutOfMemoryError": "fastgen.runtime.requests",
+    "Scheduler": "fastgen.runtime.scheduler",
+    "LatencyProfile": "fastgen.runtime.tuning",
+    "TuningChoice": "fastgen.runtime.tuning",
+}
+
+__all__ = list(_LAZY)
+
+__getattr__ = lazy_getattr(__name__, _LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastgen.runtime.config import RuntimeConfig
+    from fastgen.runtime.requests import (
+        DeadlineExceededError,
+        GenerateRequest,
+        OutOfMemoryError,
+        OverloadedError,
+        RequestError,
+        RequestFuture,
+        RequestStatus,
+        ScoreRequest,
+        ShutdownError,
+    )
+    from fastgen.runtime.runtime import Runtime
+    from fastgen.runtime.scheduler import Scheduler
+    from fastgen.runtime.tuning import LatencyProfile, TuningChoice

@@ -1,0 +1,89 @@
+"""How :class:`fastgen.Runtime` batches and schedules (a frozen dataclass; nothing here imports torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastgen._config import ConfigMixin
+from fastgen.errors import InvalidArgumentError
+
+GenerationBatching = Literal["step", "request"]
+
+
+def _int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InvalidArgumentError(name.replace("_", "-"), value, f"integers >= {low}")
+
+
+def _float(name: str, value: Any, low: float, *, strict: bool = False, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value
+          and value != float("inf") and (value > low if strict else value >= low))
+    if not ok:
+        allowed = f"finite numbers {'>' if strict else '>='} {low}" + (", or none" if optional else "")
+        raise InvalidArgumentError(name.replace("_", "-"), value, allowed)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(ConfigMixin):
+    """Queueing, batching and scheduling settings of a :class:`fastgen.Runtime`."""
+
+    max_queue: int = 1024
+    """Requests waiting to start, at most (all kinds together); one more is rejected at once with an
+    OverloadedError that carries a retry-after estimate."""
+    max_batch_size: int = 32
+    """Scoring: requests per engine call, at most (also capped by the engine's batch profile)."""
+    max_wait_ms: float = 4.0
+    """Scoring: how long the oldest request of a bucket may wait for its batch to fill before the
+    batch runs anyway."""
+    max_batch_tokens: int = 4096
+    """Text scoring: padded tokens per engine call (requests x bucket length), at most."""
+    max_batch_pixels: int = 1_048_576
+    """Image scoring: model-input pixels per engine call (requests x height x width), at most."""
+    text_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    """Text scoring length buckets (tokens): a text joins the smallest bucket that holds it and is
+    padded to that edge (the last bucket is the scorer's max length). Empty: one bucket, each batch
+    padded to its longest text (request-level batching, for comparison)."""
+    max_step_rows: int = 16
+    """Generation: UNet rows per denoising call, at most (an image with guidance takes two)."""
+    max_step_pixels: int | None = None
+    """Generation: UNet rows x height x width per denoising call, at most; none: no pixel budget."""
+    generation_batching: GenerationBatching = "step"
+    """step: requests join and leave a shape bucket's batch at every denoising step (continuous
+    batching); request: a new batch forms only when the previous one has finished (static,
+    request-level batching, kept for comparison)."""
+    priority_aging_s: float = 1.0
+    """Seconds of waiting worth one priority level: a request that has waited long enough overtakes
+    newer ones of higher priority, so nothing starves."""
+    default_deadline_s: float | None = None
+    """Deadline of requests that set none (seconds after submission); none: no deadline."""
+
+    def __post_init__(self) -> None:
+        self.validate_literals()
+        for name in ("max_queue", "max_batch_size", "max_batch_tokens", "max_batch_pixels", "max_step_rows"):
+            _int(name, getattr(self, name), 1)
+        if self.max_step_pixels is not None:
+            _int("max_step_pixels", self.max_step_pixels, 1)
+        _float("max_wait_ms", self.max_wait_ms, 0.0)
+        _float("priority_aging_s", self.priority_aging_s, 0.0, strict=True)
+        _float("default_deadline_s", self.default_deadline_s, 0.0, strict=True, optional=True)
+        buckets = tuple(self.text_buckets)
+        if (any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in buckets)
+                or list(buckets) != sorted(set(buckets))):
+            raise InvalidArgumentError("text-buckets", list(buckets), "increasing integers >= 1 (token lengths)")
+        object.__setattr__(self, "text_buckets", tuple(int(b) for b in buckets))
+
+    def replace(self, **overrides: Any) -> RuntimeConfig:
+        """A copy with some fields changed (validated again); unknown names raise."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise InvalidArgumentError("runtime option", unknown[0], names)
+        return dataclasses.replace(self, **overrides)
+
+
+__all__ = ["RuntimeConfig"]

@@ -1,0 +1,164 @@
+"""Step-level continuous batching of generation requests over a Generator's engines.
+
+One :meth:`GenerationExecutor.run` is one denoising step of one shape bucket (image size):
+
+1. the requests that join at this step get their prompts encoded in ONE text-encoder call and
+   their initial noise from their own generators;
+2. ONE UNet call over every row of the bucket's active set, each request at its own timestep and
+   guidance weight (:func:`fastgen.pipelines.stepping.denoise_step`), then each request's own
+   scheduler steps on its slice;
+3. the requests whose last step this was are decoded in ONE VAE-decoder call and leave.
+
+Failures stay with their request: a call that raises is retried in halves down to the request
+that causes it (:func:`fastgen.runtime.worker.isolate`); running out of device memory also lowers
+the bucket's row limit, and the step is then run in chunks under it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.pipelines import images as imaging
+from fastgen.pipelines import stepping
+from fastgen.pipelines.config import GenerateConfig, GenerationResult, Latencies
+from fastgen.runtime.requests import GenerateRequest, RequestStatus
+from fastgen.runtime.scheduler import GENERATE, Decision, Job
+from fastgen.runtime.worker import Outcome, isolate
+
+
+class GenerationExecutor:
+    """Runs generation steps for a :class:`~fastgen.Generator`; ``clock`` is the scheduler's."""
+
+    def __init__(self, generator: Any, *, clock: Callable[[], float] = time.monotonic,
+                 on_oom: Callable[[str, Any, int], None] | None = None) -> None:
+        self.generator = generator
+        self.clock = clock
+        self.on_oom = on_oom
+        self._feeds_cache: dict = {}
+        self._row_cap: dict[Hashable, int] = {}
+
+    def prepare(self, request: GenerateRequest) -> tuple[Any, int, float, stepping.SampleState]:
+        """(bucket, rows, cost, state) of one request, in the caller's thread; bad input raises here."""
+        cfg = request.config if request.config is not None else GenerateConfig()
+        if not isinstance(cfg, GenerateConfig):
+            raise InvalidArgumentError("config", type(cfg).__name__, "a fastgen.GenerateConfig")
+        state = stepping.prepare(self.generator, request.prompt, cfg)
+        return (state.height, state.width), state.rows, float(state.rows * state.height * state.width), state
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def run(self, decision: Decision) -> list[Outcome]:
+        """One step of ``decision.queue``'s active set; returns the requests that ended at it."""
+        bucket = decision.queue[1]  # type: ignore[index]
+        ended: list[Outcome] = []
+        failed: set[int] = set()
+
+        def fail(job: Job, error: BaseException) -> None:
+            failed.add(job.id)
+            ended.append(Outcome(job, RequestStatus.FAILED, error))
+
+        with torch.inference_mode():
+            if decision.joined:
+                for job, ok, value in isolate(self._encode, decision.joined, what="text-encoder batch"):
+                    if not ok:
+                        fail(job, value)
+            active = [j for j in decision.jobs if j.id not in failed]
+            for chunk in self._chunks(bucket, active):
+                results = isolate(self._step, chunk, what="UNet step", on_oom=lambda group: self._oom(bucket, group))
+                for job, ok, value in results:
+                    if not ok or value is not None:  # the call failed, or this request's scheduler step did
+                        fail(job, value)
+            finished = [j for j in active if j.id not in failed and j.payload.data.done]
+            to_decode = [j for j in finished if j.payload.data.config.output_type != "latent"]
+            decoded: dict[int, torch.Tensor] = {}
+            for job, ok, value in isolate(self._decode, to_decode, what="VAE-decoder batch"):
+                if ok:
+                    decoded[job.id] = value
+                else:
+                    fail(job, value)
+            for job in finished:
+                if job.id in failed:
+                    continue
+                try:
+                    ended.append(Outcome(job, RequestStatus.SUCCEEDED, self._result(job, decoded.get(job.id))))
+                except Exception as exc:  # output conversion of this request alone
+                    fail(job, exc)
+        return ended
+
+    def _encode(self, jobs: list[Job]) -> list[None]:
+        states = [j.payload.data for j in jobs]
+        stepping.encode_prompts(self.generator, states)
+        stepping.init_latents(self.generator, states)
+        return [None] * len(jobs)
+
+    def _step(self, jobs: list[Job]) -> list[BaseException | None]:
+        return stepping.denoise_step(self.generator, [j.payload.data for j in jobs], feeds_cache=self._feeds_cache)
+
+    def _decode(self, jobs: list[Job]) -> list[torch.Tensor]:
+        return stepping.decode(self.generator, [j.payload.data for j in jobs])
+
+    def _chunks(self, bucket: Hashable, jobs: list[Job]) -> list[list[Job]]:
+        """The active set in groups of at most the bucket's row cap (learnt from out-of-memory errors)."""
+        cap = self._row_cap.get(bucket)
+        if cap is None or sum(j.rows for j in jobs) <= cap:
+            return [jobs] if jobs else []
+        chunks: list[list[Job]] = [[]]
+        rows = 0
+        for job in jobs:
+            if chunks[-1] and rows + job.rows > cap:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(job)
+            rows += job.rows
+        return chunks
+
+    def _oom(self, bucket: Hashable, group: list[Job]) -> None:
+        # r rows did not fit: halve (a group is split in two next), or, for one request, just below it.
+        rows = sum(j.rows for j in group)
+        cap = max(1, rows // 2 if len(group) > 1 else rows - 1)
+        self._row_cap[bucket] = min(self._row_cap.get(bucket, cap), cap)
+        if self.on_oom is not None:
+            self.on_oom(GENERATE, bucket, self._row_cap[bucket])
+
+    def drop(self, jobs: list[Job]) -> None:
+        """Requests that left without finishing (cancelled, expired): release their batch's cached inputs."""
+        self._feeds_cache.clear()
+
+    # --- results -----------------------------------------------------------------------------
+
+    def _result(self, job: Job, decoded: torch.Tensor | None) -> GenerationResult:
+        s: stepping.SampleState = job.payload.data
+        cfg = s.config
+        images = s.latents if cfg.output_type == "latent" else imaging.to_output(decoded, cfg.output_type)
+        now = self.clock()
+        latencies = Latencies(text_encoding_ms=s.text_encoding_ms, denoising_ms=float(sum(s.step_ms)),
+                              denoising_step_ms=tuple(s.step_ms), vae_decode_ms=s.vae_decode_ms,
+                              total_ms=(now - job.arrival) * 1e3)  # type: ignore[operator]
+        n = s.images
+        return GenerationResult(
+            images=images, prompts=[s.prompt] * n, seeds=list(s.seeds), prompt_indices=[0] * n, latencies=latencies,
+            config=cfg, extras={"height": s.height, "width": s.width, "pipeline": self.generator.pipeline,
+                                "scheduler": cfg.scheduler or self.generator.scheduler_config.get("_class_name"),
+                                "mode": "txt2img", "request_id": job.id,
+                                "queue_ms": ((job.started or now) - job.arrival) * 1e3})  # type: ignore[operator]
+
+    # --- auto-tuning ---------------------------------------------------------------------------
+
+    def synthetic_step(self, bucket: tuple[int, int], rows: int) -> None:
+        """One UNet call of ``rows`` random rows at ``bucket`` (height, width): what a step costs."""
+        unet = self.generator.unet
+        dims = {**unet.spec.profile.shape("opt"), "batch": rows, "height": bucket[0], "width": bucket[1]}
+        with torch.inference_mode():
+            unet(unet.spec.sample_inputs(dims, device=getattr(unet, "device", "cpu")))
+
+    @property
+    def default_bucket(self) -> tuple[int, int]:
+        return tuple(self.generator.default_size)  # type: ignore[return-value]
+
+
+__all__ = ["GenerationExecutor"]

@@ -1,0 +1,268 @@
+"""``fastgen.Runtime``: a stream of single requests from many clients into full, well-shaped batches.
+
+::
+
+    with fastgen.Runtime(generator=gen, scorer=[text_scorer, image_scorer]) as rt:
+        future = rt.submit(fastgen.GenerateRequest("a red car", GenerateConfig(steps=20, seed=1)))
+        image = future.result().images[0]
+        score = await rt.score("buy now, fifty percent off")       # from an asyncio loop
+
+Scoring is batched request by request (dynamic batching in shape buckets under a count and a
+token / pixel budget), generation step by step (continuous batching: requests join and leave a
+shape bucket's UNet batch at every denoising step). One device thread runs everything
+(:mod:`fastgen.runtime.worker`); the decisions are :mod:`fastgen.runtime.scheduler`'s. Every
+accepted request ends with a status (:mod:`fastgen.runtime.requests`); ``shutdown`` finishes or
+fails all of them and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.metrics import Metrics, bucket_label
+from fastgen.runtime.requests import GenerateRequest, OverloadedError, RequestFuture, ScoreRequest
+from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
+from fastgen.runtime.tuning import LatencyProfile, TuningChoice, choose, measure
+from fastgen.runtime.worker import Ticket, Worker
+
+logger = logging.getLogger(__name__)
+
+
+def _scorers(scorer: Any) -> dict[str, Any]:
+    """A Scorer, or several (a list, or a dict by kind), as {kind: scorer}: one per kind."""
+    if scorer is None:
+        return {}
+    items = list(scorer.values()) if isinstance(scorer, dict) else (
+        list(scorer) if isinstance(scorer, (list, tuple)) else [scorer])
+    out: dict[str, Any] = {}
+    for s in items:
+        kind = getattr(s, "kind", None)
+        if kind not in ("text", "image") or not hasattr(s, "score_batch"):
+            raise InvalidArgumentError("scorer", type(s).__name__, "fastgen.Scorer instances")
+        if kind in out:
+            raise InvalidArgumentError("scorer", f"two {kind} scorers", "at most one text and one image scorer")
+        out[kind] = s
+    return out
+
+
+class Runtime:
+    """Batched serving of a :class:`~fastgen.Generator` and/or :class:`~fastgen.Scorer` (one text and
+    one image scorer at most), on one device loop.
+
+    ``config`` and keyword ``overrides`` (its field names) set queueing and batching
+    (:class:`RuntimeConfig`). ``clock``: seconds, monotonic (tests inject one). ``start``: start the
+    device thread now (else on :meth:`start`).
+    """
+
+    def __init__(self, generator: Any = None, scorer: Any = None, *, config: RuntimeConfig | None = None,
+                 clock: Callable[[], float] | None = None, start: bool = True, **overrides: Any) -> None:
+        from fastgen.runtime.generation import GenerationExecutor
+        from fastgen.runtime.scoring import ScoringExecutor
+
+        cfg = config or RuntimeConfig()
+        self.config = cfg.replace(**overrides) if overrides else cfg
+        scorers = _scorers(scorer)
+        if generator is None and not scorers:
+            raise InvalidArgumentError("generator", None, reason="a Runtime needs a Generator and/or a Scorer")
+        self.clock = clock or time.monotonic
+        self.scheduler = Scheduler(self.config, clock=self.clock)
+        self.metrics = Metrics()
+        self.generator = generator
+        self.scorers = scorers
+        executors: dict[str, Any] = {}
+        if generator is not None:
+            executors[GENERATE] = GenerationExecutor(generator, clock=self.clock, on_oom=self._lower_limit)
+            batch = generator.unet.spec.profile.dims.get("batch")
+            if batch is not None and batch.max < self.config.max_step_rows:
+                logger.warning("steps of up to %d UNet rows run as several calls of at most %d (the UNet engine's "
+                               "batch profile): build it with profile batch=1:..:%d for one call per step",
+                               self.config.max_step_rows, batch.max, self.config.max_step_rows)
+        for kind, s in scorers.items():
+            ex = executors[kind] = ScoringExecutor(s, kind, self.config, on_oom=self._lower_limit)
+            if ex.max_batch_cap is not None and ex.max_batch_cap < self.config.max_batch_size:
+                self.scheduler.set_limits(kind, max_batch=ex.max_batch_cap)
+        self.executors = executors
+        self._worker = Worker(self.scheduler, executors, self.metrics)
+        self._ids = itertools.count(1)
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> Runtime:
+        """Start the device thread (once)."""
+        if not self._started:
+            self._started = True
+            self._worker.start()
+        return self
+
+    # --- submitting ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest | ScoreRequest) -> RequestFuture:
+        """Accept one request and return its future (thread-safe; never blocks on the device).
+
+        Checks and preparation (tokenizing, image decoding and resizing, the request's scheduler)
+        run in the caller's thread, so a bad request raises here and is never queued. A full queue
+        raises :class:`OverloadedError` (with ``retry_after_s``), a closed runtime ShutdownError.
+        """
+        if isinstance(request, GenerateRequest):
+            kind = GENERATE
+        elif isinstance(request, ScoreRequest):
+            kind = request.kind or self._score_kind(request.item)
+        else:
+            raise InvalidArgumentError("request", type(request).__name__, ("GenerateRequest", "ScoreRequest"))
+        executor = self.executors.get(kind)
+        if executor is None:
+            have = [k for k in self.executors]
+            raise InvalidArgumentError("request", f"a {kind} request", have,
+                                       reason=f"this runtime has no {'generator' if kind == GENERATE else kind + ' scorer'}")
+        bucket, rows, cost, data = executor.prepare(request)
+        deadline_s = request.deadline_s if request.deadline_s is not None else self.config.default_deadline_s
+        rid = next(self._ids)
+        future = RequestFuture(rid, kind)
+        now = self.clock()
+        job = Job(rid, kind, bucket, priority=int(request.priority), arrival=now,
+                  deadline=None if deadline_s is None else now + deadline_s, rows=rows, cost=cost,
+                  payload=Ticket(future, data, deadline_s))
+        try:
+            self._worker.submit(job)
+        except OverloadedError:
+            self.metrics.reject(kind)
+            raise
+        future.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
+        return future
+
+    def _score_kind(self, item: Any) -> str:
+        if isinstance(item, str) and "text" in self.scorers:
+            return "text"
+        if "image" in self.scorers:
+            return "image"
+        return "text" if isinstance(item, str) else "image"
+
+    async def generate(self, prompt: str, *, config: Any = None, priority: int = 0, deadline_s: float | None = None,
+                       **overrides: Any) -> Any:
+        """``await``-able generation of one prompt: a ``GenerationResult``. ``overrides``: GenerateConfig
+        fields (``steps=4, seed=1``). Cancelling the awaiting task cancels the request."""
+        from fastgen.pipelines.config import GenerateConfig
+
+        cfg = config if config is not None else GenerateConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        return await asyncio.wrap_future(self.submit(GenerateRequest(prompt, cfg, priority, deadline_s)))
+
+    async def score(self, item: Any, *, kind: str | None = None, priority: int = 0,
+                    deadline_s: float | None = None) -> Any:
+        """``await``-able scoring of one text or image: a ``Score``."""
+        return await asyncio.wrap_future(self.submit(ScoreRequest(item, kind, priority, deadline_s)))  # type: ignore[arg-type]
+
+    # --- observing -------------------------------------------------------------------------------
+
+    def _gauges(self) -> dict[str, dict[str, float]]:
+        with self._worker.cond:
+            depths = self.scheduler.queue_depths()
+            active = len(self.scheduler.active())
+        return {"queue_depth": {k: float(depths.get(k, 0)) for k in self.executors},
+                "active_requests": {GENERATE: float(active)} if GENERATE in self.executors else {},
+                "inflight_requests": {"": float(self._worker.inflight())}}
+
+    def stats(self) -> dict[str, Any]:
+        """Counts by status, p50 / p95 / p99 latency and queue wait per kind (ms), batch sizes, step
+        latency per bucket, scheduling time (us), and the queue depths now."""
+        gauges = self._gauges()
+        return self.metrics.stats({"queued": gauges["queue_depth"], "active": gauges["active_requests"],
+                                   "inflight": gauges["inflight_requests"][""]})
+
+    def metrics_text(self) -> str:
+        """The metrics in the Prometheus text exposition format."""
+        return self.metrics.prometheus(self._gauges())
+
+    def _lower_limit(self, kind: str, bucket: Any, max_batch: int) -> None:
+        with self._worker.cond:
+            current = self.scheduler.limits(kind, bucket).max_batch
+            if max_batch < current:
+                logger.warning("out of device memory: %s bucket %s now takes at most %d per batch", kind,
+                               bucket_label(bucket), max_batch)
+                self.scheduler.set_limits(kind, bucket, max_batch=max_batch)
+
+    # --- auto-tuning -----------------------------------------------------------------------------
+
+    def autotune(self, p99_target_ms: float, *, arrival_rate: float | None = None,
+                 batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32), iters: int = 3, measure_now: bool = True,
+                 generation_steps: int = 20, generation_buckets: Iterable[tuple[int, int]] | None = None,
+                 apply: bool = True) -> dict[str, TuningChoice]:
+        """Pick each bucket's batch size and wait from a latency profile, for a p99 target.
+
+        ``measure_now``: time synthetic batches of each size on the device thread (between real
+        batches) into a fresh profile; else use the profile recorded while serving. Generation is
+        tuned per step: its target is ``p99_target_ms / generation_steps`` for one step of UNet rows.
+        ``apply``: set the chosen limits on the scheduler. Returns ``{"kind:bucket": choice}``.
+        """
+        if measure_now:
+            profile = self._worker.call(lambda: self._measure(batch_sizes, iters, generation_buckets)).result()
+        else:
+            profile = self.metrics.profile_snapshot()
+        choices: dict[str, TuningChoice] = {}
+        for engine, label in profile.keys():
+            kind = GENERATE if engine == "unet" else engine
+            target = p99_target_ms / generation_steps if kind == GENERATE else p99_target_ms
+            choice = choose(profile, engine, label, p99_target_ms=target, arrival_rate=arrival_rate)
+            choices[f"{kind}:{label}"] = choice
+            if apply:
+                bucket = self._bucket_of(kind, label)
+                with self._worker.cond:
+                    if kind == GENERATE:
+                        self.scheduler.set_limits(kind, bucket, max_batch=choice.batch_size)
+                    else:
+                        self.scheduler.set_limits(kind, bucket, max_batch=choice.batch_size,
+                                                  max_wait_s=choice.max_wait_ms / 1e3)
+        return choices
+
+    def _bucket_of(self, kind: str, label: str) -> Any:
+        if kind == GENERATE or kind == "image":
+            return tuple(int(x) for x in label.split("x"))
+        return int(label) if label.isdigit() else label
+
+    def _measure(self, sizes: Sequence[int], iters: int, generation_buckets: Iterable[tuple[int, int]] | None
+                 ) -> LatencyProfile:
+        profile = LatencyProfile()
+        for kind, ex in self.executors.items():
+            if kind == GENERATE:
+                buckets = list(generation_buckets or [ex.default_bucket])
+                for bucket in buckets:
+                    measure(lambda rows, b=bucket, ex=ex: ex.synthetic_step(b, rows), sizes, engine="unet",
+                            bucket=bucket_label(bucket), iters=iters, profile=profile)
+                continue
+            cap = self.scheduler.limits(kind).max_batch
+            for bucket in ex.buckets:
+                measure(lambda n, ex=ex, b=bucket: ex.score(b, ex.synthetic(b, n)), [s for s in sizes if s <= cap],
+                        engine=kind, bucket=bucket_label(bucket), iters=iters, profile=profile)
+        return profile
+
+    # --- shutting down ---------------------------------------------------------------------------
+
+    def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; finish every accepted one (``drain``), or fail the queued ones now
+        and the running ones at their next step, with ShutdownError. ``timeout``: seconds to drain
+        before failing the rest. Joins the device thread. Idempotent."""
+        self._worker.close(drain=drain, timeout=timeout)
+
+    close = shutdown
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(self.executors)
+        return f"<Runtime {kinds} ({self.config.generation_batching}-level generation)>"
+
+
+__all__ = ["Runtime"]

@@ -1,0 +1,146 @@
+"""Scoring requests: preparation in the client's thread, request-level batches on the device thread.
+
+A text is tokenized once, at submission: its length picks its bucket, the smallest edge of
+``RuntimeConfig.text_buckets`` (capped at the scorer's max length) that holds it, and its ids are
+kept; its batch pads them to that edge as the tokenizer would (the attention mask hides the
+padding, so the score equals scoring the text alone), and its cost is the edge in tokens. With no buckets, every text shares one queue and each
+batch is padded to its longest text (plain request-level batching). An image is decoded and
+resized to the scorer's input size at submission (a bad image fails there, alone); its bucket is
+that size and its cost its pixel count.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.models.spec import parse_dim
+from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.requests import RequestStatus, ScoreRequest
+from fastgen.runtime.scheduler import Decision
+from fastgen.runtime.worker import Outcome, isolate
+
+#: The bucket of texts padded to the longest of their batch (no length buckets).
+LONGEST = "longest"
+
+
+def text_edges(buckets: tuple[int, ...], max_length: int) -> tuple[int, ...]:
+    """Bucket edges capped at ``max_length``, which is always the last edge (empty in, empty out)."""
+    if not buckets:
+        return ()
+    return tuple(sorted({min(b, max_length) for b in buckets} | {max_length}))
+
+
+class ScoringExecutor:
+    """Batches of one scorer (``kind``: ``text`` or ``image``)."""
+
+    def __init__(self, scorer: Any, kind: str, config: RuntimeConfig,
+                 on_oom: Callable[[str, Any, int], None] | None = None) -> None:
+        if getattr(scorer, "kind", None) != kind:
+            raise InvalidArgumentError("scorer", repr(scorer), reason=f"expected a {kind} scorer")
+        self.scorer = scorer
+        self.kind = kind
+        self.on_oom = on_oom
+        self.max_batch_cap = self._engine_batch_cap()
+        self.edges: tuple[int, ...] = ()
+        if kind == "text":
+            tok = scorer.tokenizer
+            self._inputs = list(scorer.engine.spec.input_names)
+            self._pad_values = {"input_ids": tok.pad_token_id or 0, "attention_mask": 0,
+                                "token_type_ids": getattr(tok, "pad_token_type_id", 0) or 0}
+            self._seq_min = int(getattr(scorer, "_seq_min", 1) or 1)
+            static = getattr(scorer, "_static_seq", None)
+            self.edges = (static,) if static else text_edges(config.text_buckets, scorer.max_length)
+            if getattr(scorer.tokenizer, "pad_token", None) is None:
+                self.max_batch_cap = 1  # texts of different lengths cannot share a batch without padding
+                self.edges = ()
+
+    def _engine_batch_cap(self) -> int | None:
+        """Largest batch the engine takes: a fixed batch, or a strict (TensorRT) profile's max."""
+        engine = self.scorer.engine
+        first = engine.spec.inputs[0].shape[0]
+        if isinstance(first, int):
+            return first
+        rng = engine.spec.profile.dims.get(parse_dim(first)[0])  # type: ignore[index]
+        return rng.max if rng is not None and getattr(engine, "strict_profile", False) else None
+
+    @property
+    def buckets(self) -> list[Any]:
+        """The queues this executor can have (for auto-tuning)."""
+        if self.kind == "image":
+            return [tuple(self.scorer.image_size)]
+        return list(self.edges) or [LONGEST]
+
+    def prepare(self, request: ScoreRequest) -> tuple[Any, int, float, Any]:
+        """(bucket, rows, cost, data) of one request, in the caller's thread; bad input raises here."""
+        item = request.item
+        if self.kind == "text":
+            if not isinstance(item, str):
+                raise InvalidArgumentError("item", type(item).__name__, "a text (str) for a text scorer")
+            # Tokenized once, here: the batch is padded from these ids, never tokenized again.
+            enc = self.scorer.tokenizer(item, truncation=True, max_length=self.scorer.max_length,
+                                        return_attention_mask=True,
+                                        return_token_type_ids="token_type_ids" in self._inputs)
+            ids = {name: enc[name] for name in self._inputs}
+            length = len(ids["input_ids"])
+            if not self.edges:
+                return LONGEST, 1, float(length), ids
+            edge = self.edges[min(bisect.bisect_left(self.edges, length), len(self.edges) - 1)]
+            return edge, 1, float(edge), ids
+        from fastgen.pipelines import imageio
+
+        s = self.scorer
+        pixels = imageio.images_to_uint8([item], s.image_size, channels=s.channels, resample=s.resample,
+                                         center_crop=s.center_crop, argument="item")[0]  # (H, W, C) uint8
+        return tuple(s.image_size), 1, float(s.image_size[0] * s.image_size[1]), pixels
+
+    def _pad(self, encodings: list[dict[str, list[int]]], length: int) -> dict[str, torch.Tensor]:
+        """Token ids padded as the tokenizer pads (its side, pad id, pad token type; mask 0) to ``length``."""
+        length = max(length, self._seq_min)
+        left = getattr(self.scorer.tokenizer, "padding_side", "right") == "left"
+        feeds = {}
+        for name in self._inputs:
+            batch = np.full((len(encodings), length), self._pad_values[name], dtype=np.int64)  # (n, length)
+            for row, enc in zip(batch, encodings):
+                values = enc[name]
+                if left:
+                    row[length - len(values):] = values
+                else:
+                    row[:len(values)] = values
+            feeds[name] = torch.from_numpy(batch)
+        return feeds
+
+    def score(self, bucket: Any, items: list[Any]) -> list[Any]:
+        """One engine call over prepared items of one bucket."""
+        if self.kind == "text":
+            length = max(len(e["input_ids"]) for e in items) if bucket == LONGEST else int(bucket)
+            return self.scorer.score_feeds(self._pad(items, length))
+        return self.scorer.score_batch([torch.stack(items)])  # (n, H, W, C) uint8: already at size
+
+    def run(self, decision: Decision) -> list[Outcome]:
+        bucket = decision.queue[1]  # type: ignore[index]
+
+        def oom(group: list) -> None:
+            if self.on_oom is not None:
+                self.on_oom(self.kind, bucket, max(1, len(group) // 2))
+
+        with torch.inference_mode():
+            results = isolate(lambda jobs: self.score(bucket, [j.payload.data for j in jobs]), decision.jobs,
+                              what=f"{self.kind} scoring batch", on_oom=oom)
+        return [Outcome(job, RequestStatus.SUCCEEDED if ok else RequestStatus.FAILED, value)
+                for job, ok, value in results]
+
+    def synthetic(self, bucket: Any, size: int) -> list[Any]:
+        """``size`` prepared items of ``bucket`` that cost what real ones cost (for auto-tuning)."""
+        if self.kind == "text":
+            return [self.prepare(ScoreRequest("a", "text"))[3]] * size
+        h, w = self.scorer.image_size
+        return [torch.zeros((h, w, self.scorer.channels), dtype=torch.uint8)] * size
+
+
+__all__ = ["LONGEST", "ScoringExecutor", "text_edges"]

@@ -1,0 +1,342 @@
+"""The device loop: one thread that asks the scheduler what to run, runs it, and reports back.
+
+Clients submit from any thread (or asyncio loop) under one condition variable; the loop takes the
+lock only to schedule and to record outcomes, never while a batch runs, so submissions and
+cancellations never wait for the device. Futures are resolved outside the lock.
+
+Failure handling is here, shared by the executors (:func:`isolate`): a batch that raises is split
+in two and each half retried, down to single requests, so one bad request fails alone and the
+others still run; a device out-of-memory error is handled the same way (split and retry) and
+lowers the queue's batch limit, and a request that does not fit even alone fails with
+:class:`~fastgen.runtime.requests.OutOfMemoryError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastgen.runtime.requests import (
+    DeadlineExceededError,
+    OutOfMemoryError,
+    RequestFuture,
+    RequestStatus,
+    ShutdownError,
+)
+from fastgen.runtime.scheduler import GENERATE, Decision, Job, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """What the runtime keeps of one request: its future, the executor's data and its deadline."""
+
+    future: RequestFuture
+    data: Any
+    deadline_s: float | None = None
+
+
+@dataclass
+class Outcome:
+    """How one request of a batch or step ended (``value``: its result, or its exception)."""
+
+    job: Job
+    status: RequestStatus
+    value: Any = None
+
+
+# --- failure isolation ---------------------------------------------------------------------------------
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) allocation failure: PyTorch's OutOfMemoryError, MemoryError, or an
+    onnxruntime / CUDA allocator message."""
+    import torch
+
+    kinds: tuple[type, ...] = (MemoryError,)
+    for owner in (torch, getattr(torch, "cuda", None)):
+        kind = getattr(owner, "OutOfMemoryError", None)
+        if isinstance(kind, type):
+            kinds += (kind,)
+    if isinstance(exc, kinds):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "failed to allocate" in text
+
+
+def free_device_memory() -> None:
+    """Return cached blocks after an out-of-memory error (CUDA only, and only when already in use)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def isolate(fn: Callable[[list[Any]], Sequence[Any]], items: list[Any], *, what: str = "batch",
+            on_oom: Callable[[list[Any]], None] | None = None) -> list[tuple[Any, bool, Any]]:
+    """Run ``fn(items)`` (one value per item); if it raises, split the items in two and retry each half.
+
+    Returns ``(item, ok, value or exception)`` per item, in order. A single item that still fails
+    gets its own exception (an out-of-memory error becomes :class:`OutOfMemoryError`).
+    ``on_oom(group)`` is told each group of items that ran out of memory.
+    """
+    try:
+        values = fn(items)
+        return [(item, True, value) for item, value in zip(items, values)]
+    except Exception as exc:
+        oom = is_out_of_memory(exc)
+        if oom:
+            free_device_memory()
+            if on_oom is not None:
+                on_oom(items)
+        if len(items) == 1:
+            if oom:
+                err: BaseException = OutOfMemoryError(f"out of memory on a {what} of one request: {exc}".split("\n")[0])
+                err.__cause__ = exc
+            else:
+                err = exc
+            return [(items[0], False, err)]
+        logger.warning("%s of %d failed (%s: %s); retrying it in halves", what, len(items), type(exc).__name__,
+                       str(exc).split("\n")[0][:200])
+        mid = len(items) // 2
+        return (isolate(fn, items[:mid], what=what, on_oom=on_oom)
+                + isolate(fn, items[mid:], what=what, on_oom=on_oom))
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+class Worker:
+    """The single device thread over a :class:`Scheduler` and one executor per kind.
+
+    An executor is ``run(decision) -> list[Outcome]`` (one per job of ``decision.jobs``; for
+    generation only those that ended at this step), plus ``drop(jobs)`` for requests that left
+    without finishing. ``metrics``: a :class:`~fastgen.runtime.metrics.Metrics`.
+    """
+
+    def __init__(self, scheduler: Scheduler, executors: Mapping[str, Any], metrics: Any, *,
+                 name: str = "fastgen-runtime") -> None:
+        self.scheduler = scheduler
+        self.executors = dict(executors)
+        self.metrics = metrics
+        self.cond = threading.Condition()
+        self._inflight: dict[int, Job] = {}
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._closing = False
+        self._abort = False
+        self._sleeping_until = -math.inf  # when the loop waits: until when (-inf: it is busy)
+        self._crashed: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    # --- client side (any thread) --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (raises OverloadedError / ShutdownError, and then it was not accepted)."""
+        with self.cond:
+            if self._closing or self._crashed is not None:
+                raise ShutdownError("the runtime is shut down: no new requests" if self._crashed is None else
+                                    f"the runtime's device loop stopped: {self._crashed}")
+            ready_at = self.scheduler.submit(job)
+            self._inflight[job.id] = job
+            # Wake the loop only if it sleeps past the time this request may be ready: waking it for
+            # every request of a filling batch costs a thread switch (and the GIL) per request.
+            if ready_at < self._sleeping_until:
+                self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """A future was cancelled: take its job out of the queue, or flag it to leave at its next step."""
+        with self.cond:
+            was_queued = job.status is RequestStatus.QUEUED
+            if self.scheduler.cancel(job) and was_queued:
+                self._inflight.pop(job.id, None)
+                self._record(job, RequestStatus.CANCELLED, self.scheduler.clock())
+            self.cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the device thread between two batches (auto-tuning measures there)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            if not self._thread.is_alive():
+                raise ShutdownError("the runtime is shut down")
+            self._calls.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def close(self, *, drain: bool = True, timeout: float | None = None, grace: float = 60.0) -> None:
+        """Stop taking requests; finish (``drain``) or fail every accepted one, then join the thread.
+
+        ``timeout``: seconds to drain before the rest fails with ShutdownError (running generations
+        at their next step). ``grace``: how long to wait for a batch already on the device after that.
+        """
+        with self.cond:
+            self._closing = True
+            self.scheduler.flush = True
+            if not drain:
+                self._abort = True
+            self.cond.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self.cond:
+                    self._abort = True
+                    self.cond.notify()
+                self._thread.join(grace)
+        if self._thread.is_alive():  # a device call that never returns: fail its requests anyway
+            logger.error("the runtime's device loop did not stop within %.0f s; failing its requests", grace)
+        self._fail_all(ShutdownError("the runtime was shut down before the request finished"))
+        while self._calls:
+            self._calls.popleft()[1].set_exception(ShutdownError("the runtime is shut down"))
+
+    # --- device side ----------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the loop itself: nothing may hang on it
+            logger.exception("the runtime's device loop crashed")
+            with self.cond:
+                self._crashed = exc
+            self._fail_all(ShutdownError(f"the runtime's device loop crashed: {type(exc).__name__}: {exc}"))
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            call = None
+            aborted: list[Job] = []
+            stop = False
+            with self.cond:
+                while True:
+                    if self._abort:
+                        aborted += self._abort_locked()
+                    if self._calls:
+                        call = self._calls.popleft()
+                        break
+                    t0 = time.perf_counter()
+                    decision = sched.schedule()
+                    self.metrics.decision(time.perf_counter() - t0)
+                    if decision.has_work:
+                        break
+                    if self._closing and sched.pending() == 0:
+                        stop = True
+                        break
+                    now = sched.clock()
+                    self._sleeping_until = math.inf if decision.wait is None else now + decision.wait
+                    self.cond.wait(decision.wait)
+                    self._sleeping_until = -math.inf
+                if call is None and not stop:
+                    for job in decision.jobs:
+                        job.payload.future._status = RequestStatus.RUNNING
+            error = ShutdownError("the runtime was shut down before the request finished")
+            for job in aborted:
+                job.payload.future._finish(RequestStatus.FAILED, error=error)
+            if stop:
+                return
+            if call is not None:
+                fn, future = call
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                continue
+            self._dropped(decision)
+            if decision.jobs:
+                self._execute(decision)
+
+    def _execute(self, decision: Decision) -> None:
+        executor = self.executors[decision.kind]  # type: ignore[index]
+        start = time.perf_counter()
+        try:
+            outcomes = executor.run(decision)
+        except Exception as exc:  # executors isolate failures themselves; this is a last resort
+            logger.exception("%s executor failed", decision.kind)
+            outcomes = [Outcome(job, RequestStatus.FAILED, exc) for job in decision.jobs]
+        seconds = time.perf_counter() - start
+        now = self.scheduler.clock()
+        with self.cond:
+            kind, bucket = decision.queue  # type: ignore[misc]
+            if decision.kind == GENERATE:
+                rows = sum(j.rows for j in decision.jobs)
+                self.metrics.step(bucket, len(decision.jobs), rows, seconds)
+            else:
+                self.metrics.batch(kind, bucket, len(decision.jobs), seconds)
+            for out in outcomes:
+                status = RequestStatus.CANCELLED if out.job.payload.future.cancelled() else out.status
+                self.scheduler.finish(out.job, status, now)
+                self._inflight.pop(out.job.id, None)
+                self._record(out.job, status, now)
+        for out in outcomes:
+            if out.status is RequestStatus.SUCCEEDED:
+                out.job.payload.future._finish(out.status, result=out.value)
+            else:
+                out.job.payload.future._finish(out.status, error=out.value)
+
+    def _dropped(self, decision: Decision) -> None:
+        """Resolve requests that left without finishing: expired (deadline) and cancelled (running)."""
+        if not (decision.expired or decision.cancelled):
+            return
+        now = self.scheduler.clock()
+        gone = decision.expired + decision.cancelled
+        with self.cond:
+            for job in gone:
+                self._inflight.pop(job.id, None)
+                self._record(job, job.status, now)
+        for job in decision.expired:
+            phase = "queued" if job.started is None else "running"
+            job.payload.future._finish(RequestStatus.EXPIRED, error=DeadlineExceededError(
+                job.id, job.payload.deadline_s or 0.0, phase))
+        for job in decision.cancelled:
+            job.payload.future._finish(RequestStatus.CANCELLED, error=concurrent.futures.CancelledError())
+        by_kind: dict[str, list[Job]] = {}
+        for job in gone:
+            if job.started is not None:
+                by_kind.setdefault(job.kind, []).append(job)
+        for kind, jobs in by_kind.items():
+            drop = getattr(self.executors.get(kind), "drop", None)
+            if drop is not None:
+                drop(jobs)
+
+    def _abort_locked(self) -> list[Job]:
+        """Shutdown without draining (lock held): take every queued and running request out; the
+        caller fails them once the lock is released."""
+        jobs = self.scheduler.drain_queued() + self.scheduler.drain_active()
+        now = self.scheduler.clock()
+        for job in jobs:
+            self._inflight.pop(job.id, None)
+            self._record(job, RequestStatus.FAILED, now)
+        return jobs
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail whatever is still in flight (the loop has stopped): nothing is left pending."""
+        with self.cond:
+            jobs = list(self._inflight.values())
+            self._inflight.clear()
+            now = self.scheduler.clock()
+            for job in jobs:
+                self._record(job, RequestStatus.FAILED, now)
+        for job in jobs:
+            job.payload.future._finish(RequestStatus.FAILED, error=error)
+
+    def _record(self, job: Job, status: RequestStatus, now: float) -> None:
+        waited = (job.started if job.started is not None else now) - job.arrival  # type: ignore[operator]
+        self.metrics.request(job.kind, status.value, waited, now - job.arrival)  # type: ignore[operator]
+
+    def inflight(self) -> int:
+        with self.cond:
+            return len(self._inflight)
+
+
+__all__ = ["Outcome", "Ticket", "Worker", "free_device_memory", "is_out_of_memory", "isolate"]

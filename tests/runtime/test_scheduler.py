@@ -1,0 +1,381 @@
+"""The pure-Python scheduler on a fake clock: priorities with aging, buckets, budgets, waits, deadlines,
+cancellation, backpressure, step-level admission and interleaving. No device, no torch."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.requests import OverloadedError, RequestStatus
+from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+_ids = iter(range(1, 10**9))
+
+
+def job(kind="text", bucket=16, *, priority=0, rows=1, cost=None, deadline=None, arrival=None) -> Job:
+    return Job(next(_ids), kind, bucket, priority=priority, rows=rows, cost=float(cost if cost is not None else bucket
+                                                                                  if isinstance(bucket, int) else 1),
+               deadline=deadline, arrival=arrival)
+
+
+def make(**cfg) -> tuple[Scheduler, Clock]:
+    clock = Clock()
+    return Scheduler(RuntimeConfig(**cfg), clock=clock), clock
+
+
+def test_scheduler_imports_no_torch():
+    code = ("import sys, fastgen.runtime.scheduler, fastgen.runtime.tuning, fastgen.runtime.metrics, "
+            "fastgen.runtime.config; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- request-level batching --------------------------------------------------------------------------
+
+def test_waits_for_a_full_batch_or_max_wait():
+    s, clock = make(max_batch_size=4, max_wait_ms=10)
+    jobs = [job() for _ in range(3)]
+    for j in jobs:
+        s.submit(j)
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.010)  # not full: wait for the oldest's max_wait
+    clock.t += 0.004
+    assert s.schedule().wait == pytest.approx(0.006)
+    s.submit(extra := job())
+    d = s.schedule()  # full now: runs at once, in arrival order
+    assert d.jobs == [*jobs, extra] and all(j.status is RequestStatus.RUNNING for j in d.jobs)
+    assert all(j.started == clock.t for j in d.jobs) and s.queued == 0
+    s.submit(late := job())
+    clock.t += 0.010
+    assert s.schedule().jobs == [late]  # alone, after its max_wait
+
+
+def test_token_budget_and_count_limit():
+    s, clock = make(max_batch_size=8, max_batch_tokens=100, max_wait_ms=0)
+    small = [job(bucket=32) for _ in range(5)]  # 32 tokens each: three fit in 100
+    for j in small:
+        s.submit(j)
+    assert s.schedule().jobs == small[:3]
+    assert s.schedule().jobs == small[3:]
+    s.submit(big := job(bucket=512, cost=512))  # over budget alone: runs alone
+    s.submit(follower := job(bucket=512, cost=512))
+    assert s.schedule().jobs == [big]
+    assert s.schedule().jobs == [follower]
+    s2, _ = make(max_batch_size=2, max_wait_ms=0)
+    many = [job() for _ in range(5)]
+    for j in many:
+        s2.submit(j)
+    assert [len(s2.schedule().jobs) for _ in range(3)] == [2, 2, 1]
+
+
+def test_buckets_batch_separately_and_fill_triggers():
+    s, clock = make(max_batch_size=2, max_wait_ms=50)
+    a, b, c = job(bucket=16), job(bucket=64, cost=64), job(bucket=16)
+    for j in (a, b, c):
+        s.submit(j)
+    d = s.schedule()  # bucket 16 is full (2): runs; bucket 64 waits
+    assert d.queue == ("text", 16) and d.jobs == [a, c]
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.050)
+    clock.t += 0.050
+    assert s.schedule().jobs == [b]
+
+
+def test_a_text_batch_that_is_not_full_takes_shorter_texts_padded_to_its_edge():
+    s, clock = make(max_batch_size=4, max_wait_ms=10, max_batch_tokens=150)
+    s.submit(long := job(bucket=64, cost=64))
+    clock.t += 0.001
+    short = [job(bucket=16) for _ in range(3)]
+    for j in short:
+        s.submit(j)
+    # 64 holds 1 + 3 shorter texts = a full batch, but 4 x 64 padded tokens > 150: it takes two more.
+    d = s.schedule()
+    assert d.queue == ("text", 64) and d.jobs == [long, short[0]]
+    assert s.queued == 2 and s.schedule().jobs == []  # the rest waits for its own batch
+    clock.t += 0.010
+    assert s.schedule().jobs == short[1:]
+    # Shorter buckets never take longer texts.
+    s2, clock2 = make(max_batch_size=4, max_wait_ms=10)
+    s2.submit(a := job(bucket=16))
+    s2.submit(b := job(bucket=64, cost=64))
+    clock2.t += 0.010
+    assert [s2.schedule().jobs, s2.schedule().jobs] == [[a], [b]]
+    # A smaller bucket that fills its own batch keeps it (no padding up).
+    s3, clock3 = make(max_batch_size=4, max_wait_ms=10)
+    s3.submit(lone := job(bucket=64, cost=64))
+    full = [job(bucket=16) for _ in range(4)]
+    for j in full:
+        s3.submit(j)
+    clock3.t += 0.010
+    assert [s3.schedule().jobs, s3.schedule().jobs] == [[lone], full]
+
+
+def test_flush_runs_partial_batches_without_waiting():
+    s, clock = make(max_batch_size=8, max_wait_ms=1000)
+    s.submit(a := job())
+    assert not s.schedule().jobs
+    s.flush = True
+    assert s.schedule().jobs == [a]
+
+
+# --- priorities and aging -------------------------------------------------------------------------------
+
+def test_priority_order_then_arrival():
+    s, clock = make(max_batch_size=1, max_wait_ms=0, priority_aging_s=10.0)
+    low = job(priority=0)
+    s.submit(low)
+    clock.t += 0.001
+    high = job(priority=2)
+    s.submit(high)
+    clock.t += 0.001
+    mid = job(priority=1)
+    s.submit(mid)
+    assert [s.schedule().jobs[0] for _ in range(3)] == [high, mid, low]
+
+
+def test_aging_lets_an_old_request_overtake_newer_higher_priority_ones():
+    s, clock = make(max_batch_size=1, max_wait_ms=0, priority_aging_s=1.0)
+    old = job(priority=0)
+    s.submit(old)
+    clock.t += 2.5  # waited 2.5 s: worth 2.5 priority levels
+    newer = job(priority=2)
+    s.submit(newer)
+    assert s.schedule().jobs == [old]
+    assert s.schedule().jobs == [newer]
+
+
+def test_no_starvation_under_a_stream_of_high_priority_requests():
+    """A low-priority request behind an endless stream of priority-5 requests (one new one per
+    batch) still runs, once it has waited about 5 * priority_aging_s."""
+    s, clock = make(max_batch_size=1, max_wait_ms=0, priority_aging_s=0.1)
+    victim = job(priority=0)
+    s.submit(victim)
+    s.submit(job(priority=5))
+    ran_at = None
+    for i in range(200):
+        clock.t += 0.01  # each batch takes 10 ms; a new urgent request arrives per batch
+        s.submit(job(priority=5))
+        d = s.schedule()
+        if victim in d.jobs:
+            ran_at = i
+            break
+    assert ran_at is not None and 40 <= ran_at <= 60  # 0.5 s of waiting / 10 ms per batch
+
+
+# --- deadlines -------------------------------------------------------------------------------------------
+
+def test_expired_queued_request_fails_fast_and_never_runs():
+    s, clock = make(max_batch_size=4, max_wait_ms=100)
+    doomed = job(deadline=clock.t + 0.020)
+    s.submit(doomed)
+    s.submit(ok := job())
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.020)  # woken by the deadline, before the batch wait
+    clock.t += 0.020
+    d = s.schedule()
+    assert d.expired == [doomed] and doomed.status is RequestStatus.EXPIRED and doomed.started is None
+    assert s.queued == 1
+    clock.t += 0.1
+    assert s.schedule().jobs == [ok]
+
+
+def test_running_generation_expires_at_its_next_step():
+    s, clock = make(max_step_rows=8)
+    g = job(GENERATE, (64, 64), rows=2, deadline=clock.t + 1.0)
+    s.submit(g)
+    assert s.schedule().joined == [g]
+    clock.t += 1.5
+    d = s.schedule()
+    assert d.expired == [g] and g.status is RequestStatus.EXPIRED and not d.jobs and not s.active()
+
+
+# --- cancellation ---------------------------------------------------------------------------------------
+
+def test_cancel_queued_and_running():
+    s, clock = make(max_batch_size=8, max_wait_ms=0)
+    a, b = job(), job()
+    s.submit(a)
+    s.submit(b)
+    assert s.cancel(a) and a.status is RequestStatus.CANCELLED and s.queued == 1
+    assert s.schedule().jobs == [b]
+    assert not s.cancel(a)  # already ended
+    g1, g2 = job(GENERATE, (64, 64), rows=2), job(GENERATE, (64, 64), rows=2)
+    s.submit(g1)
+    s.submit(g2)
+    assert s.schedule().jobs == [g1, g2]
+    assert s.cancel(g1) and g1.status is RequestStatus.RUNNING  # flagged; leaves at the step boundary
+    d = s.schedule()
+    assert d.cancelled == [g1] and d.jobs == [g2] and g1.status is RequestStatus.CANCELLED
+
+
+# --- backpressure ---------------------------------------------------------------------------------------
+
+def test_bounded_queue_rejects_with_a_retry_after_estimate():
+    s, clock = make(max_queue=3, max_batch_size=1, max_wait_ms=0)
+    for _ in range(3):
+        s.submit(job())
+    with pytest.raises(OverloadedError) as err:
+        s.submit(extra := job())
+    assert err.value.retry_after_s == 1.0 and "max_queue 3" in str(err.value) and "\n" not in str(err.value)
+    assert extra.status is RequestStatus.QUEUED and s.queued == 3  # not accepted
+    for _ in range(3):  # three completions 10 ms apart: 100 per second
+        d = s.schedule()
+        clock.t += 0.01
+        s.finish(d.jobs[0], RequestStatus.SUCCEEDED)
+    for _ in range(3):
+        s.submit(job())
+    with pytest.raises(OverloadedError) as err:
+        s.submit(job())
+    assert err.value.retry_after_s == pytest.approx(3 / 100)
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+def test_step_level_joins_at_step_boundaries_within_the_row_budget():
+    s, clock = make(max_step_rows=6)
+    a, b, c = (job(GENERATE, (64, 64), rows=2) for _ in range(3))
+    for j in (a, b):
+        s.submit(j)
+    d = s.schedule()
+    assert d.joined == [a, b] and d.jobs == [a, b]
+    s.submit(c)
+    d = s.schedule()  # the next step: c joins the running batch
+    assert d.joined == [c] and d.jobs == [a, b, c]
+    s.submit(e := job(GENERATE, (64, 64), rows=2))
+    d = s.schedule()  # full (6 rows): e waits
+    assert not d.joined and d.jobs == [a, b, c]
+    s.finish(a, RequestStatus.SUCCEEDED)
+    d = s.schedule()  # a left: e takes its rows
+    assert d.joined == [e] and d.jobs == [b, c, e]
+
+
+def test_head_of_line_is_never_skipped():
+    s, clock = make(max_step_rows=4)
+    s.submit(a := job(GENERATE, (64, 64), rows=2))
+    s.schedule()
+    big, small = job(GENERATE, (64, 64), rows=4), job(GENERATE, (64, 64), rows=1)
+    s.submit(big)
+    s.submit(small)
+    d = s.schedule()  # big does not fit next to a; small would, but must not overtake big
+    assert not d.joined and d.jobs == [a]
+    s.finish(a, RequestStatus.SUCCEEDED)
+    d = s.schedule()
+    assert d.joined == [big]
+
+
+def test_oversized_request_runs_alone():
+    s, clock = make(max_step_rows=2)
+    s.submit(huge := job(GENERATE, (64, 64), rows=8))
+    assert s.schedule().jobs == [huge]
+
+
+def test_request_level_mode_forms_a_new_batch_only_when_the_last_finished():
+    s, clock = make(max_step_rows=8, generation_batching="request")
+    a, b = job(GENERATE, (64, 64), rows=2), job(GENERATE, (64, 64), rows=2)
+    s.submit(a)
+    assert s.schedule().joined == [a]
+    s.submit(b)
+    d = s.schedule()
+    assert not d.joined and d.jobs == [a]
+    s.finish(a, RequestStatus.SUCCEEDED)
+    assert s.schedule().joined == [b]
+
+
+def test_shape_buckets_never_share_a_step():
+    s, clock = make(max_step_rows=8)
+    small, large = job(GENERATE, (64, 64), rows=2), job(GENERATE, (128, 128), rows=2)
+    s.submit(small)
+    s.submit(large)
+    first, second = s.schedule(), s.schedule()
+    assert {first.queue[1], second.queue[1]} == {(64, 64), (128, 128)}
+    assert first.jobs != second.jobs and len(first.jobs) == len(second.jobs) == 1
+
+
+def test_generation_steps_and_scoring_batches_interleave():
+    """With a running generation and a steady scoring stream, neither kind starves: decisions alternate."""
+    s, clock = make(max_step_rows=8, max_batch_size=1, max_wait_ms=0)
+    s.submit(g := job(GENERATE, (64, 64), rows=2))
+    kinds = []
+    for _ in range(10):
+        s.submit(job())
+        clock.t += 0.005
+        d = s.schedule()
+        kinds.append(d.kind)
+        if d.kind != GENERATE:
+            s.finish(d.jobs[0], RequestStatus.SUCCEEDED)
+    assert kinds.count(GENERATE) >= 4 and kinds.count("text") >= 4 and g.status is RequestStatus.RUNNING
+
+
+def test_pixel_budget_for_steps():
+    s, clock = make(max_step_rows=16, max_step_pixels=3 * 64 * 64)
+    jobs = [job(GENERATE, (64, 64), rows=1, cost=64 * 64) for _ in range(5)]
+    for j in jobs:
+        s.submit(j)
+    assert s.schedule().jobs == jobs[:3]
+
+
+# --- limits, determinism, shutdown helpers ----------------------------------------------------------------
+
+def test_limits_per_bucket_override_the_kind_and_are_validated():
+    s, clock = make(max_batch_size=8, max_wait_ms=0)
+    s.set_limits("text", 16, max_batch=2)
+    assert s.limits("text", 16).max_batch == 2 and s.limits("text", 32).max_batch == 8
+    for _ in range(3):
+        s.submit(job())
+    assert len(s.schedule().jobs) == 2
+    with pytest.raises(InvalidArgumentError):
+        s.set_limits("text", 16, max_batch=0)
+    assert s.limits(GENERATE).max_cost == math.inf
+
+
+def test_same_inputs_same_decisions():
+    def run() -> list:
+        s, clock = make(max_batch_size=3, max_wait_ms=5, max_step_rows=4)
+        out = []
+        for i in range(40):
+            kind = (GENERATE, "text", "image")[i % 3]
+            bucket = (64, 64) if kind == GENERATE else (16 if kind == "text" else (64, 64))
+            s.submit(Job(i, kind, bucket, priority=i % 4, rows=2 if kind == GENERATE else 1, cost=1.0))
+            clock.t += 0.002
+            d = s.schedule()
+            out.append((d.kind, [j.id for j in d.jobs], [j.id for j in d.joined], d.wait))
+            for j in d.jobs:
+                if kind != GENERATE or i % 5 == 0:
+                    s.finish(j, RequestStatus.SUCCEEDED)
+        return out
+
+    assert run() == run()
+
+
+def test_drain_takes_everything_out():
+    s, clock = make(max_step_rows=2)
+    s.submit(g := job(GENERATE, (64, 64), rows=2))
+    s.schedule()
+    s.submit(q1 := job(GENERATE, (64, 64), rows=2))
+    s.submit(q2 := job())
+    assert s.pending() == 3
+    assert set(s.drain_queued()) == {q1, q2} and s.drain_active() == [g]
+    assert s.pending() == 0 and s.queued == 0 and not s.schedule().has_work
+
+
+def test_config_validation_is_one_line():
+    for kwargs, needle in [({"max_queue": 0}, "max-queue"), ({"max_wait_ms": -1}, "max-wait-ms"),
+                           ({"text_buckets": (32, 16)}, "text-buckets"), ({"generation_batching": "x"}, "step"),
+                           ({"priority_aging_s": 0}, "priority-aging-s")]:
+        with pytest.raises(InvalidArgumentError) as err:
+            RuntimeConfig(**kwargs)
+        assert needle in str(err.value) and "\n" not in str(err.value)
+    assert RuntimeConfig.from_dict(RuntimeConfig(text_buckets=(8, 64)).to_dict()).text_buckets == (8, 64)
