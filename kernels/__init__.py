@@ -12,3 +12,22 @@ that the fallback never imports triton, and is re-exported from the kernel file.
 - ``gemm_weight_only``: int8 / group-wise int4 weights dequantized in registers, for small token counts.
 - ``tuning``: launch configs per GPU architecture (shipped tables, persistent autotune cache).
 """
+
+# This folder is fastgen's kernel *source*: it is meant to be imported as ``fastgen.kernels``. When the
+# repository root is on ``sys.path`` (``python -m pytest`` or a REPL started there), ``import kernels``
+# would find this folder instead of the installed Hugging Face ``kernels`` package, which transformers
+# (>= 5.25) imports whenever it is installed. Hand such an import over to the installed package.
+if __name__ == "kernels":
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
+    _spec = _machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ImportError("this 'kernels' folder is fastgen's kernel source: import fastgen.kernels instead")
+    _module = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)

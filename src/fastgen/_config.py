@@ -78,6 +78,8 @@ class ConfigMixin:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             choices = literal_choices(type(self), f.name)
             value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):  # a field typed "a named choice or a config object"
+                continue
             if choices is not None and value is not None and value not in choices:
                 raise InvalidArgumentError(f.name.replace("_", "-"), value, choices)
 

@@ -71,6 +71,9 @@ def test_export_build_inspect_bench(tmp_path):
     (["build", "tiny", "-c", "unet", "--backend", "tvm"], ["--backend", "onnxruntime"]),
     (["build", "tiny", "-c", "unet", "--backend", "tensorrt"], ["tensorrt"]),
     (["build", "tiny", "-c", "unet", "--precision", "bf16", "--device", "cpu"], ["bf16"]),
+    (["build", "tiny", "-c", "unet", "--quantization", "int3"], ["--quantization", "w8a8-dynamic"]),
+    (["build", "tiny", "-c", "unet", "--quantization", "w8a8-dynamic", "--precision", "fp16", "--device", "cpu"],
+     ["quantized", "fp32"]),
     (["inspect", "/no/such/engine"], ["engine", "no such file"]),
     (["bench", "/no/such/engine"], ["engine"]),
     (["export", "tiny"], ["--out"]),
@@ -122,6 +125,19 @@ def test_cache_commands(tmp_path):
     (tmp_path / "cache" / entry / "model.onnx").write_bytes(b"truncated")
     assert "0 intact, 1 damaged" in fastgen("cache", "verify", env_extra=env).stdout
     assert "removed 0 entries" in fastgen("cache", "clear", env_extra=env).stdout
+
+
+def test_build_inspect_and_score_quantized(tmp_path):
+    proc = fastgen("build", "tiny", "-c", "text-classifier", "--device", "cpu", "--quantization", "w8a8-dynamic",
+                   "--verify", "opt", "--out", str(tmp_path / "tc"))
+    assert proc.returncode == 0, proc.stderr
+    assert "quantization: w8a8-dynamic" in proc.stdout
+    info = json.loads(fastgen("inspect", str(tmp_path / "tc"), "--json").stdout)
+    assert info["quantization"].startswith("w8a8-dynamic: ")
+    scored = fastgen("score", "--model", str(tmp_path / "tc"), "--text", "Buy now!", "--json")
+    assert scored.returncode == 0, scored.stderr
+    refused = fastgen("score", "--model", str(tmp_path / "tc"), "--text", "x", "--quantization", "int8-weight-only")
+    assert_one_line_error(refused, "quantization", "built engine")
 
 
 def test_generate_then_score(tmp_path):

@@ -110,6 +110,8 @@ def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, An
 @click.option("--precision", type=_choices("precision"), default="fp32", show_default=True,
               help="Engine precision (ignored for a folder of engine directories).")
 @click.option("--profile", help="Shape ranges for the engines, e.g. batch=1:2:8,height=256:512:1024.")
+@click.option("--quantization", type=_choices("quantization"), default="none", show_default=True,
+              help="Quantize the UNet (fastgen.quant preset; text encoders and VAE stay in float).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="Best-of-N: generate N variants per prompt (seeds seed..seed+N-1) and keep the best (needs --scorer).")
@@ -121,7 +123,7 @@ def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, An
 @dataclass_options(GenerateConfig, exclude=("num_images_per_prompt", "negative_prompt", "output_type"))
 def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | None, negative_prompt: str | None,
              image_path: str | None, out: str, backend: str, device: str, precision: str, profile: str | None,
-             cache_dir: str | None, candidates: int | None, keep: int, scorer_model: str | None,
+             quantization: str, cache_dir: str | None, candidates: int | None, keep: int, scorer_model: str | None,
              rank_by: str | None, progress: bool, **kwargs: Any) -> None:
     """Generate images from prompts (or from an image with --image) and write PNGs and results.json to --out."""
     from fastgen.engines.cache import EngineCache
@@ -148,7 +150,7 @@ def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | 
     scorer = _load_scorer(scorer_model, backend, device) if scorer_model else None
     gen = Generator.from_pretrained(model, backend=backend, device=device, precision=precision,
                                     cache=EngineCache(cache_dir) if cache_dir else None, profile=profile,
-                                    progress=progress)
+                                    quantization=quantization, progress=progress)
     result = gen.generate(list(prompts), image=image, config=config, progress=progress, candidates=candidates,
                           scorer=scorer if candidates else None, keep=keep, rank_by=rank_by)
     if scorer is not None and candidates is None:  # score every image, rank nothing

@@ -40,6 +40,8 @@ def build_summary(console, engine) -> None:
     console.print(f"[bold]{info['component']}[/] engine ({info['backend']}/{info['precision']} on {info['device']}): "
                   f"{'cache hit' if hit else 'built'} in {info.get('build_seconds') or 0:.1f} s")
     console.print(f"  path: {info['path']}")
+    if info.get("quantization"):
+        console.print(f"  quantization: {info['quantization']}")
     console.print(f"  cache key: {info['cache_key']}")
 
 
@@ -61,6 +63,7 @@ def describe_path(path: str) -> dict[str, Any]:
                 "profile": spec.profile.to_dict(), "opset": max((o.version for o in model.opset_import), default=None),
                 "nodes": len(model.graph.node), "cache_key": None, "built_at": None}
     if p.is_dir() and (p / "manifest.json").exists():
+        from fastgen.engines.base import quantization_summary
         from fastgen.engines.cache import verify_dir
 
         manifest = verify_dir(p, check="size")
@@ -72,7 +75,7 @@ def describe_path(path: str) -> dict[str, Any]:
                 "cache_key": manifest.get("cache_key"), "built_at": manifest.get("built_at"),
                 "build_seconds": manifest.get("build_seconds"), "fastgen_version": manifest.get("fastgen_version"),
                 "backend_version": manifest.get("backend_version"), "origin": manifest.get("origin"),
-                "artifacts": manifest.get("artifacts", {})}
+                "quantization": quantization_summary(manifest), "artifacts": manifest.get("artifacts", {})}
     onnx_files = sorted(p.glob("*.onnx")) if p.is_dir() else []
     if len(onnx_files) == 1:
         return describe_path(str(onnx_files[0]))
@@ -81,7 +84,8 @@ def describe_path(path: str) -> dict[str, Any]:
 
 def inspect_tables(console, info: dict[str, Any]) -> None:
     head = Table(show_header=False, title=info["path"])
-    for key in ("component", "model_type", "backend", "precision", "device", "opset", "nodes", "cache_key",
+    for key in ("component", "model_type", "backend", "precision", "quantization", "device", "opset", "nodes",
+                "cache_key",
                 "built_at", "build_seconds", "fastgen_version", "backend_version", "origin"):
         if info.get(key) not in (None, ""):
             value = info[key]

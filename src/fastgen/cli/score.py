@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from fastgen._config import literal_choices
+from fastgen.engines.config import BuildConfig
 from fastgen.errors import InvalidArgumentError
 
 MODEL_HELP = ("a preset (tiny), a local transformers classifier folder, an engine directory made by "
@@ -81,11 +83,14 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
               help="Where the engine runs.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Engine precision (not for engine directories).")
+@click.option("--quantization", type=click.Choice([str(c) for c in literal_choices(BuildConfig, "quantization")]),
+              default="none", show_default=True,
+              help="Quantize the classifier (fastgen.quant preset; its head stays in float).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def score(files: tuple[str, ...], model: str, component: str | None, texts: tuple[str, ...], frames: int,
           top_k: int, batch_size: int | None, multi_label: bool, backend: str, device: str, precision: str,
-          cache_dir: str | None, as_json: bool) -> None:
+          quantization: str, cache_dir: str | None, as_json: bool) -> None:
     """Classify image and video FILES, and --text inputs, with a classifier of MODEL.
 
     Files are images or videos (known video extensions, else whatever PIL or PyAV can open); each
@@ -105,7 +110,7 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
 
         cache = EngineCache(cache_dir)
     scorer = Scorer.from_pretrained(model, component, backend=backend, device=device, precision=precision,
-                                    cache=cache, top_k=top_k, multi_label=multi_label, batch_size=batch_size,
+                                    cache=cache, quantization=quantization, top_k=top_k, multi_label=multi_label, batch_size=batch_size,
                                     progress=sys.stderr.isatty())
     what = f"{model}'s {scorer.engine.spec.component}"
     if texts and scorer.kind != "text":

@@ -140,6 +140,7 @@ class Engine(abc.ABC):
             "built_at": self.manifest.get("built_at"),
             "build_seconds": self.manifest.get("build_seconds"),
             "path": str(self.path) if self.path else None,
+            "quantization": quantization_summary(self.manifest),
         }
 
     def close(self) -> None:
@@ -147,3 +148,15 @@ class Engine(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec.component} {self.backend}/{self.precision} on {self.device}>"
+
+
+def quantization_summary(manifest: Mapping[str, Any]) -> str | None:
+    """``"w8a8-dynamic: 48 layers"`` for an engine built from a quantized component, else None."""
+    recipe = ((manifest.get("key_material") or {}).get("source") or {}).get("quantization") or {}
+    if not recipe:
+        return None
+    named = (manifest.get("build_config") or {}).get("quantization")
+    if isinstance(named, dict) or named in (None, "none"):  # a config object, or quantized beforehand
+        kinds = sorted({entry["config"]["type"] for entry in recipe.values()})
+        named = "+".join(kinds)
+    return f"{named}: {len(recipe)} layers"

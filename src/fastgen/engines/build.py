@@ -92,6 +92,11 @@ def _check_config(config: BuildConfig) -> None:
     if config.precision not in SUPPORTED_PRECISIONS[config.backend]:
         raise UnsupportedError(f"backend {config.backend!r} cannot build precision {config.precision!r} "
                                f"(allowed: {', '.join(SUPPORTED_PRECISIONS[config.backend])})")
+    if config.quant_config is not None and config.backend == "onnxruntime" and config.precision != "fp32":
+        # ONNX Runtime's int8 kernels (MatMulInteger, MatMulNBits) take and give fp32 activations;
+        # an fp16 conversion of a Q/DQ graph would only insert casts around them.
+        raise UnsupportedError(f"backend 'onnxruntime' builds quantized engines ({config.quantization}) at "
+                               f"precision 'fp32' only, not {config.precision!r}")
     if config.backend == "tensorrt":
         from fastgen.engines.tensorrt_backend import check_available
 
@@ -136,16 +141,32 @@ def _build_onnx_artifacts(staging: Path, config: BuildConfig, component: Compone
     return fields
 
 
+def _quantized(comp: Component, config: BuildConfig, calibration: Any, owned: bool) -> Component:
+    """``comp`` quantized as ``config.quantization`` says (a copy unless this build loaded it)."""
+    from fastgen.quant.components import quantize_component
+
+    if config.quant_config is None:
+        if calibration is not None:
+            raise InvalidArgumentError("calibration", type(calibration).__name__,
+                                       reason="given without a quantization to calibrate")
+        return comp
+    return quantize_component(comp, config.quant_config, calibration=calibration, inplace=owned)
+
+
 def build(model: Any, *, component: str | None = None, config: BuildConfig | None = None,
           out: str | os.PathLike | None = None, cache: Any = None, progress: bool = False,
-          **overrides: Any) -> Engine:
+          calibration: Any = None, **overrides: Any) -> Engine:
     """Build (or fetch from the cache) an engine for one component of ``model`` and load it.
 
     ``model``: a preset name, a local checkpoint, an ``nn.Module``, a :class:`Component`, or a path
     to any ``.onnx`` file. ``config`` fields may also be given as keyword overrides
     (``build("tiny", component="unet", backend="torch")``). ``cache``: an ``EngineCache``, None for
     the default cache, or False to skip caching (then ``out`` is required). ``out``: also publish the
-    engine directory there (atomically).
+    engine directory there (atomically). ``calibration``: representative inputs for a static or
+    SmoothQuant ``quantization`` (a forward loop ``fn(module)`` or an iterable of input tuples for
+    the component's module; default: synthetic inputs, see ``fastgen.quant.components``). A
+    ``model`` you pass as a module or Component is quantized on a copy; a component quantized
+    beforehand with ``fastgen.quantize_`` builds as it is.
     """
     from fastgen.engines.cache import EngineCache, publish_dir
     from fastgen.engines.device import resolve_device
@@ -168,6 +189,10 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     onnx_source = Path(model) if _is_onnx_file(model) else None
     comp: Component | None = None
     if onnx_source is not None:
+        if config.quant_config is not None:
+            raise InvalidArgumentError("quantization", config.quantization, ("none",),
+                                       reason="an .onnx file has no PyTorch layers to quantize (export a "
+                                              "quantized component instead)")
         if config.backend == "torch":
             raise InvalidArgumentError("backend", "torch", ("onnxruntime", "tensorrt"),
                                        reason="an .onnx file has no PyTorch module")
@@ -178,12 +203,16 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     else:
         from fastgen.export.api import resolve_component
         from fastgen.models import weights_digest
+        from fastgen.quant.components import component_recipe
 
         comp = resolve_component(model, component, config.profile)
+        comp = _quantized(comp, config, calibration, owned=isinstance(model, (str, os.PathLike)))
         spec_dict = comp.spec.to_dict()
+        # The weights digest covers the quantized tensors (and so any calibration); the recipe says
+        # how they compute (int8 weight-only and W8A8 layers hold identical tensors).
         source = {"recipe": comp.source or {"class": type(comp.model).__qualname__, "repr": repr(comp.model)},
                   "weights": weights_digest(comp.model), "extras": comp.extras,
-                  "tokenizer": _tokenizer_digest(comp.tokenizer)}
+                  "tokenizer": _tokenizer_digest(comp.tokenizer), "quantization": component_recipe(comp)}
         if config.backend == "torch" and not comp.source:
             # A custom nn.Module cannot be rebuilt without pickle, so it is not cached on disk.
             if out is not None:

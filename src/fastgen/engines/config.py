@@ -9,6 +9,7 @@ from fastgen._config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 from fastgen.export.config import ExportConfig
 from fastgen.models.spec import ShapeProfile
+from fastgen.quant.config import QuantConfig, QuantPreset, check_config, resolve_quantization
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -62,14 +63,28 @@ class BuildConfig(ConfigMixin):
     """How the component is exported to ONNX (onnxruntime and tensorrt backends)."""
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     """How the engine runs once built (not part of the cache key)."""
+    quantization: QuantPreset | QuantConfig = "none"
+    """Quantize the component's nn.Linear and 1x1 conv layers before building (fastgen.quantize_ with
+    fastgen.quant.DEFAULT_SKIP): a named recipe or, from Python, any fastgen.quant config. Static and
+    SmoothQuant recipes are calibrated first (fastgen.build(calibration=...), else synthetic inputs)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.quantization, dict):
+            object.__setattr__(self, "quantization", check_config(self.quantization))
         self.validate_literals()
+        resolve_quantization(self.quantization)  # a config object of another kind raises here
         if isinstance(self.profile, str):
             object.__setattr__(self, "profile", ShapeProfile.parse(self.profile))
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """The quantization config this build applies (None: none)."""
+        return resolve_quantization(self.quantization)
 
     def artifact_dict(self) -> dict:
         """The fields that change what is built: these, not the runtime options, enter the cache key."""
         return {"backend": self.backend, "precision": self.precision,
                 "profile": self.profile.to_dict() if self.profile else None,
-                "export": self.export.artifact_dict() if self.backend != "torch" else None}
+                "export": self.export.artifact_dict() if self.backend != "torch" else None,
+                # The config itself, not its preset name: one artifact, one key.
+                "quantization": self.quant_config.to_dict() if self.quant_config else None}

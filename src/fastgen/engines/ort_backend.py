@@ -109,6 +109,13 @@ def session_options(runtime: RuntimeOptions):
     spin = "1" if runtime.spin_wait else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    # Quantized graphs compute what they state (and what their verification checked): weight-only
+    # MatMulNBits in fp32 rather than with int8 activations, and no saturating U8S8 GEMMs on CPUs
+    # without VNNI. See fastgen.quant.onnx.EXACT_SESSION_ENTRIES.
+    from fastgen.quant.onnx import EXACT_SESSION_ENTRIES
+
+    for key, value in EXACT_SESSION_ENTRIES.items():
+        so.add_session_config_entry(key, value)
     # onnxruntime prints every provider-assignment warning to stderr; keep its log to errors
     # unless the user asked for debug logging.
     so.log_severity_level = 1 if logger.isEnabledFor(logging.DEBUG) else 3

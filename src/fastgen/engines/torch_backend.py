@@ -142,6 +142,14 @@ def _dedupe(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return unique, aliases
 
 
+def _quantized_format_tensors(model: torch.nn.Module) -> set[str]:
+    """State-dict names of quantized layers' codes and scales, whose dtype is part of their format
+    (fp8 codes and fp32 scales are "floating point" too, but must not follow the engine precision)."""
+    from fastgen.quant.api import quantized_layers
+
+    return {f"{name}.{buf}" for name, layer in quantized_layers(model).items() for buf in layer._FIXED_DTYPE}
+
+
 def save_torch_engine(component: Component, directory: str | os.PathLike, precision: str) -> list[str]:
     """Write the model's weights at ``precision`` to ``directory/weights.safetensors``; return artifact names.
 
@@ -157,11 +165,12 @@ def save_torch_engine(component: Component, directory: str | os.PathLike, precis
         raise InvalidArgumentError("precision", precision, PRECISION_FLOAT)
     dtype = PRECISION_FLOAT[precision]
     unique, aliases = _dedupe(component.model.state_dict())
+    fixed = _quantized_format_tensors(component.model)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[tuple] = set()
     for name, tensor in unique.items():
         t = tensor.detach()
-        if t.is_floating_point():
+        if t.is_floating_point() and name not in fixed:
             t = t.to(dtype)
         t = t.to("cpu").contiguous()
         # safetensors refuses tensors that share memory (views of one buffer that are not the same

@@ -67,8 +67,37 @@ def verify_shapes(config: ExportConfig) -> list[str]:
     return {"none": [], "opt": ["opt"], "profile": ["min", "opt", "max"]}[config.verify]
 
 
+def effective_config(component: Component, config: ExportConfig) -> ExportConfig:
+    """``config`` as it applies to ``component``: adjusted for quantized layers (``fastgen.quant.onnx``).
+
+    - fp8 layers need opset 19 (float8e4m3fn): a default opset becomes 19; an explicit lower one
+      fails in the exporter with a message naming it.
+    - No onnxslim clean-up: its constant folding turns DequantizeLinear(int8 weight) back into fp32
+      weights, and its common-subexpression elimination merges QuantizeLinear nodes that ONNX Runtime
+      then no longer fuses into int8 MatMuls.
+    - Verification within quantization noise (``VERIFY_TOLERANCE`` / ``VERIFY_MIN_COSINE``, or looser
+      bounds the config asks for): a value that crosses a rounding boundary moves a whole step.
+    """
+    from fastgen.quant.api import quantized_layers
+
+    layers = quantized_layers(component.module)
+    if not layers:
+        return config
+    from fastgen.errors import UnsupportedError
+    from fastgen.quant.onnx import VERIFY_MIN_COSINE, VERIFY_TOLERANCE
+
+    if config.exporter != "torchscript":
+        raise UnsupportedError(f"exporter {config.exporter!r} cannot write quantized layers as Q/DQ graphs "
+                               f"({len(layers)} in {component.spec.component}): use exporter 'torchscript'")
+    fp8 = any(layer.config.weight_dtype == "fp8" for layer in layers.values())
+    opset = 19 if fp8 and config.opset is None else config.opset
+    return dataclasses.replace(config, opset=opset, cleanup="none", tolerance=max(config.tolerance, VERIFY_TOLERANCE),
+                               min_cosine=min(config.min_cosine, VERIFY_MIN_COSINE))
+
+
 def export_into(component: Component, directory: Path, config: ExportConfig, *, progress: bool = False) -> ExportResult:
     """Export into an existing (staging) folder; the caller makes the result visible atomically."""
+    config = effective_config(component, config)
     shapes = verify_shapes(config)
     with steps(f"export {component.spec.component}", 2 + len(shapes), progress) as s:
         s.advance(f"tracing with {config.exporter}")

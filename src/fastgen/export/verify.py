@@ -45,6 +45,10 @@ def ort_runner(onnx_path: Path, threads: int = 0) -> Callable[[Mapping[str, torc
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    from fastgen.quant.onnx import EXACT_SESSION_ENTRIES
+
+    for key, value in EXACT_SESSION_ENTRIES.items():  # quantized graphs: the math they state
+        opts.add_session_config_entry(key, value)
     if threads:
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])

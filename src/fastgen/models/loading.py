@@ -99,12 +99,21 @@ _META_LOCK = threading.Lock()
 
 
 def _from_state_dict(library: str, cls_name: str, config: dict[str, Any],
-                     state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Build a model class from the allowlist and take ``state_dict`` as its weights (strict)."""
+                     state_dict: Mapping[str, torch.Tensor], *, quantization: Mapping[str, Any] | None = None
+                     ) -> nn.Module:
+    """Build a model class from the allowlist and take ``state_dict`` as its weights (strict).
+
+    ``quantization``: a ``fastgen.quant`` recipe; its layers are swapped for empty quantized ones
+    before the state dict (which holds their codes and scales) is loaded.
+    """
     presets.model_class(library, cls_name)  # refuse anything outside the allowlist before building
     # fork_rng: a constructor that draws values before registering them must not move the global RNG.
     with torch.random.fork_rng(devices=[]), _parameters_on_meta():
         model = presets.instantiate(library, cls_name, config)
+        if quantization:
+            from fastgen.quant.api import apply_quantization_recipe
+
+            apply_quantization_recipe(model, dict(quantization))
     model.load_state_dict(_aligned(state_dict), strict=True, assign=True)
     return model.eval()
 
@@ -402,7 +411,8 @@ def rebuild_component(source: Mapping[str, Any], state_dict: Mapping[str, torch.
     if missing:
         raise InvalidArgumentError("source", sorted(source), reason=f"missing {', '.join(missing)}")
     library, cls_name = source["library"], source["class"]
-    model = _from_state_dict(library, cls_name, dict(source["config"]), state_dict)
+    model = _from_state_dict(library, cls_name, dict(source["config"]), state_dict,
+                             quantization=source.get("quantization"))
     adapter = dict(source["adapter"])
     profile = adapter.get("profile")
     comp = adapt(model, adapter.get("component"), latent_factor=int(adapter.get("latent_factor", 8)),

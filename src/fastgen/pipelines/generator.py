@@ -105,7 +105,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "auto",
                         precision: str = "fp32", cache: Any = None, profile: Any = None,
-                        build_config: Any = None, progress: bool = False) -> Generator:
+                        build_config: Any = None, quantization: Any = None, progress: bool = False) -> Generator:
         """Build (cached) or load the engines of ``model`` and make a generator of them.
 
         ``model``: a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``), a local diffusers pipeline
@@ -114,12 +114,17 @@ class Generator:
         loaded and ``backend``/``precision``/``profile`` are the engines' own). ``profile``: shape
         ranges for all components (``batch=1:2:8,height=512``: each component takes the dims it has).
         ``build_config``: a :class:`~fastgen.BuildConfig` for the other build settings (export,
-        runtime); the keyword arguments override its fields.
+        runtime); the keyword arguments override its fields. ``quantization`` (or
+        ``build_config.quantization``): a ``fastgen.quant`` preset name or config applied to the UNet
+        only, where nearly all the compute is; the text encoders and the VAE stay in float.
         """
         from fastgen.engines.loading import load_engine
 
         path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
         if path is not None and path.is_dir() and (path / "unet" / "manifest.json").is_file():
+            if quantization not in (None, "none"):
+                raise InvalidArgumentError("quantization", str(quantization), ("none",),
+                                           reason=f"{path} holds built engines; quantize when building them")
             dev = None if device == "auto" else device
             found = {name: path / name for name in COMPONENTS if (path / name / "manifest.json").is_file()}
             engines = {name: load_engine(p, device=dev) for name, p in found.items() if name != "vae-encoder"}
@@ -129,7 +134,7 @@ class Generator:
         else:
             engines, vae_encoder = _build_engines(model, backend=backend, device=device, precision=precision,
                                                   cache=cache, profile=profile, build_config=build_config,
-                                                  progress=progress)
+                                                  quantization=quantization, progress=progress)
         missing = [n for n in ("unet", "vae-decoder") if n not in engines]
         if missing:
             raise InvalidArgumentError("model", os.fspath(model), reason=f"has no {missing[0]} component")
@@ -384,7 +389,8 @@ def _filter_profile(profile: Any, symbols: set[str]):
 
 
 def _build_engines(model: Any, *, backend: str, device: str, precision: str, cache: Any, profile: Any,
-                   build_config: Any, progress: bool) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+                   build_config: Any, quantization: Any, progress: bool
+                   ) -> tuple[dict[str, Any], Callable[[], Any] | None]:
     """Build (or fetch from the cache) the generation components' engines; the VAE encoder lazily."""
     import dataclasses
 
@@ -395,6 +401,11 @@ def _build_engines(model: Any, *, backend: str, device: str, precision: str, cac
 
     config = dataclasses.replace(build_config or BuildConfig(), backend=backend, device=device, precision=precision,
                                  profile=None)
+    if quantization is not None:
+        config = dataclasses.replace(config, quantization=quantization)
+    # Quantization is for the denoiser: it is where the compute is, and the text encoders' and the
+    # VAE's errors are not averaged out by later steps.
+    unet_quantization, config = config.quantization, dataclasses.replace(config, quantization="none")
     if isinstance(profile, str):
         profile = ShapeProfile.parse(profile)
     available = [c for c in COMPONENTS if c in model_components(model)]
@@ -407,7 +418,9 @@ def _build_engines(model: Any, *, backend: str, device: str, precision: str, cac
 
     def build_one(comp) -> Any:
         sub = _filter_profile(profile, comp.spec.symbols)
-        return build(comp, config=dataclasses.replace(config, profile=sub), cache=cache, progress=progress)
+        quant = unet_quantization if comp.name == "unet" else "none"
+        return build(comp, config=dataclasses.replace(config, profile=sub, quantization=quant), cache=cache,
+                     progress=progress)
 
     engines = {name: build_one(comp) for name, comp in components.items()}
     vae_encoder = None

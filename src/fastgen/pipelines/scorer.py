@@ -167,7 +167,7 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, model: Any, component: str | None = None, *, backend: str = "onnxruntime",
                         device: str = "auto", precision: str = "fp32", cache: Any = None,
-                        **options: Any) -> Scorer:
+                        quantization: Any = "none", **options: Any) -> Scorer:
         """A scorer over a built (cached) engine of ``model``.
 
         ``model``: a preset (``tiny`` has ``classifier`` and ``text-classifier``; the default
@@ -175,7 +175,9 @@ class Scorer:
         :func:`fastgen.build` takes, or an engine directory made by ``fastgen build`` (a folder with
         ``manifest.json``) or an ``.onnx`` file, which are loaded as they are (``backend`` and
         ``precision`` do not apply; ``device="auto"`` keeps the engine's own device when usable).
-        ``options`` go to :class:`Scorer`.
+        ``quantization``: a ``fastgen.quant`` preset name or config for the built engine (the
+        classifier head stays in float, see ``fastgen.quant.DEFAULT_SKIP``). ``options`` go to
+        :class:`Scorer`.
         """
         from fastgen.engines.build import build
         from fastgen.engines.cache import MANIFEST
@@ -184,6 +186,9 @@ class Scorer:
         path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
         if path is not None and ((path / MANIFEST).is_file() or
                                  (path.is_file() and path.suffix.lower() == ".onnx")):
+            if quantization not in (None, "none"):
+                raise InvalidArgumentError("quantization", str(quantization), ("none",),
+                                           reason=f"{path} is a built engine; quantize when building it")
             engine = load_engine(path, device=None if device == "auto" else device)
             if component is not None and component != engine.spec.component and not (
                     component == "classifier" and engine.spec.component == "text-classifier"):
@@ -191,7 +196,7 @@ class Scorer:
                                            reason=f"{path} is a {engine.spec.component} engine")
         else:
             engine = build(model, component=component or "classifier", backend=backend, device=device,
-                           precision=precision, cache=cache)
+                           precision=precision, cache=cache, quantization=quantization)
         return cls(engine, **options)
 
     def _infer_kind(self) -> Kind:

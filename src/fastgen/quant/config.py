@@ -130,6 +130,8 @@ class QuantConfig(ConfigMixin):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        if cls is QuantConfig:  # the base class reads any config (a field typed QuantConfig)
+            return config_from_dict(data)
         data = dict(data)
         kind = data.pop("type", cls.__name__)
         if kind != cls.__name__:
@@ -239,6 +241,34 @@ CONFIG_TYPES: dict[str, type[QuantConfig]] = {
     c.__name__: c for c in (Int8WeightOnlyConfig, Int4WeightOnlyConfig, Int8DynamicConfig, Int8StaticConfig,
                             Fp8DynamicConfig)
 }
+
+
+#: Named quantization recipes: what ``BuildConfig(quantization=...)`` and ``fastgen build
+#: --quantization`` accept (the names the accuracy report in benchmarks/results uses).
+QuantPreset = Literal["none", "int8-weight-only", "int4-weight-only", "int4-weight-only-g64", "w8a8-dynamic",
+                      "w8a8-dynamic-smoothquant", "w8a8-static", "w8a8-static-smoothquant", "fp8-dynamic"]
+QUANT_PRESETS: dict[str, QuantConfig] = {
+    "int8-weight-only": Int8WeightOnlyConfig(),
+    "int4-weight-only": Int4WeightOnlyConfig(group_size=128),
+    # 64 divides every SD UNet width (320, 640, 1280) that 128 does not.
+    "int4-weight-only-g64": Int4WeightOnlyConfig(group_size=64),
+    "w8a8-dynamic": Int8DynamicConfig(),
+    "w8a8-dynamic-smoothquant": Int8DynamicConfig(smoothquant=True),
+    "w8a8-static": Int8StaticConfig(),
+    "w8a8-static-smoothquant": Int8StaticConfig(smoothquant=True),
+    "fp8-dynamic": Fp8DynamicConfig(),
+}
+
+
+def resolve_quantization(value: Any) -> QuantConfig | None:
+    """A preset name (``"none"`` -> None), a config, or a config's dict, as a config (or None)."""
+    if value is None or value == "none":
+        return None
+    if isinstance(value, str):
+        if value not in QUANT_PRESETS:
+            raise InvalidArgumentError("quantization", value, ["none", *QUANT_PRESETS])
+        return QUANT_PRESETS[value]
+    return check_config(value)
 
 
 def config_from_dict(data: dict[str, Any]) -> QuantConfig:

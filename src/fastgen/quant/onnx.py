@@ -13,8 +13,9 @@ the graph reads (``(K, N)``), so nothing needs constant folding.
 - ``Int4WeightOnlyConfig``: int4 codes stored as int8, grouped so one per-axis DequantizeLinear
   applies the per-group scales (opset 13+; the packed INT4 type needs opset 21).
 - ``Int8DynamicConfig``: the exact per-token math (``ReduceMax(|x|)/127``, round half to even,
-  clamp) and ``MatMulInteger`` (uint8 activations with zero point 128, int8 weights): what ONNX
-  Runtime's CPU provider runs as an int8 GEMM, bit-exact against the PyTorch module. A per-token
+  clamp) and ``MatMulInteger`` (uint8 activations and weights, both with zero point 128: see
+  ``_int8_dynamic`` for why not int8 weights): what ONNX Runtime's CPU provider runs as an int8
+  GEMM, bit-exact against the PyTorch module. A per-token
   QuantizeLinear/DequantizeLinear pair is avoided on purpose: ONNX Runtime 1.2x fuses it into
   MatMulIntegerToFloat and then fails at run time (per-row zero points are unsupported there).
 - ``Int8StaticConfig``: ``QuantizeLinear/DequantizeLinear(x, calibrated scale, int8 zero point 0)``
@@ -102,7 +103,8 @@ def _dq_weight(g, layer) -> object:
         # rows (group kg, channel n) of g codes, one scale each: (K/g * N, g) with scale (K/g * N,)
         grouped = codes.reshape(n, k // gs, gs).permute(1, 0, 2).reshape(k // gs * n, gs)
         flat_scale = scale.cpu().t().reshape(-1)  # (K/g * N,): [kg * N + n] = scale[n, kg]
-        wd = g.op("DequantizeLinear", _const(g, grouped), _const(g, flat_scale), axis_i=0)  # (K/g*N, g)
+        wd = g.op("DequantizeLinear", _const(g, grouped), _const(g, flat_scale), _zero_points(g, grouped.shape[0]),
+                  axis_i=0)  # (K/g*N, g)
         wd = g.op("Reshape", wd, _const(g, torch.tensor([k // gs, n, gs], dtype=torch.int64)))
         wd = g.op("Transpose", wd, perm_i=[0, 2, 1])  # (K/g, g, N)
         return g.op("Reshape", wd, _const(g, torch.tensor([k, n], dtype=torch.int64)))
@@ -110,7 +112,15 @@ def _dq_weight(g, layer) -> object:
     if cfg.weight_dtype == "fp8":
         zp = torch.zeros(layer.out_features, dtype=wt.dtype)
         return g.op("DequantizeLinear", _const(g, wt), _const(g, scale), _const(g, zp), axis_i=1)
-    return g.op("DequantizeLinear", _const(g, wt), _const(g, scale), axis_i=1)
+    return g.op("DequantizeLinear", _const(g, wt), _const(g, scale), _zero_points(g, layer.out_features), axis_i=1)
+
+
+def _zero_points(g, n: int) -> object:
+    """Explicit per-axis int8 zero points (all 0). Without them ONNX Runtime's x64 precision pass
+    (``session.x64quantprecision``, which turns U8S8 GEMMs into exact U8U8 ones on CPUs without
+    VNNI) shifts the weights to uint8 with a *scalar* zero point, which per-axis DequantizeLinear
+    then refuses at run time (onnxruntime 1.32)."""
+    return _const(g, torch.zeros(n, dtype=torch.int8))
 
 
 def _weight_only(g, x, bias, layer) -> object:
@@ -122,10 +132,15 @@ def _int8_dynamic(g, x, bias, layer) -> object:
     xs = _smoothed(g, x, layer)
     scale = _scale_from_amax(g, _reduce_amax(g, xs, -1, 1), 127.0)
     codes = g.op("Clip", g.op("Round", g.op("Div", xs, scale)), _const(g, -127.0), _const(g, 127.0))
-    # uint8 with zero point 128: the U8S8 GEMM is ONNX Runtime's fast int8 path on x86.
+    # Both operands as uint8 with zero point 128 (U8U8). ONNX Runtime's U8S8 kernel on x86 CPUs
+    # without VNNI (AVX2, most AVX-512 parts before Cascade Lake) multiplies with VPMADDUBSW, whose
+    # int16 pair sums saturate for |codes| near 127 (measured with onnxruntime 1.32: errors of 8e4 in
+    # the int32 accumulator); S8S8 is exact but 3-4x slower than fp32 there. U8U8 is exact on every
+    # x86 CPU and 1.35-2.1x faster than fp32 MatMul at the UNet's and ViT's shapes (2-core AVX2).
     xu = g.op("Cast", g.op("Add", codes, _const(g, 128.0)), to_i=_ONNX_UINT8)
-    wt = _const(g, layer.qweight.t().contiguous())  # (K, N) int8
-    acc = g.op("MatMulInteger", xu, wt, _const(g, torch.tensor(128, dtype=torch.uint8)))  # (..., N) int32
+    wu = (layer.qweight.t().to(torch.int16) + 128).to(torch.uint8).contiguous()  # (K, N) uint8
+    zp = _const(g, torch.tensor(128, dtype=torch.uint8))
+    acc = g.op("MatMulInteger", xu, _const(g, wu), zp, zp)  # (..., N) int32
     y = g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), scale), _const(g, layer.weight_scale.float()))
     return _with_bias(g, y, bias)
 
@@ -196,6 +211,14 @@ INT8_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"
                 "MatMulNBits", "ConvInteger", "QLinearConv", "QGemm")
 
 
+#: ONNX Runtime session entries under which it computes what a quantized graph states:
+#: ``session.qdq_matmulnbits_accuracy_level`` 1 keeps weight-only MatMulNBits in fp32 (the default,
+#: 4, quantizes the activations to int8 too); ``session.x64quantprecision`` 1 turns U8S8 GEMMs into
+#: U8U8 on x86 CPUs without VNNI, whose U8S8 kernel saturates (measured on AVX2 with onnxruntime
+#: 1.32: the static QDQ text classifier's top-1 agreement falls from 100% to 98.4% without it).
+EXACT_SESSION_ENTRIES = {"session.qdq_matmulnbits_accuracy_level": "1", "session.x64quantprecision": "1"}
+
+
 def exact_session_options(**entries: str):
     """CPU ``SessionOptions`` under which ONNX Runtime computes what the QDQ graph says.
 
@@ -206,8 +229,7 @@ def exact_session_options(**entries: str):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    for key, value in entries.items():
+    for key, value in {**EXACT_SESSION_ENTRIES, **entries}.items():
         opts.add_session_config_entry(key, value)
     return opts
 

@@ -15,14 +15,13 @@ are an upper bound on what trained weights give (see the project report).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from typing import Any
 
 import torch
 
-from fastgen.quant.api import quantize_, quantized_layers
+from fastgen.quant.api import quantized_layers
 from fastgen.quant.calibration import calibrate
 from fastgen.quant.config import QuantConfig
 from fastgen.quant.layerwise import run_module, sensitivity, sqnr_db
@@ -88,12 +87,11 @@ def unet_calibration_loop(comp: Any, *, height: int, width: int, steps: int, see
 
 
 def quantized_copy(comp: Any, config: QuantConfig, forward_loop: Any = None) -> Any:
-    """A deep copy of ``comp`` with its module quantized (calibrated first when the config needs it)."""
-    q = copy.deepcopy(comp)
-    if config.needs_calibration:
-        calibrate(q.module, forward_loop)
-    quantize_(q.module, config)
-    return q
+    """A deep copy of ``comp`` with its model quantized (calibrated on ``forward_loop`` first when the
+    config needs it): exactly what ``fastgen.build(..., quantization=config)`` builds from."""
+    from fastgen.quant.components import quantize_component
+
+    return quantize_component(comp, config, calibration=forward_loop)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -237,95 +235,90 @@ def classifier_accuracy(comp: Any, configs: dict[str, QuantConfig], *, n: int = 
 
 
 # --------------------------------------------------------------------------- ONNX Runtime int8
-def _ort_logits(session: Any, comp: Any, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-    import numpy as np
-
+def _engine_logits(engine: Any, comp: Any, inputs: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
     n = next(iter(inputs.values())).shape[0]
-    outs = []
-    for i in range(0, n, batch):
-        feeds = {k: np.ascontiguousarray(inputs[k][i:i + batch].numpy()) for k in comp.spec.input_names}
-        outs.append(torch.from_numpy(session.run(None, feeds)[0]))
+    outs = [next(iter(engine({k: inputs[k][i:i + batch] for k in comp.spec.input_names}).values()))
+            for i in range(0, n, batch)]
     return torch.cat(outs).float()
 
 
 def ort_int8_comparison(comp: Any, configs: dict[str, QuantConfig], *, n: int = 256, batch: int = 32,
-                        repeats: int = 5, min_seconds: float = 0.5, seed: int = 0) -> dict[str, Any]:
-    """Export fp32 and each quantized classifier to ONNX, run both in ONNX Runtime on the CPU.
+                        timing_batches: int = 2, repeats: int = 5, min_seconds: float = 0.5,
+                        seed: int = 0) -> dict[str, Any]:
+    """The quantized classifier's ONNX Runtime engine (``fastgen.build(..., quantization=config)``)
+    against the fp32 engine, on the CPU.
 
-    Per config: wall time per pass over the ``n`` fixed inputs (fp32 and int8 timed alternately,
-    ``repeats`` times, each from at least ``min_seconds`` of passes; the minimum is the figure least
-    disturbed by other load, the median is reported too),
-    the speed ratio fp32 / int8, top-1 agreement and max probability difference against the fp32
-    graph, the ORT-vs-PyTorch parity of the quantized graph (SQNR), and the int8 kernels in ORT's
-    optimized graph.
+    Per config: top-1 agreement and max probability difference against the fp32 engine on ``n``
+    fixed inputs; the ORT-vs-PyTorch parity of the quantized graph (SQNR); the int8 kernels in ORT's
+    optimized graph; and the speed ratio fp32 / int8 on ``timing_batches`` batches of ``batch``
+    inputs (the engines timed alternately, ``repeats`` times, each from at least ``min_seconds`` of
+    calls; the minimum is the figure least disturbed by other load, the median is reported too).
+    Static configs are calibrated on 64 other inputs (``calibration=``).
     """
     import statistics
     import tempfile
     import time
     from pathlib import Path
 
-    import onnxruntime as ort
-
-    from fastgen.export.api import export
+    from fastgen.engines.build import build
     from fastgen.export.config import ExportConfig
-    from fastgen.quant.onnx import INT8_KERNELS, exact_session_options, ort_optimized_ops
+    from fastgen.quant.onnx import INT8_KERNELS, ort_optimized_ops
 
     inputs = classifier_inputs(comp, n, seed=seed)
+    timing = {k: v[:batch * timing_batches] for k, v in inputs.items()}
     calib = classifier_inputs(comp, 64, seed=seed + 1000)
     loop = [tuple(calib[k][i:i + 16] for k in comp.spec.input_names) for i in range(0, 64, 16)]
-    out: dict[str, Any] = {"inputs": n, "batch": batch, "repeats": repeats, "threads": "onnxruntime default",
-                           "configs": {}}
+    out: dict[str, Any] = {"inputs": n, "batch": batch, "timed_inputs": batch * timing_batches, "repeats": repeats,
+                           "threads": "onnxruntime default", "configs": {}}
 
-    def session(path: Path) -> Any:
-        return ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
-
-    def timed(sess: Any) -> float:
-        """Seconds per pass over the inputs, from as many passes as fill ``min_seconds``."""
+    def timed(engine: Any) -> float:
+        """Seconds per timed input, from as many passes as fill ``min_seconds``."""
         passes, t0 = 0, time.perf_counter()
         while True:
-            _ort_logits(sess, comp, inputs, batch)
+            _engine_logits(engine, comp, timing, batch)
             passes += 1
             elapsed = time.perf_counter() - t0
             if elapsed >= min_seconds:
-                return elapsed / passes
+                return elapsed / passes / (batch * timing_batches)
 
-    # No onnxslim clean-up, for either graph: its common-subexpression elimination merges the
-    # identical QuantizeLinear nodes of layers that share an input and a static scale (q/k/v), and
-    # ONNX Runtime only fuses a QuantizeLinear with a single consumer into its int8 MatMul.
-    export_config = ExportConfig(verify="none", cleanup="none")
+    def size(engine: Any) -> int:
+        return sum(f.stat().st_size for f in Path(engine.path).iterdir() if f.name.startswith("model.onnx"))
+
     with tempfile.TemporaryDirectory(prefix="fastgen-quant-ort-") as tmp:
-        fp32_dir = Path(tmp) / "fp32"
-        export(comp, fp32_dir, config=export_config)
-        fp32 = session(fp32_dir / "model.onnx")
-        ref = _ort_logits(fp32, comp, inputs, batch)
+        def engine_for(name: str, config: QuantConfig | None) -> Any:
+            return build(comp, backend="onnxruntime", device="cpu", quantization=config or "none",
+                         calibration=loop if config is not None and config.needs_calibration else None,
+                         cache=False, out=Path(tmp) / name, export=ExportConfig(verify="opt"))
+
+        fp32 = engine_for("fp32", None)
+        ref = _engine_logits(fp32, comp, inputs, batch)
+        out["fp32_onnx_bytes"] = size(fp32)
         for name, config in configs.items():
+            engine = engine_for(name, config)
+            logits = _engine_logits(engine, comp, inputs, batch)
             q = quantized_copy(comp, config, loop)
-            qdir = Path(tmp) / name
-            opset = 19 if config.weight_dtype == "fp8" else None
-            export(q, qdir, config=dataclasses.replace(export_config, opset=opset))
-            qs = session(qdir / "model.onnx")
-            logits = _ort_logits(qs, comp, inputs, batch)
             torch_q = _logits(q.module, q, inputs)
             times_fp32, times_q = [], []
             for _ in range(repeats):
                 times_fp32.append(timed(fp32))
-                times_q.append(timed(qs))
-            ops = ort_optimized_ops(qdir / "model.onnx")
+                times_q.append(timed(engine))
+            ops = ort_optimized_ops(Path(engine.path) / "model.onnx")
             out["configs"][name] = {
                 **agreement(ref, logits),
                 "parity_sqnr_db": _db(sqnr_db(torch_q, logits)),
                 "torch_top1_agreement": agreement(ref, torch_q)["top1_agreement"],
-                "fp32_ms_per_input": round(min(times_fp32) / n * 1e3, 3),
-                "int8_ms_per_input": round(min(times_q) / n * 1e3, 3),
+                "fp32_ms_per_input": round(min(times_fp32) * 1e3, 3),
+                "int8_ms_per_input": round(min(times_q) * 1e3, 3),
                 "speed_ratio": round(min(times_fp32) / min(times_q), 3),
                 "speed_ratio_median": round(statistics.median(times_fp32) / statistics.median(times_q), 3),
                 "layers_quantized": len(quantized_layers(q.module)),
                 "ort_int8_kernels": {k: v for k, v in ops.items() if k in INT8_KERNELS},
-                "onnx_bytes": sum(f.stat().st_size for f in qdir.iterdir() if f.name.startswith("model.onnx")),
+                "onnx_bytes": size(engine),
             }
             logger.info("ort %s: speed x%.2f, top-1 %.3f", name, out["configs"][name]["speed_ratio"],
                         out["configs"][name]["top1_agreement"])
-        out["fp32_onnx_bytes"] = sum(f.stat().st_size for f in fp32_dir.iterdir() if f.name.startswith("model.onnx"))
+            engine.close()
+        fp32.close()
     return out
 
 
