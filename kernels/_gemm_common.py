@@ -53,14 +53,18 @@ def activation(y, ACTIVATION: tl.constexpr):
 def scaled_epilogue(acc, XS, WS, BIAS, OUT, M, N, stride_om, stride_on, pid_m, pid_n,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ACTIVATION: tl.constexpr):
-    """out = act(acc * xs[:, None] * ws[None, :] + bias), masked store; acc is an fp32 (BLOCK_M, BLOCK_N) tile."""
+    """out = act(acc * ws[None, :] * xs[:, None] + bias), masked store; acc is an fp32 (BLOCK_M, BLOCK_N) tile.
+
+    The weight scale first: ONNX Runtime's MatMulIntegerToFloat (the exported W8A8 graph) dequantizes
+    the accumulator by the per-column scale in its GEMM, and the per-token scale follows; the same
+    order keeps the exported graph bit-exact against these kernels and their reference."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
     xs = tl.load(XS + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
     ws = tl.load(WS + offs_n, mask=n_ok, other=0.0)  # (BLOCK_N,)
-    y = acc * xs[:, None] * ws[None, :]
+    y = acc * ws[None, :] * xs[:, None]
     if HAS_BIAS:
         y = y + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = activation(y, ACTIVATION)

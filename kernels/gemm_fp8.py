@@ -7,7 +7,7 @@ this layout needs no transpose) with per-output-channel w_scale ``(N,)`` fp32, b
 dtype; returns a new contiguous ``(M, N)`` tensor in out_dtype. Semantics are those of
 :func:`fastgen.ops.quant.fp8_gemm_reference` (re-exported here):
 
-    out = act((xq @ wq.T in fp32) * x_scale[:, None] * w_scale[None, :] + bias)
+    out = act((xq @ wq.T in fp32) * w_scale[None, :] * x_scale[:, None] + bias)
 
 ``tl.dot`` on ``float8e4nv`` operands maps to fp8 tensor cores on sm_89+ (Ada, Hopper); Triton has no
 e4m3fn on older GPUs, so the dispatcher sends those to the reference. Products of two e4m3 values are

@@ -6,7 +6,7 @@ strides; K-contiguous is what Hopper's int8 tensor cores want), w_scale ``(N,)``
 any float dtype; returns a new contiguous ``(M, N)`` tensor in out_dtype. Semantics are those of
 :func:`fastgen.ops.quant.int8_gemm_reference` (re-exported here):
 
-    out = act(float32(int32(xq @ wq.T)) * x_scale[:, None] * w_scale[None, :] + bias)
+    out = act(float32(int32(xq @ wq.T)) * w_scale[None, :] * x_scale[:, None] + bias)
 
 The int32 accumulator is exact (tl.dot with ``out_dtype=tl.int32``; K <= 131072 so it cannot
 overflow); the epilogue runs in fp32 in the order written (the GPU may fuse the bias add into an FMA,

@@ -76,7 +76,7 @@ def test_onnxruntime_runs_the_int8_kernels(cache):
     engine = build("tiny", component="text-classifier", backend="onnxruntime", device="cpu", cache=cache,
                    export=FAST, quantization="w8a8-dynamic")
     layers = int(engine.describe()["quantization"].split(": ")[1].split()[0])
-    assert ort_optimized_ops(engine.path / "model.onnx").get("MatMulInteger") == layers > 0
+    assert ort_optimized_ops(engine.path / "model.onnx").get("MatMulIntegerToFloat") == layers > 0
 
 
 def test_saved_torch_engine_rebuilds_the_quantized_layers(tmp_path, cache):

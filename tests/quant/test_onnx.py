@@ -53,8 +53,8 @@ def _export(model: nn.Module, path, opset: int = 17) -> None:
 CASES = [
     (Int8WeightOnlyConfig(), 17, False, "MatMulNBits"),
     (Int4WeightOnlyConfig(group_size=32), 17, False, None),
-    (Int8DynamicConfig(), 17, True, "MatMulInteger"),
-    (Int8DynamicConfig(smoothquant=True), 18, True, "MatMulInteger"),
+    (Int8DynamicConfig(), 17, True, "MatMulIntegerToFloat"),
+    (Int8DynamicConfig(smoothquant=True), 18, True, "MatMulIntegerToFloat"),
     (Int8StaticConfig(), 17, False, "MatMulIntegerToFloat"),
     (Int8StaticConfig(smoothquant=True), 17, False, "MatMulIntegerToFloat"),
     (Fp8DynamicConfig(), 19, False, None),
@@ -91,7 +91,7 @@ def test_layer_export_matches_pytorch_in_onnxruntime(tmp_path, config, opset, ex
     consts |= {onnx.TensorProto.DataType.Name(i.data_type) for i in graph.initializer}
     if config.activation == "dynamic" and config.act_dtype == "int8":
         # U8U8: exact on every x86 CPU (U8S8 saturates without VNNI), see fastgen.quant.onnx
-        assert "MatMulInteger" in ops and "UINT8" in consts
+        assert "MatMulIntegerToFloat" in ops and "UINT8" in consts
     elif config.activation == "static":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "INT8" in consts
     elif config.weight_dtype == "fp8":
@@ -115,7 +115,7 @@ def test_fastgen_export_of_a_quantized_unet_verifies_in_onnxruntime(tmp_path):
     config = ExportConfig(verify="opt", tolerance=VERIFY_TOLERANCE, min_cosine=VERIFY_MIN_COSINE)
     result = export(comp, tmp_path / "unet", config=config)
     ops = {n.op_type for n in onnx.load(str(result.onnx_path)).graph.node}
-    assert "MatMulInteger" in ops
+    assert "MatMulIntegerToFloat" in ops
     # Independent check at another seed. Each layer's graph is bit-exact (above), but the float parts
     # differ in the last bits between ORT and PyTorch, and any value that crosses a rounding boundary
     # moves by a whole quantization step: whole-model parity is only "within quantization noise".
@@ -138,7 +138,7 @@ def test_int8_classifier_in_onnxruntime_agrees_with_fp32():
                                  n=256, repeats=1, min_seconds=0.0)
     # Every quantized layer runs an ORT int8 kernel (q/k/v included: no shared QuantizeLinear), except,
     # in the static QDQ graph, the pooler: ORT folds a 2-D MatMul + bias into Gemm before its QDQ fusions.
-    for name, kernel, fp32_layers in (("static", "MatMulIntegerToFloat", 1), ("dynamic", "MatMulInteger", 0)):
+    for name, kernel, fp32_layers in (("static", "MatMulIntegerToFloat", 1), ("dynamic", "MatMulIntegerToFloat", 0)):
         entry = result["configs"][name]
         assert entry["top1_agreement"] >= 0.99 and entry["max_prob_diff"] < 0.01
         assert entry["ort_int8_kernels"] == {kernel: entry["layers_quantized"] - fp32_layers}

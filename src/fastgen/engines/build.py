@@ -93,7 +93,7 @@ def _check_config(config: BuildConfig) -> None:
         raise UnsupportedError(f"backend {config.backend!r} cannot build precision {config.precision!r} "
                                f"(allowed: {', '.join(SUPPORTED_PRECISIONS[config.backend])})")
     if config.quant_config is not None and config.backend == "onnxruntime" and config.precision != "fp32":
-        # ONNX Runtime's int8 kernels (MatMulInteger, MatMulNBits) take and give fp32 activations;
+        # ONNX Runtime's int8 kernels (MatMulIntegerToFloat, MatMulNBits) take and give fp32 activations;
         # an fp16 conversion of a Q/DQ graph would only insert casts around them.
         raise UnsupportedError(f"backend 'onnxruntime' builds quantized engines ({config.quantization}) at "
                                f"precision 'fp32' only, not {config.precision!r}")

@@ -21,7 +21,7 @@ Conventions (symmetric quantization, ``x ~= q * scale``, amax over the row / cha
 - Every fp32 division (``amax / qmax``, ``x / scale``, ``x / smooth``) is IEEE round-to-nearest in the
   kernel too (``div_rn``), so the Triton quantizer is bit-exact against the reference.
 
-GEMMs (``out = act(acc * x_scale[:, None] * w_scale[None, :] + bias)``, epilogue in fp32 in that order):
+GEMMs (``out = act(acc * w_scale[None, :] * x_scale[:, None] + bias)``, epilogue in fp32 in that order):
 
 - ``int8_gemm``: int8 x int8 with an exact int32 accumulator (K <= 131072 so it cannot overflow);
   the reference computes it exactly in float64. ``fp8_gemm``: e4m3 x e4m3, fp32 accumulation.
@@ -157,8 +157,8 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               activation: str | None, out_dtype: torch.dtype) -> torch.Tensor:
-    # acc (M, N) fp32; same operation order as the kernels: ((acc * xs) * ws) + bias.
-    y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
+    # acc (M, N) fp32; same operation order as the kernels: ((acc * ws) * xs) + bias.
+    y = acc * w_scale.float()[None, :] * x_scale.float()[:, None]
     if bias is not None:
         y = y + bias.float()[None, :]
     return apply_activation(y, activation).to(out_dtype)
@@ -335,7 +335,7 @@ def int8_gemm_reference(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tenso
 def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *,
               bias: torch.Tensor | None = None, activation: Literal["gelu", "gelu_tanh", "silu"] | None = None,
               out_dtype: torch.dtype = torch.float16, backend: Backend | None = None) -> torch.Tensor:
-    """``act(int32(xq @ wq.T) * x_scale[:, None] * w_scale[None, :] + bias)`` in ``out_dtype``.
+    """``act(int32(xq @ wq.T) * w_scale[None, :] * x_scale[:, None] + bias)`` in ``out_dtype``.
 
     xq ``(..., K)`` int8 with x_scale ``(...)`` fp32 (e.g. from :func:`quantize_per_token`), wq
     ``(N, K)`` int8 with w_scale ``(N,)`` fp32 (:func:`quantize_weight` per channel), bias ``(N,)``

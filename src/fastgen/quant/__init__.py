@@ -7,7 +7,7 @@
 
     comp = fastgen.load_component("sd15", "unet")
     fastgen.quantize_(comp.module, Int8DynamicConfig())          # nn.Linear / 1x1 conv -> QuantLinear
-    fastgen.export(comp, "unet-w8a8")                            # QDQ / MatMulInteger ONNX graph
+    fastgen.export(comp, "unet-w8a8")                            # QDQ / int8 MatMul ONNX graph
 
 SmoothQuant and static activation scales need statistics first:
 ``fastgen.calibrate(comp.module, forward_loop)`` then ``quantize_(..., Int8DynamicConfig(smoothquant=True))``.
