@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import logging
 import statistics
 import sys
@@ -99,7 +100,19 @@ def run_accuracy(args: argparse.Namespace) -> int:
     from fastgen.quant import report
 
     out_path = Path(args.out or RESULTS / "quant_accuracy_cpu.json")
+    parts = set(args.parts.split(","))
+    unknown = parts - {"unet", "classifiers"}
+    if unknown:
+        raise SystemExit(f"error: invalid --parts {sorted(unknown)[0]!r} (allowed: unet, classifiers)")
     result = {**report.environment(), "unet": {}, "classifiers": {}, "onnxruntime_int8": {}}
+    if parts != {"unet", "classifiers"} and out_path.exists():
+        # Carry the sections this run does not measure over from the last run, saying when they were.
+        old = json.loads(out_path.read_text())
+        carried = {"date": old.get("date"), "versions": old.get("versions")}
+        keep = ("unet",) if "unet" not in parts else ("classifiers", "onnxruntime_int8")
+        for section in keep:
+            result[section] = old.get(section, {})
+        result["carried_over"] = {section: carried for section in keep}
 
     def save() -> None:
         write_json_atomic(out_path, result)
@@ -107,7 +120,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # int4 groups: tiny's layers are 32/64 wide; sd15's narrowest are 320 wide, which 128 does not divide.
     unets = [("tiny", 64, 32)] + ([] if args.quick else [("sd15", 256, 64)])
-    for model, size, group in unets:
+    for model, size, group in unets if "unet" in parts else ():
         comp = fastgen.load_component(model, "unet")
         sens = SENSITIVITY[model] if (model == "tiny" or args.sd15_sensitivity) else ()
         result["unet"][model] = report.unet_accuracy(
@@ -122,7 +135,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                    ("tiny/text-classifier", lambda: fastgen.load_component("tiny", "text-classifier"))]
     if not args.quick:
         classifiers.append(("vit-s16-random", vit_classifier))
-    for name, make in classifiers:
+    for name, make in classifiers if "classifiers" in parts else ():
         comp = make()
         result["classifiers"][name] = report.classifier_accuracy(comp, CLASSIFIER_CONFIGS, n=args.inputs)
         save()
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="CPU accuracy report")
     parser.add_argument("--gpu", action="store_true", help="CUDA UNet latency per config")
     parser.add_argument("--quick", action="store_true", help="accuracy: tiny models only")
+    parser.add_argument("--parts", default="unet,classifiers",
+                        help="accuracy: what to measure (unet, classifiers); the others are carried over from --out")
     parser.add_argument("--steps", type=int, default=20, help="accuracy: denoising steps")
     parser.add_argument("--inputs", type=int, default=256, help="accuracy: classifier inputs")
     parser.add_argument("--repeats", type=int, default=5, help="accuracy: ORT timing repeats")

@@ -41,6 +41,7 @@ _LAZY = {
     "Int8WeightOnlyConfig": "fastgen.quant.config",
     "Int4WeightOnlyConfig": "fastgen.quant.config",
     "Int8DynamicConfig": "fastgen.quant.config",
+    "Int8StaticConfig": "fastgen.quant.config",
     "Fp8DynamicConfig": "fastgen.quant.config",
     "FastgenError": "fastgen.errors",
     "InvalidArgumentError": "fastgen.errors",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Fp8DynamicConfig,
         Int4WeightOnlyConfig,
         Int8DynamicConfig,
+        Int8StaticConfig,
         Int8WeightOnlyConfig,
     )
     from fastgen.runtime.config import RuntimeConfig

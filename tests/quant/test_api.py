@@ -22,6 +22,7 @@ from fastgen.quant import (
     dequantize_,
     quantize_,
     quantized_layers,
+    sqnr_db,
 )
 
 
@@ -166,6 +167,7 @@ def test_top_level_names():
     assert fastgen.quantize_ is quantize_
     assert fastgen.calibrate is calibrate
     assert fastgen.Int8DynamicConfig is Int8DynamicConfig
+    assert fastgen.Int8StaticConfig is Int8StaticConfig
 
 
 def test_tiny_unet_quantizes_with_the_default_skip_list():
@@ -180,3 +182,29 @@ def test_tiny_unet_quantizes_with_the_default_skip_list():
     assert any(isinstance(m, QuantConv1x1) for m in quantized_layers(comp.module).values())
     inputs = comp.spec.sample_inputs("min")
     assert torch.isfinite(comp(inputs)["noise_pred"]).all()
+
+
+@pytest.mark.parametrize(("config", "floor_db"), [(Int8DynamicConfig(), 50.0), (Fp8DynamicConfig(), 38.0)])
+def test_a_dit_quantizes_with_the_default_skip_list(config, floor_db):
+    from diffusers import PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                         num_layers=2, cross_attention_dim=64, sample_size=8, patch_size=2,
+                                         caption_channels=32).eval()
+    g = torch.Generator().manual_seed(1)
+    x, text, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g), torch.tensor([10.0, 600.0])
+
+    def run(m):
+        with torch.no_grad():
+            return m(x, encoder_hidden_states=text, timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+    ref = run(model)
+    quantize_(model, config)
+    names = set(quantized_layers(model))
+    # the timestep MLP and the final projection, the most sensitive layers of a DiT, stay in float
+    assert not any("timestep_embedder" in n or n == "proj_out" for n in names)
+    assert any(n.endswith("attn1.to_q") for n in names) and any(n.endswith("ff.net.2") for n in names)
+    assert sqnr_db(ref, run(model)) > floor_db
