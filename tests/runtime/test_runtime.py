@@ -115,6 +115,44 @@ def test_text_scores_equal_solo_with_length_buckets(tiny_scorer):
         assert used <= ({"8", "16", "32", "64", "128"} if buckets else {"longest"}) and used
 
 
+def test_submission_tokenizes_as_the_tokenizer_does(tiny_scorer):
+    scorer = tiny_scorer("text")
+    with Runtime(scorer=scorer, start=False) as rt:
+        ex = rt.executors["text"]
+        assert ex._encoder is not None  # the tiny preset's tokenizer is fast: the direct path is tested
+        for text in ["", "Buy NOW!!", "héllo wörld, ünïcode ☕", "great product " * 100, "a\tb\nc  d"]:
+            ref = scorer.tokenizer(text, truncation=True, max_length=scorer.max_length, return_attention_mask=True)
+            _, _, _, ids = ex.prepare(ScoreRequest(text))
+            assert ids["input_ids"] == ref["input_ids"]
+            # What reaches the engine, padded: the tokenizer's own padding of the same text.
+            n = len(ref["input_ids"]) + 3
+            padded = scorer.tokenizer.pad(dict(ref), padding="max_length", max_length=n, return_tensors="pt")
+            feeds = ex._pad([ids], n)
+            for name in ex._inputs:
+                assert torch.equal(feeds[name][0], padded[name].long()), name
+        scorer.tokenizer(["a", "b c d"], padding="max_length", max_length=64)  # the Scorer's own calls pad
+        assert len(ex.prepare(ScoreRequest("a"))[3]["input_ids"]) < 64  # the copy never does
+
+
+def test_padding_across_text_buckets_is_priced_from_measured_batches(tiny_scorer):
+    scorer = tiny_scorer("text")
+    texts = ["buy now", "five stars " * 5, "electric bicycle " * 20, "x"]
+    # Fixed by the config: set at once. Measured: buckets stay apart until enough batches of
+    # different sizes were timed, then a price within [0, max_batch_tokens] is set.
+    with Runtime(scorer=scorer, text_merge_tokens=48) as rt:
+        assert rt.scheduler.merge_cost == {"text": 48.0} and rt.executors["text"].call_cost is None
+    with Runtime(scorer=scorer, text_buckets=(8, 16, 32, 64), max_wait_ms=0, max_batch_size=4) as rt:
+        assert rt.scheduler.merge_cost == {}
+        for wave in range(12):
+            futures = [rt.submit(ScoreRequest(t)) for t in texts[: 1 + wave % 4]]
+            for f in futures:
+                f.result(TIMEOUT)
+        assert len(rt.executors["text"].call_cost.samples) >= 16
+        assert 0.0 <= rt.scheduler.merge_cost["text"] <= rt.config.max_batch_tokens
+    with pytest.raises(InvalidArgumentError):
+        RuntimeConfig(text_merge_tokens=-1)
+
+
 def test_image_scores_equal_solo(tiny_scorer, tmp_path):
     from PIL import Image
 
@@ -300,6 +338,8 @@ def test_autotune_measures_and_applies_limits(tiny_generator, tiny_scorer):
             kind, label = key.split(":")
             bucket = rt._bucket_of(kind, label)
             assert choice.feasible and rt.scheduler.limits(kind, bucket).max_batch == choice.batch_size
+        # The text buckets' profile prices padding across buckets too.
+        assert 0.0 <= rt.scheduler.merge_cost["text"] <= rt.config.max_batch_tokens
         # The profile recorded while serving tunes too.
         rt.submit(ScoreRequest("hello")).result(TIMEOUT)
         assert "text:16" in rt.autotune(1000.0, measure_now=False, apply=False)

@@ -94,33 +94,77 @@ def test_buckets_batch_separately_and_fill_triggers():
     assert s.schedule().jobs == [b]
 
 
-def test_a_text_batch_that_is_not_full_takes_shorter_texts_padded_to_its_edge():
-    s, clock = make(max_batch_size=4, max_wait_ms=10, max_batch_tokens=150)
+def test_text_buckets_stay_apart_unless_padding_costs_less_than_a_call():
+    # No merge cost set (the runtime's until it has measured one): every bucket waits for its own batch.
+    s, clock = make(max_batch_size=4, max_wait_ms=10)
     s.submit(long := job(bucket=64, cost=64))
-    clock.t += 0.001
     short = [job(bucket=16) for _ in range(3)]
     for j in short:
         s.submit(j)
-    # 64 holds 1 + 3 shorter texts = a full batch, but 4 x 64 padded tokens > 150: it takes two more.
-    d = s.schedule()
-    assert d.queue == ("text", 64) and d.jobs == [long, short[0]]
-    assert s.queued == 2 and s.schedule().jobs == []  # the rest waits for its own batch
+    assert not s.schedule().jobs  # 1 + 3 would fill a batch, but only padded up: both wait
     clock.t += 0.010
-    assert s.schedule().jobs == short[1:]
-    # Shorter buckets never take longer texts.
-    s2, clock2 = make(max_batch_size=4, max_wait_ms=10)
-    s2.submit(a := job(bucket=16))
-    s2.submit(b := job(bucket=64, cost=64))
-    clock2.t += 0.010
-    assert [s2.schedule().jobs, s2.schedule().jobs] == [[a], [b]]
+    assert [s.schedule().jobs, s.schedule().jobs] == [[long], short]
+    # 3 x 48 padded tokens are worth less than a call: one full batch at once, at the longer edge.
+    s, clock = make(max_batch_size=4, max_wait_ms=10)
+    s.set_merge_cost("text", 150)
+    s.submit(long := job(bucket=64, cost=64))
+    for j in (short := [job(bucket=16) for _ in range(3)]):
+        s.submit(j)
+    d = s.schedule()
+    assert d.queue == ("text", 64) and d.jobs == [long, *short] and s.queued == 0
+    # Worth more than a call (144 > 100): apart; two shorter texts (96) would have joined.
+    s, clock = make(max_batch_size=4, max_wait_ms=10)
+    s.set_merge_cost("text", 100)
+    s.submit(long := job(bucket=64, cost=64))
+    for j in (short := [job(bucket=16) for _ in range(3)]):
+        s.submit(j)
+    clock.t += 0.010
+    assert [s.schedule().jobs, s.schedule().jobs] == [[long], short]
+    s.submit(long := job(bucket=64, cost=64))
+    for j in (short := [job(bucket=16) for _ in range(2)]):
+        s.submit(j)
+    clock.t += 0.010
+    assert s.schedule().jobs == [long, *short]
+
+
+def test_a_text_group_runs_when_any_of_its_buckets_is_ready_and_takes_smaller_queues_whole():
+    s, clock = make(max_batch_size=8, max_wait_ms=10, max_batch_tokens=200)
+    s.set_merge_cost("text", 1000)
+    s.submit(short := job(bucket=16))
+    clock.t += 0.006
+    s.submit(long := job(bucket=64, cost=64))
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.004)  # the group waits for its oldest, the short one
+    clock.t += 0.004
+    d = s.schedule()  # the short text's wait is over: it runs with the long one, padded to 64
+    assert d.queue == ("text", 64) and d.jobs == [long, short]
+    # Three short texts padded to 64 would break the 200-token budget: none joins (a part would not
+    # save their call), and shorter buckets never take longer texts.
+    s.submit(long := job(bucket=64, cost=64))
+    for j in (short := [job(bucket=16) for _ in range(3)]):
+        s.submit(j)
+    clock.t += 0.010
+    assert sorted([s.schedule().jobs, s.schedule().jobs], key=len) == [[long], short]
     # A smaller bucket that fills its own batch keeps it (no padding up).
     s3, clock3 = make(max_batch_size=4, max_wait_ms=10)
+    s3.set_merge_cost("text", 1000)
     s3.submit(lone := job(bucket=64, cost=64))
     full = [job(bucket=16) for _ in range(4)]
     for j in full:
         s3.submit(j)
+    assert [s3.schedule().jobs, s3.schedule().jobs] == [full, []]
     clock3.t += 0.010
-    assert [s3.schedule().jobs, s3.schedule().jobs] == [[lone], full]
+    assert s3.schedule().jobs == [lone]
+    with pytest.raises(InvalidArgumentError):
+        s3.set_merge_cost("text", -1)
+
+
+def test_a_submission_that_fills_a_group_is_ready_at_once():
+    s, clock = make(max_batch_size=2, max_wait_ms=50)
+    s.set_merge_cost("text", 1000)
+    assert s.submit(job(bucket=64, cost=64)) == pytest.approx(clock.t + 0.050)
+    assert s.submit(job(bucket=16)) == clock.t  # 64 + 16 fill a batch of two: the loop must wake now
+    assert len(s.schedule().jobs) == 2
 
 
 def test_flush_runs_partial_batches_without_waiting():

@@ -9,7 +9,7 @@ import pytest
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.metrics import Histogram, Metrics, percentile
-from fastgen.runtime.tuning import LatencyProfile, choose, measure
+from fastgen.runtime.tuning import CallCost, LatencyProfile, choose, fit_call_cost, measure
 
 # A typical engine: 2 ms per call plus 0.5 ms per item (ms), with a p99 20% above the median.
 COST_MS = {b: 2.0 + 0.5 * b for b in (1, 2, 4, 8, 16, 32, 64)}
@@ -60,6 +60,26 @@ def test_choose_checks_its_arguments():
         choose(profile(), "text", "32", p99_target_ms=0)
     with pytest.raises(InvalidArgumentError, match="nothing measured"):
         choose(profile(), "image", "64x64", p99_target_ms=10)
+
+
+def test_call_cost_fit_prices_padding_in_calls():
+    # 0.5 ms per call plus 5 us per token, with one batch slowed down 20x by a busy machine.
+    points = [(tokens, 5e-4 + 5e-6 * tokens) for tokens in (16, 64, 128, 512) for _ in range(5)]
+    points.append((128, 20 * (5e-4 + 5e-6 * 128)))
+    fixed, per_token = fit_call_cost(points)
+    assert fixed == pytest.approx(5e-4, rel=1e-6) and per_token == pytest.approx(5e-6, rel=1e-6)
+    assert fit_call_cost([(16, 1e-3)] * 9) is None  # one token count: no slope
+    assert fit_call_cost([(16, 1e-3), (20, 2e-3)]) is None  # too narrow a spread to tell
+    cost = CallCost(min_samples=4, every=2, cap=4096)
+    results = [cost.add(t, 5e-4 + 5e-6 * t) for _ in range(2) for t in (16, 64, 128)]
+    assert results[:3] == [None] * 3 and results[4] is None  # not before 4 samples, then every 2nd
+    assert results[3] == pytest.approx(100.0) and results[5] == pytest.approx(100.0)  # 0.5 ms / 5 us
+    free = CallCost(min_samples=2, cap=4096)
+    free.samples.extend([(16, 1e-3), (128, 1e-3)])
+    assert free.merge_units() == 4096  # padding costs nothing measurable: always worth it
+    pricey = CallCost(min_samples=2)
+    pricey.samples.extend([(16, 1e-4), (128, 2e-3)])
+    assert pricey.merge_units() == 0.0  # no fixed cost per call: padding never pays
 
 
 def test_measure_and_profile_round_trip():

@@ -48,6 +48,12 @@ class RuntimeConfig(ConfigMixin):
     """Text scoring length buckets (tokens): a text joins the smallest bucket that holds it and is
     padded to that edge (the last bucket is the scorer's max length). Empty: one bucket, each batch
     padded to its longest text (request-level batching, for comparison)."""
+    text_merge_tokens: int | None = None
+    """Text scoring: padded tokens worth one engine call. A batch takes all the queued texts of a
+    smaller bucket, padded up to its edge, only while that padding costs at most this (it saves
+    their own call). None: measured while serving (an engine call's fixed cost over its cost per
+    token, fitted to the text batches run so far; until then buckets stay apart); 0: never pad a
+    text past its own bucket."""
     max_step_rows: int = 16
     """Generation: UNet rows per denoising call, at most (an image with guidance takes two)."""
     max_step_pixels: int | None = None
@@ -68,6 +74,8 @@ class RuntimeConfig(ConfigMixin):
             _int(name, getattr(self, name), 1)
         if self.max_step_pixels is not None:
             _int("max_step_pixels", self.max_step_pixels, 1)
+        if self.text_merge_tokens is not None:
+            _int("text_merge_tokens", self.text_merge_tokens, 0)
         _float("max_wait_ms", self.max_wait_ms, 0.0)
         _float("priority_aging_s", self.priority_aging_s, 0.0, strict=True)
         _float("default_deadline_s", self.default_deadline_s, 0.0, strict=True, optional=True)

@@ -29,7 +29,7 @@ from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.metrics import Metrics, bucket_label
 from fastgen.runtime.requests import GenerateRequest, OverloadedError, RequestFuture, ScoreRequest
 from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
-from fastgen.runtime.tuning import LatencyProfile, TuningChoice, choose, measure
+from fastgen.runtime.tuning import CallCost, LatencyProfile, TuningChoice, choose, measure
 from fastgen.runtime.worker import Ticket, Worker
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,11 @@ class Runtime:
                 logger.warning("steps of up to %d UNet rows run as several calls of at most %d (the UNet engine's "
                                "batch profile): build it with profile batch=1:..:%d for one call per step",
                                self.config.max_step_rows, batch.max, self.config.max_step_rows)
+        if self.config.text_merge_tokens is not None:
+            self.scheduler.set_merge_cost("text", self.config.text_merge_tokens)
         for kind, s in scorers.items():
-            ex = executors[kind] = ScoringExecutor(s, kind, self.config, on_oom=self._lower_limit)
+            ex = executors[kind] = ScoringExecutor(s, kind, self.config, on_oom=self._lower_limit,
+                                                   on_merge_cost=self._set_merge_cost)
             if ex.max_batch_cap is not None and ex.max_batch_cap < self.config.max_batch_size:
                 self.scheduler.set_limits(kind, max_batch=ex.max_batch_cap)
         self.executors = executors
@@ -190,6 +193,10 @@ class Runtime:
                                bucket_label(bucket), max_batch)
                 self.scheduler.set_limits(kind, bucket, max_batch=max_batch)
 
+    def _set_merge_cost(self, kind: str, tokens: float) -> None:
+        with self._worker.cond:
+            self.scheduler.set_merge_cost(kind, tokens)
+
     # --- auto-tuning -----------------------------------------------------------------------------
 
     def autotune(self, p99_target_ms: float, *, arrival_rate: float | None = None,
@@ -201,7 +208,9 @@ class Runtime:
         ``measure_now``: time synthetic batches of each size on the device thread (between real
         batches) into a fresh profile; else use the profile recorded while serving. Generation is
         tuned per step: its target is ``p99_target_ms / generation_steps`` for one step of UNet rows.
-        ``apply``: set the chosen limits on the scheduler. Returns ``{"kind:bucket": choice}``.
+        ``apply``: set the chosen limits on the scheduler, and, unless ``text_merge_tokens`` is
+        fixed, the padding a text call is worth (fitted to the profile's text batches). Returns
+        ``{"kind:bucket": choice}``.
         """
         if measure_now:
             profile = self._worker.call(lambda: self._measure(batch_sizes, iters, generation_buckets)).result()
@@ -221,6 +230,16 @@ class Runtime:
                     else:
                         self.scheduler.set_limits(kind, bucket, max_batch=choice.batch_size,
                                                   max_wait_s=choice.max_wait_ms / 1e3)
+        text = self.executors.get("text")
+        if apply and getattr(text, "call_cost", None) is not None:
+            cost = CallCost(cap=float(self.config.max_batch_tokens))
+            for engine, label in profile.keys():
+                if engine == "text" and label.isdigit():
+                    for size in profile.sizes(engine, label):
+                        cost.samples.append((int(label) * size, profile.quantile(engine, label, size, 50)))
+            merge = cost.merge_units()
+            if merge is not None:
+                self._set_merge_cost("text", merge)
         return choices
 
     def _bucket_of(self, kind: str, label: str) -> Any:

@@ -20,12 +20,23 @@ interleave instead of either starving the other.
 Batches. A scoring queue is ready when its batch is full (``max_batch`` requests or ``max_cost``
 tokens / pixels) or its oldest request has waited ``max_wait_s``; requests are taken in virtual-time
 order up to both limits (the first always goes, alone if it is over budget). Text length buckets
-nest: a text batch that is not full takes shorter texts from smaller buckets that cannot fill a
-batch of their own (largest first), padded to its edge, rather than leave both batches partial:
-at low load one call of a few more rows costs far less than a second call, and at high load every
-bucket fills its own batch and pads nothing extra. Generation admits in
+nest: a text batch may take every queued text of a smaller bucket, padded to its edge, when the
+padding this adds is worth less than the engine call it saves. That price is
+:meth:`Scheduler.set_merge_cost` (padded tokens worth one call: an engine call's fixed cost over
+its cost per token, which the runtime measures while serving): on an engine whose calls cost
+little more than their tokens (onnxruntime on a CPU) buckets stay apart, since padding 16-token
+texts to 128 costs 8x their tokens; where the fixed cost of a call dominates (eager PyTorch, a
+GPU) one call of a few more padded rows beats two. Texts are grouped from the longest bucket down:
+each smaller queue joins the nearest longer one that takes it, whole (a part would not save its
+call), and only if it cannot fill a batch of its own; the group runs as soon as any of its queues
+is ready. Generation admits in
 the same order while the active set stays within its row and pixel budget, never skipping the head
 (a large request is not starved by smaller ones behind it).
+
+Cost of a decision. Limits are cached per queue, the queues of each kind are kept in bucket order
+and the text groups are formed in one pass over them, so a decision costs O(queues + batch size
++ expired and cancelled entries), whatever the number queued (1,000 queued: tens of microseconds,
+see ``tests/runtime/test_scheduler_bench.py``).
 
 Deadlines. A queued request whose deadline passes is removed and reported (fail fast: it never
 runs); a running generation is removed at its next step boundary. Cancellation: a queued request
@@ -40,106 +51,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.queues import GENERATE, BestCandidate, BucketQueue, Decision, Job, Limits
 from fastgen.runtime.requests import OverloadedError, RequestStatus
 
-#: The kind whose requests are batched step by step; every other kind is batched request by request.
-GENERATE = "generate"
 _SCORE_COST_FIELD = {"text": "max_batch_tokens", "image": "max_batch_pixels"}
-
-
-@dataclass(eq=False)
-class Job:
-    """The scheduler's view of one request. ``payload`` is the executor's (opaque here)."""
-
-    id: int
-    kind: str
-    bucket: Hashable
-    priority: int = 0
-    arrival: float | None = None
-    """Submission time on the scheduler's clock (set by :meth:`Scheduler.submit` when None)."""
-    deadline: float | None = None
-    """Absolute time on the scheduler's clock; None: never expires."""
-    rows: int = 1
-    """Batch units: generation UNet rows per step (two per guided image); scoring: 1."""
-    cost: float = 1.0
-    """Budget units: padded tokens (text), pixels (image), rows x pixels (generation)."""
-    payload: Any = None
-    status: RequestStatus = RequestStatus.QUEUED
-    started: float | None = None
-    """When it left the queue (its batch or active set took it)."""
-    cancel_requested: bool = False
-    vtime: float = 0.0
-    seq: int = 0
-
-    @property
-    def queue(self) -> tuple[str, Hashable]:
-        return (self.kind, self.bucket)
-
-
-@dataclass
-class Limits:
-    """Batch limits of one queue."""
-
-    max_batch: int
-    """Scoring: requests per batch; generation: UNet rows per step."""
-    max_cost: float = math.inf
-    max_wait_s: float = 0.0
-
-
-@dataclass
-class Decision:
-    """What the device loop does next. ``jobs`` empty and ``wait`` set: nothing is ready yet."""
-
-    kind: str | None = None
-    queue: tuple[str, Hashable] | None = None
-    jobs: list[Job] = field(default_factory=list)
-    """A scoring batch, or a generation bucket's whole active set after this step's joins."""
-    joined: list[Job] = field(default_factory=list)
-    """Generation: the requests that join the active set at this step (need encoding and noise)."""
-    expired: list[Job] = field(default_factory=list)
-    """Deadline passed: removed (queued ones never ran; running generations left their active set)."""
-    cancelled: list[Job] = field(default_factory=list)
-    """Running generations whose cancellation was asked for: removed from their active set."""
-    wait: float | None = None
-    """Nothing to run: seconds until a batch's wait or a deadline runs out (None: until notified)."""
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.jobs or self.expired or self.cancelled)
-
-
-class _Queue:
-    __slots__ = ("key", "kind", "bucket", "heap", "fifo", "count", "cost", "active", "active_rows",
-                 "active_cost", "last_service", "order")
-
-    def __init__(self, key: tuple[str, Hashable], order: int) -> None:
-        self.key, self.kind, self.bucket = key, key[0], key[1]
-        self.heap: list[tuple[float, int, Job]] = []  # (vtime, seq, job); dead entries skipped lazily
-        self.fifo: deque[Job] = deque()  # arrival order, for the oldest request's wait
-        self.count = 0
-        self.cost = 0.0
-        self.active: list[Job] = []
-        self.active_rows = 0
-        self.active_cost = 0.0
-        self.last_service = -math.inf
-        self.order = order
-
-    def head(self) -> Job | None:
-        heap = self.heap
-        while heap and heap[0][2].status is not RequestStatus.QUEUED:
-            heapq.heappop(heap)
-        return heap[0][2] if heap else None
-
-    def oldest(self) -> Job | None:
-        fifo = self.fifo
-        while fifo and fifo[0].status is not RequestStatus.QUEUED:
-            fifo.popleft()
-        return fifo[0] if fifo else None
 
 
 class Scheduler:
@@ -151,11 +69,18 @@ class Scheduler:
         self.clock = clock
         self.nested_kinds = nested_kinds
         """Kinds whose buckets are lengths (ints): a batch may take requests of smaller buckets, padded up."""
-        self._queues: dict[tuple[str, Hashable], _Queue] = {}
+        self._queues: dict[tuple[str, Hashable], BucketQueue] = {}
+        self._generate: list[BucketQueue] = []
+        self._plain: list[BucketQueue] = []  # scoring queues of kinds that do not nest
+        self._nested: dict[str, list[BucketQueue]] = {}  # kind -> its queues, longest bucket first
         self._limits: dict[tuple[str, Hashable | None], Limits] = {}
+        self._defaults: dict[str, Limits] = {}
+        self.merge_cost: dict[str, float] = {}
+        """Nested kinds: padding (cost units: tokens) worth one engine call; absent: 0, never pad across buckets."""
         self._deadlines: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._cancel_pending: list[Job] = []
+        self._best = BestCandidate()
         self._completions: deque[float] = deque(maxlen=256)
         self.queued = 0
         """Requests waiting to start (all queues)."""
@@ -165,11 +90,17 @@ class Scheduler:
     # --- limits ---------------------------------------------------------------------------------
 
     def default_limits(self, kind: str) -> Limits:
-        cfg = self.config
-        if kind == GENERATE:
-            return Limits(cfg.max_step_rows, cfg.max_step_pixels or math.inf, 0.0)
-        cost_field = _SCORE_COST_FIELD.get(kind)
-        return Limits(cfg.max_batch_size, getattr(cfg, cost_field) if cost_field else math.inf, cfg.max_wait_ms / 1e3)
+        found = self._defaults.get(kind)
+        if found is None:
+            cfg = self.config
+            if kind == GENERATE:
+                found = Limits(cfg.max_step_rows, cfg.max_step_pixels or math.inf, 0.0)
+            else:
+                cost_field = _SCORE_COST_FIELD.get(kind)
+                found = Limits(cfg.max_batch_size, getattr(cfg, cost_field) if cost_field else math.inf,
+                               cfg.max_wait_ms / 1e3)
+            self._defaults[kind] = found
+        return found
 
     def limits(self, kind: str, bucket: Hashable | None = None) -> Limits:
         """The limits of a queue: its own (auto-tuning), else its kind's, else the config's."""
@@ -188,16 +119,38 @@ class Scheduler:
                      max_cost if max_cost is not None else base.max_cost,
                      max_wait_s if max_wait_s is not None else base.max_wait_s)
         self._limits[(kind, bucket)] = new
+        for q in self._queues.values():
+            if q.kind == kind:
+                q.lim = self.limits(kind, q.bucket)
         return new
 
+    def set_merge_cost(self, kind: str, cost: float) -> None:
+        """Padding (in ``kind``'s cost units: padded tokens for texts) worth one engine call: a batch
+        takes a smaller bucket's texts only while padding them up to its edge costs at most this."""
+        if not cost >= 0:
+            raise InvalidArgumentError("merge cost", cost, "numbers >= 0")
+        self.merge_cost[kind] = float(cost)
+
     # --- requests in --------------------------------------------------------------------------
+
+    def _new_queue(self, key: tuple[str, Hashable]) -> BucketQueue:
+        q = self._queues[key] = BucketQueue(key, len(self._queues), self.limits(key[0], key[1]))
+        if q.kind == GENERATE:
+            self._generate.append(q)
+        elif q.kind in self.nested_kinds:
+            same = self._nested.setdefault(q.kind, [])
+            same.append(q)
+            same.sort(key=lambda o: o.bucket, reverse=True)  # type: ignore[arg-type,return-value]
+        else:
+            self._plain.append(q)
+        return q
 
     def submit(self, job: Job) -> float:
         """Queue ``job`` (``arrival`` None: now). Full: :class:`OverloadedError`, and the job is not queued.
 
         Returns the earliest time this submission may make a decision ready: now (a generation, a batch
-        that just filled up), the end of its queue's wait, or its deadline. The device loop need not be
-        woken for a submission whose time is later than the one it already sleeps until.
+        that may just have filled up), the end of its queue's wait, or its deadline. The device loop need
+        not be woken for a submission whose time is later than the one it already sleeps until.
         """
         if self.queued >= self.config.max_queue:
             raise OverloadedError(self.queued, self.config.max_queue, self.retry_after())
@@ -206,9 +159,7 @@ class Scheduler:
         job.seq = next(self._seq)
         job.vtime = job.arrival - job.priority * self.config.priority_aging_s
         job.status = RequestStatus.QUEUED
-        q = self._queues.get(job.queue)
-        if q is None:
-            q = self._queues[job.queue] = _Queue(job.queue, len(self._queues))
+        q = self._queues.get(job.queue) or self._new_queue(job.queue)
         heapq.heappush(q.heap, (job.vtime, job.seq, job))
         q.fifo.append(job)
         q.count += 1
@@ -218,8 +169,11 @@ class Scheduler:
             heapq.heappush(self._deadlines, (job.deadline, job.seq, job))
         if job.kind == GENERATE or self.flush:
             return job.arrival
-        lim = self.limits(q.kind, q.bucket)
-        if q.count >= lim.max_batch or q.cost >= lim.max_cost:
+        lim = q.lim
+        count = q.count
+        if job.kind in self.nested_kinds:  # a group of buckets may have filled up: count them all
+            count = sum(o.count for o in self._nested[job.kind])
+        if count >= lim.max_batch or q.cost >= lim.max_cost:
             return job.arrival
         ready = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
         return ready if job.deadline is None else min(ready, job.deadline)
@@ -263,10 +217,12 @@ class Scheduler:
         if status is RequestStatus.SUCCEEDED:
             self._completions.append(self.clock() if now is None else now)
 
-    def _leave(self, q: _Queue, job: Job) -> None:
+    def _leave(self, q: BucketQueue, job: Job) -> None:
         q.active.remove(job)
         q.active_rows -= job.rows
         q.active_cost -= job.cost
+        if job.priority >= q.active_priority:
+            q.active_priority = max((j.priority for j in q.active), default=0)
 
     def active(self, kind: str = GENERATE) -> list[Job]:
         """Running requests of the active sets of ``kind`` (all buckets)."""
@@ -274,7 +230,7 @@ class Scheduler:
 
     def pending(self) -> int:
         """Requests queued or in an active set."""
-        return self.queued + sum(len(q.active) for q in self._queues.values())
+        return self.queued + sum(len(q.active) for q in self._generate)
 
     def queue_depths(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -295,11 +251,11 @@ class Scheduler:
     def drain_active(self, status: RequestStatus = RequestStatus.FAILED) -> list[Job]:
         """Remove every running generation from its active set (shutdown); returns them."""
         out = []
-        for q in self._queues.values():
+        for q in self._generate:
             out += q.active
             for job in q.active:
                 job.status = status
-            q.active, q.active_rows, q.active_cost = [], 0, 0.0
+            q.active, q.active_rows, q.active_cost, q.active_priority = [], 0, 0.0, 0
         return out
 
     # --- the decision -------------------------------------------------------------------------
@@ -308,131 +264,194 @@ class Scheduler:
         """What to run next: expirations and cancellations to report, and one batch or step (or a wait)."""
         now = self.clock() if now is None else now
         decision = Decision()
-        self._expire(now, decision)
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire(now, decision)
         if self._cancel_pending:
-            for job in self._cancel_pending:
-                if job.status is RequestStatus.RUNNING:
-                    q = self._queues[job.queue]
-                    if job in q.active:
-                        self._leave(q, job)
-                        job.status = RequestStatus.CANCELLED
-                        decision.cancelled.append(job)
-            self._cancel_pending.clear()
+            self._take_cancelled(decision)
 
-        best: tuple[float, float, int] | None = None
-        best_q: _Queue | None = None
+        # Nothing below allocates per queue (no tuples, no lists unless a text group forms): a
+        # decision that allocates less is less often the one that triggers Python's garbage collector,
+        # whose pauses (0.1 to 2 ms) would otherwise be most of the slowest decisions.
+        best = self._best
+        best.queue, best.members = None, ()
         wake = math.inf
+        aging = self.config.priority_aging_s
         static = self.config.generation_batching == "request"
-        for q in self._queues.values():
-            if q.kind == GENERATE:
-                key = math.inf
-                if q.active:
-                    key = q.last_service - max(j.priority for j in q.active) * self.config.priority_aging_s
-                if q.count and (not q.active or not static):
-                    head = q.head()
-                    if head is not None and (not q.active or self._fits(q, head)):
-                        key = min(key, head.vtime)
-                if key == math.inf:
-                    continue
-            else:
-                if not q.count:
-                    continue
-                lim = self.limits(q.kind, q.bucket)
-                oldest = q.oldest()
-                ready_at = oldest.arrival + lim.max_wait_s  # type: ignore[union-attr]
-                count, cost = q.count, q.cost
-                if q.kind in self.nested_kinds:  # it can fill up with shorter texts (padded to its edge)
-                    for smaller in self._smaller(q):
-                        count += smaller.count
-                        cost += smaller.count * q.bucket  # type: ignore[operator]
-                if not (self.flush or count >= lim.max_batch or cost >= lim.max_cost or now >= ready_at):
-                    wake = min(wake, ready_at)
-                    continue
-                key = q.head().vtime  # type: ignore[union-attr]
-            # Ties go to the queue served longest ago (round robin when the clock has not moved).
-            if best is None or (key, q.last_service, q.order) < best:
-                best, best_q = (key, q.last_service, q.order), q
+        for q in self._generate:
+            key = math.inf
+            if q.active:
+                key = q.last_service - q.active_priority * aging
+            if q.count and (not q.active or not static):
+                head = q.head()
+                if head is not None and (not q.active or self._fits(q, head)):
+                    key = min(key, head.vtime)
+            if key != math.inf:
+                best.offer(key, q, ())
+        flush = self.flush
+        for q in self._plain:
+            if not q.count:
+                continue
+            lim = q.lim
+            ready_at = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
+            if flush or q.count >= lim.max_batch or q.cost >= lim.max_cost or now >= ready_at:
+                best.offer(q.head().vtime, q, ())  # type: ignore[union-attr]
+            elif ready_at < wake:
+                wake = ready_at
+        for kind, queues in self._nested.items():
+            wake = self._groups(queues, self.merge_cost.get(kind, 0.0), now, wake)
 
+        best_q, members = best.queue, best.members
+        best.queue, best.members = None, ()
         if best_q is None:
             if self._deadlines:
                 wake = min(wake, self._deadlines[0][0])
             decision.wait = None if wake == math.inf else max(wake - now, 0.0)
             return decision
-        decision.kind, decision.queue = (GENERATE if best_q.kind == GENERATE else best_q.kind), best_q.key
+        decision.kind, decision.queue = best_q.kind, best_q.key
         best_q.last_service = now
         if best_q.kind == GENERATE:
             self._admit(best_q, now, decision, static)
             decision.jobs = list(best_q.active)
         else:
-            decision.jobs = self._take_batch(best_q, now)
+            decision.jobs = self._take_batch(best_q, members, now)
         return decision
+
+    def _groups(self, queues: list[BucketQueue], merge_cost: float, now: float, wake: float) -> float:
+        """Form the text groups of one nested kind from its queues (longest bucket first), offer each
+        ready one to ``self._best``, and return ``wake`` lowered to the first not-ready group's time.
+
+        A group is a leader and the smaller queues it takes; it is ready when full, when flushing,
+        or when any member's oldest request has waited its ``max_wait_s``."""
+        best = self._best
+        leader: BucketQueue | None = None
+        members: list[BucketQueue] | tuple = ()
+        count, cost, key, ready_at = 0, 0.0, math.inf, math.inf
+        for q in (*queues, None):  # None: the end, which closes the last group
+            if q is not None:
+                if not q.count:
+                    continue
+                lim = q.lim
+                q_ready = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
+                q_key = q.head().vtime  # type: ignore[union-attr]
+                if leader is not None:
+                    edge = leader.bucket
+                    padded = q.count * edge  # type: ignore[operator]
+                    llim = leader.lim
+                    if (padded - q.cost <= merge_cost and q.count < lim.max_batch and q.cost < lim.max_cost
+                            and count + q.count <= llim.max_batch and cost + padded <= llim.max_cost):
+                        if members:
+                            members.append(q)  # type: ignore[union-attr]
+                        else:
+                            members = [q]
+                        count += q.count
+                        cost += padded
+                        key, ready_at = min(key, q_key), min(ready_at, q_ready)
+                        continue
+            if leader is not None:  # close the group of ``leader``
+                llim = leader.lim
+                if self.flush or now >= ready_at or count >= llim.max_batch or cost >= llim.max_cost:
+                    best.offer(key, leader, members)
+                elif ready_at < wake:
+                    wake = ready_at
+            if q is None:
+                return wake
+            leader, members, count, cost, key, ready_at = q, (), q.count, q.cost, q_key, q_ready
+        return wake
 
     def _expire(self, now: float, decision: Decision) -> None:
         heap = self._deadlines
+        expired: list[Job] = []
         while heap and heap[0][0] <= now:
             _, _, job = heapq.heappop(heap)
             if job.status is RequestStatus.QUEUED:
                 self._unqueue(job, RequestStatus.EXPIRED)
-                decision.expired.append(job)
+                expired.append(job)
             elif job.status is RequestStatus.RUNNING and job.kind == GENERATE:
                 q = self._queues[job.queue]
                 if job in q.active:
                     self._leave(q, job)
                     job.status = RequestStatus.EXPIRED
-                    decision.expired.append(job)
+                    expired.append(job)
         while heap and heap[0][2].status.terminal:  # keep the next wake-up exact
             heapq.heappop(heap)
+        if expired:
+            decision.expired = expired
 
-    def _fits(self, q: _Queue, job: Job) -> bool:
-        lim = self.limits(q.kind, q.bucket)
+    def _take_cancelled(self, decision: Decision) -> None:
+        cancelled: list[Job] = []
+        for job in self._cancel_pending:
+            if job.status is RequestStatus.RUNNING:
+                q = self._queues[job.queue]
+                if job in q.active:
+                    self._leave(q, job)
+                    job.status = RequestStatus.CANCELLED
+                    cancelled.append(job)
+        self._cancel_pending.clear()
+        if cancelled:
+            decision.cancelled = cancelled
+
+    def _fits(self, q: BucketQueue, job: Job) -> bool:
+        lim = q.lim
         return q.active_rows + job.rows <= lim.max_batch and q.active_cost + job.cost <= lim.max_cost
 
-    def _start(self, q: _Queue, job: Job, now: float) -> None:
-        """``job`` (the head of its queue ``q``) leaves the queue and runs."""
-        heapq.heappop(q.heap)
-        q.count -= 1
-        q.cost -= job.cost
-        self.queued -= 1
-        job.status = RequestStatus.RUNNING
-        job.started = now
-
-    def _admit(self, q: _Queue, now: float, decision: Decision, static: bool) -> None:
+    def _admit(self, q: BucketQueue, now: float, decision: Decision, static: bool) -> None:
         if static and q.active:
             return
-        while (head := q.head()) is not None and (not q.active or self._fits(q, head)):
-            self._start(q, head, now)
-            q.active.append(head)
+        heap, active, lim = q.heap, q.active, q.lim
+        queued = RequestStatus.QUEUED
+        while heap:
+            head = heap[0][2]
+            if head.status is not queued:  # cancelled or expired: dropped lazily
+                heapq.heappop(heap)
+                continue
+            if active and (q.active_rows + head.rows > lim.max_batch or q.active_cost + head.cost > lim.max_cost):
+                return  # the head does not fit: nothing behind it may overtake it
+            heapq.heappop(heap)
+            q.count -= 1
+            q.cost -= head.cost
+            self.queued -= 1
+            head.status = RequestStatus.RUNNING
+            head.started = now
+            q.active_priority = head.priority if not active else max(q.active_priority, head.priority)
+            active.append(head)
             q.active_rows += head.rows
             q.active_cost += head.cost
-            decision.joined.append(head)
+            if decision.joined:
+                decision.joined.append(head)  # type: ignore[attr-defined]
+            else:
+                decision.joined = [head]
 
-    def _smaller(self, q: _Queue) -> list[_Queue]:
-        """Queues of ``q``'s kind with smaller (length) buckets that cannot fill a batch of their own,
-        largest first (the least padding first). A queue that can fill its own batch keeps it: padding
-        its texts up would only cost."""
-        out = []
-        for o in self._queues.values():
-            if o.kind == q.kind and o.count and o.bucket < q.bucket:  # type: ignore[operator]
-                lim = self.limits(o.kind, o.bucket)
-                if o.count < lim.max_batch and o.cost < lim.max_cost:
-                    out.append(o)
-        return sorted(out, key=lambda o: o.bucket, reverse=True)  # type: ignore[arg-type,return-value]
-
-    def _take_batch(self, q: _Queue, now: float) -> list[Job]:
-        """Up to the limits, in virtual-time order; a nested kind's batch that is not full then takes
-        shorter requests from smaller buckets (each costs this bucket's edge: it is padded to it)."""
-        lim = self.limits(q.kind, q.bucket)
+    def _take_batch(self, q: BucketQueue, members: list[BucketQueue], now: float) -> list[Job]:
+        """``q``'s requests up to its limits, in virtual-time order, then every request of the smaller
+        queues of its group (they were chosen to fit whole, padded to ``q``'s edge)."""
+        lim = q.lim
+        max_batch, max_cost = lim.max_batch, lim.max_cost
         batch: list[Job] = []
         cost = 0.0
-        sources = [q] + (self._smaller(q) if q.kind in self.nested_kinds else [])
-        for source in sources:
-            while len(batch) < lim.max_batch and (head := source.head()) is not None:
-                padded = head.cost if source is q else float(q.bucket)  # type: ignore[arg-type]
-                if batch and cost + padded > lim.max_cost:
-                    return batch
-                self._start(source, head, now)
-                batch.append(head)
-                cost += padded
+        running = RequestStatus.RUNNING
+        queued = RequestStatus.QUEUED
+        pop = heapq.heappop
+        # head() and the bookkeeping are inlined: taking a full batch is most of a decision's cost.
+        for source in (q, *members):
+            heap = source.heap
+            taken = 0
+            while heap and len(batch) < max_batch:
+                job = heap[0][2]
+                if job.status is not queued:  # cancelled or expired: dropped lazily
+                    pop(heap)
+                    continue
+                if source is q and batch and cost + job.cost > max_cost:
+                    break
+                pop(heap)
+                source.cost -= job.cost
+                cost += job.cost
+                job.status = running
+                job.started = now
+                batch.append(job)
+                taken += 1
+            source.count -= taken
+            self.queued -= taken
+            source.last_service = now
         return batch
 
 

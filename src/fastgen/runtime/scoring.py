@@ -7,11 +7,20 @@ padding, so the score equals scoring the text alone), and its cost is the edge i
 batch is padded to its longest text (plain request-level batching). An image is decoded and
 resized to the scorer's input size at submission (a bad image fails there, alone); its bucket is
 that size and its cost its pixel count.
+
+With ``RuntimeConfig.text_merge_tokens`` None, the executor times its text batches and fits their
+cost (:class:`~fastgen.runtime.tuning.CallCost`); every so often it reports the padding one call is
+worth (``on_merge_cost``), and the scheduler lets a batch pad shorter buckets' texts only up to that.
+On a CPU with onnxruntime an engine call of the tiny classifier costs about 0.5 ms plus 5 us per
+padded token, so a 16-token text padded to 128 costs more than a call of its own; in eager PyTorch
+the fixed cost is several times larger and padding a few texts pays.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +32,10 @@ from fastgen.models.spec import parse_dim
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.requests import RequestStatus, ScoreRequest
 from fastgen.runtime.scheduler import Decision
+from fastgen.runtime.tuning import CallCost
 from fastgen.runtime.worker import Outcome, isolate
+
+logger = logging.getLogger(__name__)
 
 #: The bucket of texts padded to the longest of their batch (no length buckets).
 LONGEST = "longest"
@@ -36,11 +48,34 @@ def text_edges(buckets: tuple[int, ...], max_length: int) -> tuple[int, ...]:
     return tuple(sorted({min(b, max_length) for b in buckets} | {max_length}))
 
 
+def _fast_encoder(tokenizer: Any, max_length: int) -> Any:
+    """A private copy of a fast tokenizer's Rust backend that encodes one text as
+    ``tokenizer(text, truncation=True, max_length=max_length)`` does, never padding; None for a slow
+    tokenizer.
+
+    Submissions are tokenized in the clients' threads, and the transformers wrapper costs about twice
+    the encoding itself (it re-applies truncation and padding settings and builds a BatchEncoding
+    per call) while holding the GIL that the device thread needs between engine calls. A copy, not
+    the tokenizer's own backend: the Scorer's batch calls change that one's padding settings.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.no_padding()
+    encoder.enable_truncation(max_length, strategy="longest_first",
+                              direction=getattr(tokenizer, "truncation_side", "right"))
+    return encoder
+
+
 class ScoringExecutor:
     """Batches of one scorer (``kind``: ``text`` or ``image``)."""
 
     def __init__(self, scorer: Any, kind: str, config: RuntimeConfig,
-                 on_oom: Callable[[str, Any, int], None] | None = None) -> None:
+                 on_oom: Callable[[str, Any, int], None] | None = None,
+                 on_merge_cost: Callable[[str, float], None] | None = None) -> None:
         if getattr(scorer, "kind", None) != kind:
             raise InvalidArgumentError("scorer", repr(scorer), reason=f"expected a {kind} scorer")
         self.scorer = scorer
@@ -54,11 +89,17 @@ class ScoringExecutor:
             self._pad_values = {"input_ids": tok.pad_token_id or 0, "attention_mask": 0,
                                 "token_type_ids": getattr(tok, "pad_token_type_id", 0) or 0}
             self._seq_min = int(getattr(scorer, "_seq_min", 1) or 1)
+            self._encoder = _fast_encoder(tok, scorer.max_length)
             static = getattr(scorer, "_static_seq", None)
             self.edges = (static,) if static else text_edges(config.text_buckets, scorer.max_length)
             if getattr(scorer.tokenizer, "pad_token", None) is None:
                 self.max_batch_cap = 1  # texts of different lengths cannot share a batch without padding
                 self.edges = ()
+        # Measured only where buckets can nest (two edges or more) and nothing fixed the price.
+        self.on_merge_cost = on_merge_cost
+        self.call_cost: CallCost | None = None
+        if kind == "text" and len(self.edges) > 1 and config.text_merge_tokens is None:
+            self.call_cost = CallCost(cap=float(config.max_batch_tokens))
 
     def _engine_batch_cap(self) -> int | None:
         """Largest batch the engine takes: a fixed batch, or a strict (TensorRT) profile's max."""
@@ -83,10 +124,18 @@ class ScoringExecutor:
             if not isinstance(item, str):
                 raise InvalidArgumentError("item", type(item).__name__, "a text (str) for a text scorer")
             # Tokenized once, here: the batch is padded from these ids, never tokenized again.
-            enc = self.scorer.tokenizer(item, truncation=True, max_length=self.scorer.max_length,
-                                        return_attention_mask=True,
-                                        return_token_type_ids="token_type_ids" in self._inputs)
-            ids = {name: enc[name] for name in self._inputs}
+            if self._encoder is not None:
+                e = self._encoder.encode(item)
+                # Each Encoding attribute is a fresh Python list: read only what is not implied. With
+                # no padding the attention mask is all ones (``_pad`` writes it from the length).
+                enc = {"input_ids": e.ids}
+                if "token_type_ids" in self._inputs:
+                    enc["token_type_ids"] = e.type_ids
+            else:
+                enc = self.scorer.tokenizer(item, truncation=True, max_length=self.scorer.max_length,
+                                            return_attention_mask=True,
+                                            return_token_type_ids="token_type_ids" in self._inputs)
+            ids = {name: enc[name] for name in self._inputs if name in enc}
             length = len(ids["input_ids"])
             if not self.edges:
                 return LONGEST, 1, float(length), ids
@@ -107,7 +156,15 @@ class ScoringExecutor:
         for name in self._inputs:
             batch = np.full((len(encodings), length), self._pad_values[name], dtype=np.int64)  # (n, length)
             for row, enc in zip(batch, encodings):
-                values = enc[name]
+                values = enc.get(name)
+                if values is None:  # the attention mask of an unpadded encoding: ones over its ids
+                    values = 1
+                    n = len(enc["input_ids"])
+                    if left:
+                        row[length - n:] = values
+                    else:
+                        row[:n] = values
+                    continue
                 if left:
                     row[length - len(values):] = values
                 else:
@@ -124,16 +181,29 @@ class ScoringExecutor:
 
     def run(self, decision: Decision) -> list[Outcome]:
         bucket = decision.queue[1]  # type: ignore[index]
+        whole = len(decision.jobs)
 
         def oom(group: list) -> None:
             if self.on_oom is not None:
                 self.on_oom(self.kind, bucket, max(1, len(group) // 2))
 
+        def call(jobs: list) -> list[Any]:
+            start = time.perf_counter()
+            values = self.score(bucket, [j.payload.data for j in jobs])
+            if self.call_cost is not None and len(jobs) == whole:  # retried halves would skew the fit
+                self._observe(len(jobs) * int(bucket), time.perf_counter() - start)
+            return values
+
         with torch.inference_mode():
-            results = isolate(lambda jobs: self.score(bucket, [j.payload.data for j in jobs]), decision.jobs,
-                              what=f"{self.kind} scoring batch", on_oom=oom)
+            results = isolate(call, decision.jobs, what=f"{self.kind} scoring batch", on_oom=oom)
         return [Outcome(job, RequestStatus.SUCCEEDED if ok else RequestStatus.FAILED, value)
                 for job, ok, value in results]
+
+    def _observe(self, tokens: int, seconds: float) -> None:
+        merge = self.call_cost.add(tokens, seconds)  # type: ignore[union-attr]
+        if merge is not None and self.on_merge_cost is not None:
+            logger.debug("text batches: one engine call is worth %.0f padded tokens", merge)
+            self.on_merge_cost(self.kind, merge)
 
     def synthetic(self, bucket: Any, size: int) -> list[Any]:
         """``size`` prepared items of ``bucket`` that cost what real ones cost (for auto-tuning)."""

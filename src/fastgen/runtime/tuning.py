@@ -15,6 +15,11 @@ Model, per batch size ``b`` with median and p99 batch latency ``L50(b)``, ``L99(
 The choice is the feasible ``b`` of highest throughput (``min(capacity, arrival_rate)``), then
 lowest expected latency, then smallest ``b``. Nothing feasible: batch size 1, no wait,
 ``feasible=False``. Pure Python (no torch).
+
+Padding across text buckets: :class:`CallCost` fits ``latency = fixed + per_unit * units`` to
+measured batches (units: padded tokens) and prices padding in calls: ``fixed / per_unit`` padded
+tokens cost as much as one more engine call, which is what a text batch may add to take a smaller
+bucket's texts along (see :mod:`fastgen.runtime.scheduler`).
 """
 
 from __future__ import annotations
@@ -130,6 +135,63 @@ def choose(profile: LatencyProfile, engine: str, bucket: str, *, p99_target_ms: 
                key=lambda ce: (ce[1], ce[0].batch_size))[0]
 
 
+def fit_call_cost(points: Iterable[tuple[float, float]]) -> tuple[float, float] | None:
+    """``(fixed_s, per_unit_s)`` of a least-squares line through ``(units, seconds)`` points, or None
+    when the points cannot tell (fewer than two distinct unit counts, or less than a 2x spread).
+
+    Each distinct unit count enters as a low quantile (the 20th percentile) of its samples,
+    weighted by how many it has. Noise only ever adds time (another thread holding the GIL when the
+    engine call returns, for up to the interpreter's 5 ms switch interval; a busy machine), and it
+    hits short calls as much as long ones, so a median would flatten the line towards "padding is
+    free"; a low quantile is the cost of the call itself.
+    """
+    groups: dict[float, list[float]] = {}
+    for units, seconds in points:
+        groups.setdefault(float(units), []).append(float(seconds))
+    if len(groups) < 2 or max(groups) < 2 * min(groups):
+        return None
+    xs = list(groups)
+    ys = [_quantile(groups[x], 20) for x in xs]
+    ws = [len(groups[x]) for x in xs]
+    total = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / total
+    my = sum(w * y for w, y in zip(ws, ys)) / total
+    var = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / var
+    return my - slope * mx, slope
+
+
+class CallCost:
+    """Recent ``(units, seconds)`` of one engine's batches and the padding one call is worth.
+
+    :meth:`add` returns the new :meth:`merge_units` every ``every`` samples once ``min_samples`` are
+    in (else None), so a caller refits now and then, not per batch.
+    """
+
+    def __init__(self, *, window: int = 256, min_samples: int = 16, every: int = 16, cap: float = math.inf) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.min_samples, self.every, self.cap = min_samples, every, cap
+        self._added = 0
+
+    def add(self, units: float, seconds: float) -> float | None:
+        self.samples.append((float(units), float(seconds)))
+        self._added += 1
+        if len(self.samples) < self.min_samples or self._added % self.every:
+            return None
+        return self.merge_units()
+
+    def merge_units(self) -> float | None:
+        """Units of padding that cost one call's fixed cost (``fixed / per_unit``), within [0, cap];
+        None when the samples cannot tell yet. Padding that costs nothing measurable: ``cap``."""
+        fit = fit_call_cost(self.samples)
+        if fit is None:
+            return None
+        fixed, per_unit = fit
+        if fixed <= 0:
+            return 0.0
+        return self.cap if per_unit <= 0 else min(fixed / per_unit, self.cap)
+
+
 def measure(run: Callable[[int], Any], sizes: Iterable[int], *, engine: str, bucket: str, iters: int = 5,
             warmup: int = 1, profile: LatencyProfile | None = None,
             clock: Callable[[], float] = time.perf_counter) -> LatencyProfile:
@@ -145,4 +207,4 @@ def measure(run: Callable[[int], Any], sizes: Iterable[int], *, engine: str, buc
     return profile
 
 
-__all__ = ["LatencyProfile", "TuningChoice", "choose", "measure"]
+__all__ = ["CallCost", "LatencyProfile", "TuningChoice", "choose", "fit_call_cost", "measure"]

@@ -289,7 +289,7 @@ class Worker:
         if not (decision.expired or decision.cancelled):
             return
         now = self.scheduler.clock()
-        gone = decision.expired + decision.cancelled
+        gone = [*decision.expired, *decision.cancelled]
         with self.cond:
             for job in gone:
                 self._inflight.pop(job.id, None)

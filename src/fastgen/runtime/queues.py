@@ -1,0 +1,135 @@
+"""The scheduler's data: jobs (its view of a request), limits, decisions, and one queue per (kind, bucket).
+
+Pure Python (no torch); :mod:`fastgen.runtime.scheduler` holds the logic.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastgen.runtime.requests import RequestStatus
+
+#: The kind whose requests are batched step by step; every other kind is batched request by request.
+GENERATE = "generate"
+
+
+@dataclass(eq=False)
+class Job:
+    """The scheduler's view of one request. ``payload`` is the executor's (opaque here)."""
+
+    id: int
+    kind: str
+    bucket: Hashable
+    priority: int = 0
+    arrival: float | None = None
+    """Submission time on the scheduler's clock (set by :meth:`Scheduler.submit` when None)."""
+    deadline: float | None = None
+    """Absolute time on the scheduler's clock; None: never expires."""
+    rows: int = 1
+    """Batch units: generation UNet rows per step (two per guided image); scoring: 1."""
+    cost: float = 1.0
+    """Budget units: padded tokens (text), pixels (image), rows x pixels (generation)."""
+    payload: Any = None
+    status: RequestStatus = RequestStatus.QUEUED
+    started: float | None = None
+    """When it left the queue (its batch or active set took it)."""
+    cancel_requested: bool = False
+    vtime: float = 0.0
+    seq: int = 0
+
+    @property
+    def queue(self) -> tuple[str, Hashable]:
+        return (self.kind, self.bucket)
+
+
+@dataclass
+class Limits:
+    """Batch limits of one queue."""
+
+    max_batch: int
+    """Scoring: requests per batch; generation: UNet rows per step."""
+    max_cost: float = math.inf
+    max_wait_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the device loop does next. ``jobs`` empty and ``wait`` set: nothing is ready yet.
+
+    The lists other than ``jobs`` are a shared empty tuple unless something is in them (fewer
+    allocations per decision: see :meth:`Scheduler.schedule`); read them, never append to them.
+    """
+
+    kind: str | None = None
+    queue: tuple[str, Hashable] | None = None
+    jobs: list[Job] = field(default_factory=list)
+    """A scoring batch, or a generation bucket's whole active set after this step's joins."""
+    joined: Sequence[Job] = ()
+    """Generation: the requests that join the active set at this step (need encoding and noise)."""
+    expired: Sequence[Job] = ()
+    """Deadline passed: removed (queued ones never ran; running generations left their active set)."""
+    cancelled: Sequence[Job] = ()
+    """Running generations whose cancellation was asked for: removed from their active set."""
+    wait: float | None = None
+    """Nothing to run: seconds until a batch's wait or a deadline runs out (None: until notified)."""
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.jobs or self.expired or self.cancelled)
+
+
+class BucketQueue:
+    __slots__ = ("key", "kind", "bucket", "heap", "fifo", "count", "cost", "active", "active_rows",
+                 "active_cost", "active_priority", "last_service", "order", "lim")
+
+    def __init__(self, key: tuple[str, Hashable], order: int, lim: Limits) -> None:
+        self.key, self.kind, self.bucket = key, key[0], key[1]
+        self.heap: list[tuple[float, int, Job]] = []  # (vtime, seq, job); dead entries skipped lazily
+        self.fifo: deque[Job] = deque()  # arrival order, for the oldest request's wait
+        self.count = 0
+        self.cost = 0.0
+        self.active: list[Job] = []
+        self.active_rows = 0
+        self.active_cost = 0.0
+        self.active_priority = 0  # the best priority of the active set (kept, not recomputed per decision)
+        self.last_service = -math.inf
+        self.order = order
+        self.lim = lim  # cached: limits() walks two dicts, and every decision reads every queue's
+
+    def head(self) -> Job | None:
+        heap = self.heap
+        while heap and heap[0][2].status is not RequestStatus.QUEUED:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def oldest(self) -> Job | None:
+        fifo = self.fifo
+        while fifo and fifo[0].status is not RequestStatus.QUEUED:
+            fifo.popleft()
+        return fifo[0] if fifo else None
+
+
+class BestCandidate:
+    """The best candidate of one decision: the smallest (key, last service, creation order). Ties
+    go to the queue served longest ago (round robin when the clock has not moved)."""
+
+    __slots__ = ("key", "last", "order", "queue", "members")
+
+    def __init__(self) -> None:
+        self.key, self.last, self.order = math.inf, math.inf, 0
+        self.queue: BucketQueue | None = None
+        self.members: list[BucketQueue] | tuple = ()
+
+    def offer(self, key: float, q: BucketQueue, members: list[BucketQueue] | tuple) -> None:
+        if self.queue is not None and (key > self.key or (key == self.key and (
+                q.last_service > self.last or (q.last_service == self.last and q.order >= self.order)))):
+            return
+        self.key, self.last, self.order, self.queue, self.members = key, q.last_service, q.order, q, members
+
+
+__all__ = ["GENERATE", "BestCandidate", "BucketQueue", "Decision", "Job", "Limits"]
