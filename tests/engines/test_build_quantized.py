@@ -72,6 +72,20 @@ def test_quantized_unet_engine_against_fp32(cache, backend, preset, floor_db):
     assert engine.manifest["cache_key"] != fp32.manifest["cache_key"]
 
 
+def test_a_cache_hit_does_not_quantize_again(cache, monkeypatch):
+    first = build("tiny", component="text-classifier", backend="onnxruntime", device="cpu", cache=cache,
+                  export=FAST, quantization="w8a8-static")  # synthetic calibration: decided by the config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized on a cache hit")
+
+    monkeypatch.setattr("fastgen.quant.components.quantize_component", refuse)
+    again = build("tiny", component="text-classifier", backend="onnxruntime", device="cpu", cache=cache,
+                  export=FAST, quantization="w8a8-static")
+    assert again.cache_hit and again.manifest["cache_key"] == first.manifest["cache_key"]
+    assert again.describe()["quantization"] == first.describe()["quantization"]
+
+
 def test_onnxruntime_runs_the_int8_kernels(cache):
     engine = build("tiny", component="text-classifier", backend="onnxruntime", device="cpu", cache=cache,
                    export=FAST, quantization="w8a8-dynamic")

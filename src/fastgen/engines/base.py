@@ -152,7 +152,7 @@ class Engine(abc.ABC):
 
 def quantization_summary(manifest: Mapping[str, Any]) -> str | None:
     """``"w8a8-dynamic: 48 layers"`` for an engine built from a quantized component, else None."""
-    recipe = ((manifest.get("key_material") or {}).get("source") or {}).get("quantization") or {}
+    recipe = manifest.get("quantization") or {}
     if not recipe:
         return None
     named = (manifest.get("build_config") or {}).get("quantization")

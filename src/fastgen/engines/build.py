@@ -141,16 +141,10 @@ def _build_onnx_artifacts(staging: Path, config: BuildConfig, component: Compone
     return fields
 
 
-def _quantized(comp: Component, config: BuildConfig, calibration: Any, owned: bool) -> Component:
-    """``comp`` quantized as ``config.quantization`` says (a copy unless this build loaded it)."""
-    from fastgen.quant.components import quantize_component
-
-    if config.quant_config is None:
-        if calibration is not None:
-            raise InvalidArgumentError("calibration", type(calibration).__name__,
-                                       reason="given without a quantization to calibrate")
-        return comp
-    return quantize_component(comp, config.quant_config, calibration=calibration, inplace=owned)
+def _check_calibration(config: BuildConfig, calibration: Any) -> None:
+    if config.quant_config is None and calibration is not None:
+        raise InvalidArgumentError("calibration", type(calibration).__name__,
+                                   reason="given without a quantization to calibrate")
 
 
 def build(model: Any, *, component: str | None = None, config: BuildConfig | None = None,
@@ -171,6 +165,7 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     from fastgen.engines.cache import EngineCache, publish_dir
     from fastgen.engines.device import resolve_device
     from fastgen.engines.loading import load_engine
+    from fastgen.quant.components import component_recipe, quantize_component
 
     config = config or BuildConfig()
     if overrides:
@@ -188,6 +183,7 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
 
     onnx_source = Path(model) if _is_onnx_file(model) else None
     comp: Component | None = None
+    qconfig = owned = None
     if onnx_source is not None:
         if config.quant_config is not None:
             raise InvalidArgumentError("quantization", config.quantization, ("none",),
@@ -203,16 +199,23 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     else:
         from fastgen.export.api import resolve_component
         from fastgen.models import weights_digest
-        from fastgen.quant.components import component_recipe
-
+        _check_calibration(config, calibration)
         comp = resolve_component(model, component, config.profile)
-        comp = _quantized(comp, config, calibration, owned=isinstance(model, (str, os.PathLike)))
+        owned = isinstance(model, (str, os.PathLike))
+        qconfig = config.quant_config
+        # Quantized on a cache miss only, when the float weights and the config decide the result.
+        # Statistics from the caller's calibration data do not: calibrate and quantize first, and let
+        # the weights digest cover the quantized tensors. So must an in-memory torch engine.
+        if qconfig is not None and (calibration is not None or (config.backend == "torch" and not comp.source)):
+            comp, qconfig = quantize_component(comp, qconfig, calibration=calibration, inplace=owned), None
         spec_dict = comp.spec.to_dict()
-        # The weights digest covers the quantized tensors (and so any calibration); the recipe says
-        # how they compute (int8 weight-only and W8A8 layers hold identical tensors).
+        # A recipe says how the layers compute (int8 weight-only and W8A8 layers hold identical tensors).
+        quantization = component_recipe(comp) or (
+            {"config": qconfig.to_dict(), "calibration": "synthetic" if qconfig.needs_calibration else None}
+            if qconfig is not None else None)
         source = {"recipe": comp.source or {"class": type(comp.model).__qualname__, "repr": repr(comp.model)},
                   "weights": weights_digest(comp.model), "extras": comp.extras,
-                  "tokenizer": _tokenizer_digest(comp.tokenizer), "quantization": component_recipe(comp)}
+                  "tokenizer": _tokenizer_digest(comp.tokenizer), "quantization": quantization}
         if config.backend == "torch" and not comp.source:
             # A custom nn.Module cannot be rebuilt without pickle, so it is not cached on disk.
             if out is not None:
@@ -227,7 +230,10 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     key = sha256_json(material)
 
     def build_into(staging: Path) -> dict:
+        nonlocal comp
         t0 = time.perf_counter()
+        if comp is not None and qconfig is not None:
+            comp = quantize_component(comp, qconfig, inplace=owned)
         if config.backend == "torch":
             from fastgen.engines.torch_backend import save_torch_engine
 
@@ -246,6 +252,7 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
             "key_material": material,
             "build_config": config.to_dict(),
             "source": comp.source if comp is not None else {"onnx": str(onnx_source)},
+            "quantization": component_recipe(comp) if comp is not None else None,
             "origin": comp.origin if comp is not None else str(onnx_source),
             "extras": comp.extras if comp is not None else {},
             "fastgen_version": __version__,
