@@ -12,6 +12,9 @@ from pathlib import Path
 
 from fastgen.runtime.metrics import percentile
 
+WARMUP_FRACTION = 0.1
+"""Requests arriving in a probe's first 10% are served but not counted (the queue starts empty)."""
+
 logger = logging.getLogger("bench_load")
 GOALS = {"text": ("step", "sequential", "text scoring with length buckets vs per-request execution, goal >= 3x"),
          "generate": ("step", "request", "step-level vs request-level generation, goal >= 1.3x")}
@@ -49,16 +52,30 @@ def capacity_at(points: list[dict], metric: str, target: float) -> dict:
         return {"rps": 0.0, "offered_rps": 0.0, "bound": "not met", "lowest_probe_rps": pts[0]["offered_rps"]}
     i = max(k for k, y in enumerate(logs) if y <= goal)
     if i == len(pts) - 1:
-        return {"rps": pts[i]["achieved_rps"], "offered_rps": pts[i]["offered_rps"], "bound": "lower bound"}
+        p = pts[i]
+        return {"rps": p["goodput_rps"], "offered_rps": p["offered_rps"], "achieved_rps": p["achieved_rps"],
+                "bound": "lower bound"}
     a, b = pts[i], pts[i + 1]
     frac = 0.0 if logs[i + 1] == logs[i] else (goal - logs[i]) / (logs[i + 1] - logs[i])
     lerp = lambda key: a[key] + frac * (b[key] - a[key])  # noqa: E731
-    return {"rps": lerp("achieved_rps"), "offered_rps": lerp("offered_rps"), "bound": "interpolated"}
+    return {"rps": lerp("goodput_rps"), "offered_rps": lerp("offered_rps"), "achieved_rps": lerp("achieved_rps"),
+            "bound": "interpolated"}
+
+
+def goodput(point: dict, duration: float) -> float:
+    """Requests per second that arrived in the measured window (after the warm-up) and completed,
+    however late (within the grace): the rate the server sustains. Completions counted inside the
+    window (``achieved_rps``) instead undercount a server that finishes long requests later, as
+    earliest-deadline-first order does by design, even when every request meets its target."""
+    return (point["counted"] - point["missed"]) / (duration * (1.0 - WARMUP_FRACTION))
 
 
 def summarize(name: str, sc: dict) -> None:
     """Capacity of every mode at every target of the scenario's metrics, and the goal ratios."""
     sc["capacity"] = {}
+    for pts in sc["modes"].values():
+        for p in pts:
+            p["goodput_rps"] = goodput(p, sc["probe_duration_s"])
     for metric, targets in sc["targets"].items():
         sc["capacity"][metric] = {str(t): {m: capacity_at(pts, metric, t) for m, pts in sc["modes"].items() if pts}
                                   for t in targets}
@@ -70,6 +87,9 @@ def summarize(name: str, sc: dict) -> None:
         if ours not in caps or base not in caps:
             continue
         o, b = caps[ours], caps[base]
+        if o["bound"] == "not met":  # over the target even at its lowest probe: say so, not 0x
+            ratios[t] = {"ratio": None, "bound": f"not met at its lowest probe ({o['lowest_probe_rps']:.3g}/s)"}
+            continue
         ratio = o["rps"] / b["rps"] if b["rps"] > 0 else (math.inf if o["rps"] > 0 else None)
         kind = ("lower bound" if o["bound"] == "lower bound" or b["bound"] == "not met" else
                 "upper bound" if b["bound"] == "lower bound" else "interpolated")

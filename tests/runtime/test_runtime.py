@@ -132,6 +132,9 @@ def test_submission_tokenizes_as_the_tokenizer_does(tiny_scorer):
                 assert torch.equal(feeds[name][0], padded[name].long()), name
         scorer.tokenizer(["a", "b c d"], padding="max_length", max_length=64)  # the Scorer's own calls pad
         assert len(ex.prepare(ScoreRequest("a"))[3]["input_ids"]) < 64  # the copy never does
+        # The preparation thread's batch call gives what one call per text gives (buckets included).
+        texts = ["", "Buy NOW!!", "héllo wörld", "great product " * 100, "a\tb\nc  d", "x " * 20]
+        assert ex.defers and ex.prepare_many(texts) == [ex.prepare(ScoreRequest(t)) for t in texts]
 
 
 def test_padding_across_text_buckets_is_priced_from_measured_batches(tiny_scorer):
@@ -209,6 +212,10 @@ def test_bad_requests_fail_at_submission_and_are_never_queued(tiny_generator, ti
         with pytest.raises(InvalidArgumentError):
             ScoreRequest("x", deadline_s=0)
         assert rt.stats()["inflight"] == 0
+    with Runtime(scorer=tiny_scorer("text")) as rt:  # texts are prepared later, but checked at once
+        with pytest.raises(InvalidArgumentError) as err:
+            rt.submit(ScoreRequest(b"bytes", kind="text"))
+        assert "item" in str(err.value) and rt.stats()["inflight"] == 0
     with pytest.raises(InvalidArgumentError):
         Runtime()
 

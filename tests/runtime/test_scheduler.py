@@ -289,7 +289,7 @@ def test_bounded_queue_rejects_with_a_retry_after_estimate():
 # --- generation -----------------------------------------------------------------------------------------
 
 def test_step_level_joins_at_step_boundaries_within_the_row_budget():
-    s, clock = make(max_step_rows=6)
+    s, clock = make(max_step_rows=6, max_active_rows=6)
     a, b, c = (job(GENERATE, (64, 64), rows=2) for _ in range(3))
     for j in (a, b):
         s.submit(j)
@@ -307,7 +307,7 @@ def test_step_level_joins_at_step_boundaries_within_the_row_budget():
 
 
 def test_head_of_line_is_never_skipped():
-    s, clock = make(max_step_rows=4)
+    s, clock = make(max_step_rows=4, max_active_rows=4)
     s.submit(a := job(GENERATE, (64, 64), rows=2))
     s.schedule()
     big, small = job(GENERATE, (64, 64), rows=4), job(GENERATE, (64, 64), rows=1)
@@ -318,6 +318,97 @@ def test_head_of_line_is_never_skipped():
     s.finish(a, RequestStatus.SUCCEEDED)
     d = s.schedule()
     assert d.joined == [big]
+
+
+def gen_job(work: float, *, rows: int = 2, bucket=(64, 64), arrival=None) -> Job:
+    j = job(GENERATE, bucket, rows=rows, arrival=arrival)
+    j.work = float(work)
+    return j
+
+
+def measure_steps(s: Scheduler, bucket=(64, 64), *, fixed: float, per_row: float) -> None:
+    """Report steps of 2 to 16 rows (one request per 2 rows) costing ``fixed + per_row * rows``."""
+    for rows in (2, 4, 8, 16) * 2:
+        s.observe_step((GENERATE, bucket), rows, rows // 2, fixed + per_row * rows)
+
+
+def test_a_step_runs_the_most_urgent_of_its_active_set():
+    s, clock = make(max_step_rows=4, max_active_rows=8)
+    jobs = [gen_job(10, arrival=100.0 + i) for i in range(4)]
+    for j in reversed(jobs):
+        s.submit(j)
+    d = s.schedule()  # all four join (8 rows admitted), the two oldest run (not measured: first come first served)
+    assert set(d.joined) == set(jobs) and d.jobs == jobs[:2]
+    s.finish(jobs[0], RequestStatus.SUCCEEDED)
+    assert s.schedule().jobs == jobs[1:3]
+
+
+def test_short_requests_overtake_long_ones_that_arrived_shortly_before():
+    s, clock = make(max_step_rows=2, slowdown_target=10)
+    measure_steps(s, fixed=0.0, per_row=0.005)  # a request's step alone: 10 ms
+    assert s._queues[(GENERATE, (64, 64))].step_s == pytest.approx(0.010)
+    long, short = gen_job(50, arrival=100.0), gen_job(4, arrival=100.5)
+    late = gen_job(4, arrival=106.0)  # deadlines: long 100 + 10*0.51 = 105.1, short 101.0, late 106.5
+    for j in (long, short, late):
+        s.submit(j)
+    assert s.schedule().jobs == [short]
+    s.finish(short, RequestStatus.SUCCEEDED)
+    assert s.schedule().jobs == [long]  # the late short one does not overtake a long one that waited enough
+
+
+def test_first_come_first_served_when_slowdown_target_is_zero():
+    s, clock = make(max_step_rows=2, slowdown_target=0)
+    measure_steps(s, fixed=0.0, per_row=0.005)
+    long, short = gen_job(50, arrival=100.0), gen_job(4, arrival=100.5)
+    s.submit(short)
+    s.submit(long)
+    assert s.schedule().jobs == [long]
+
+
+def test_efficient_step_size_is_fitted_to_the_measured_step_cost():
+    s, clock = make(max_step_rows=32)
+    measure_steps(s, fixed=0.0, per_row=0.005)  # cost grows with every row (a CPU): one request per step
+    q = s._queues[(GENERATE, (64, 64))]
+    assert q.eff_rows == 2
+    measure_steps(s, (128, 128), fixed=0.050, per_row=0.001)  # a fixed cost per call (a GPU): big steps
+    assert s._queues[(GENERATE, (128, 128))].eff_rows == 450
+    for i in range(6):
+        s.submit(gen_job(10, arrival=100.0 + i))
+    d = s.schedule()
+    assert len(d.joined) == 6 and len(d.jobs) == 1  # 64x64 steps one request at a time
+
+
+def test_the_bucket_of_the_most_urgent_request_steps_next():
+    s, clock = make(max_step_rows=8, slowdown_target=10)
+    measure_steps(s, (64, 64), fixed=0.0, per_row=0.005)
+    measure_steps(s, (128, 128), fixed=0.0, per_row=0.020)
+    big = gen_job(50, bucket=(128, 128), arrival=100.0)  # deadline 100 + 10 * 51 * 0.04 = 120.4
+    small = gen_job(4, bucket=(64, 64), arrival=101.0)  # 101 + 10 * 5 * 0.01 = 101.5
+    s.submit(big)
+    s.submit(small)
+    first = s.schedule()
+    assert first.queue == (GENERATE, (64, 64)) and first.jobs == [small]
+    s.finish(small, RequestStatus.SUCCEEDED)
+    assert s.schedule().jobs == [big]
+
+
+def test_scoring_that_arrived_during_a_step_runs_before_the_next_one():
+    s, clock = make(max_step_rows=8, slowdown_target=10, max_wait_ms=0)
+    measure_steps(s, (64, 64), fixed=0.0, per_row=0.005)
+    measure_steps(s, (128, 128), fixed=0.0, per_row=0.020)
+    s.submit(small := gen_job(4, arrival=100.0))
+    assert s.schedule().jobs == [small]  # a step starts at 100.0 ...
+    # ... meanwhile a text arrives, and a long request that could join the other bucket (its
+    # deadline is later than the running one's, so that bucket does not step next)
+    s.submit(big := gen_job(50, bucket=(128, 128), arrival=100.0))
+    clock.t = 100.05
+    s.submit(text := job())
+    clock.t = 100.1
+    s.step_ended(100.1)
+    d = s.schedule()
+    assert d.kind == "text" and d.jobs == [text]
+    d = s.schedule()
+    assert d.queue == (GENERATE, (64, 64)) and big.status is RequestStatus.QUEUED
 
 
 def test_oversized_request_runs_alone():

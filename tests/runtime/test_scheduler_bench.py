@@ -1,8 +1,8 @@
 """pytest-benchmark: one scheduling decision with 1,000 requests queued (goal: at most 100 us each).
 
-The queue holds a realistic mix (texts in five length buckets, images, generations at two sizes
-with running active sets, some deadlines, several priorities) and is refilled to 1,000 before each
-timed decision; every decision forms a batch or a step at once (no waiting), the most expensive
+The queue holds a realistic mix (texts in eight length buckets, images, generations at two sizes
+with running active sets larger than a step, whose requests are chosen earliest deadline first,
+some deadlines, several priorities) and is refilled to 1,000 before each timed decision; every decision forms a batch or a step at once (no waiting), the most expensive
 case, and text groups may pad across buckets (a merge cost is set). The figures are reported by
 pytest-benchmark (median in its table; p50 and p99 in microseconds in ``extra_info``, shown by
 ``--benchmark-json``), not asserted: timing assertions are flaky on shared CPUs.
@@ -25,12 +25,15 @@ def test_schedule_decision_with_1000_queued(benchmark):
     sched = Scheduler(RuntimeConfig(max_queue=2 * QUEUED, max_batch_size=32, max_wait_ms=0, max_step_rows=16),
                       clock=lambda: clock_t[0])
     sched.set_merge_cost("text", 64.0)
+    for bucket, per_row in (((64, 64), 0.001), ((128, 128), 0.004)):  # measured steps: deadlines and step sizes
+        for rows in (2, 4, 8, 16) * 2:
+            sched.observe_step((GENERATE, bucket), rows, rows // 2, 0.002 + per_row * rows)
     ids = iter(range(10**9))
 
     def new_job() -> Job:
         r = rng.random()
         if r < 0.6:
-            edge = rng.choice((16, 16, 16, 32, 64, 128))
+            edge = rng.choice((8, 16, 16, 16, 24, 32, 48, 64, 128))
             kind, bucket, rows, cost = "text", edge, 1, float(edge)
         elif r < 0.8:
             kind, bucket, rows, cost = "image", (64, 64), 1, 4096.0

@@ -109,6 +109,17 @@ def submit(worker: Worker, kind: str, data, *, rows: int = 1, deadline_s: float 
     return fut, job
 
 
+def close_while_blocked(worker: Worker, gate: Gate, *, drain: bool) -> None:
+    """Shut ``worker`` down from another thread while ``gate`` blocks it, then open the gate: the
+    shutdown must end (every request with a status) and join the runtime's threads."""
+    closer = threading.Thread(target=worker.close, kwargs={"drain": drain})
+    closer.start()
+    threading.Event().wait(0.02)
+    gate.opened.set()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive() and not worker.alive
+
+
 # --- isolate --------------------------------------------------------------------------------------------
 
 def test_isolate_fails_only_the_bad_item():
@@ -281,12 +292,7 @@ def test_shutdown_without_draining_fails_every_request_with_a_status():
     running, _ = submit(worker, GENERATE, 50, rows=2)
     assert gate.entered.wait(TIMEOUT)
     queued = [submit(worker, GENERATE, 3, rows=2)[0] for _ in range(3)]
-    closer = threading.Thread(target=worker.close, kwargs={"drain": False})
-    closer.start()
-    threading.Event().wait(0.02)
-    gate.opened.set()
-    closer.join(TIMEOUT)
-    assert not closer.is_alive() and not worker.alive
+    close_while_blocked(worker, gate, drain=False)
     for f in [running, *queued]:
         assert isinstance(f.exception(0), ShutdownError) and f.status is RequestStatus.FAILED
 
@@ -327,3 +333,99 @@ def test_calls_run_on_the_device_thread():
     worker.close()
     with pytest.raises(ShutdownError):
         worker.call(lambda: None)
+
+
+# --- requests prepared in batches by the preparation thread -------------------------------------------
+
+class FakeDeferred(FakeScoring):
+    """Scores like FakeScoring, but its requests are prepared in batches (``defers``): 'bad' fails there."""
+
+    defers = True
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.prepared: list[list[str]] = []
+        self.prep_gate: Gate | None = None
+
+    def prepare_many(self, items):
+        if self.prep_gate is not None:
+            gate, self.prep_gate = self.prep_gate, None
+            gate()
+        self.prepared.append(list(items))
+        return [ValueError(f"cannot prepare {x!r}") if x == "bad" else (16, 1, 16.0, x) for x in items]
+
+
+def stage(worker: Worker, data) -> tuple[RequestFuture, Job]:
+    rid = next(_ids)
+    fut = RequestFuture(rid, "text")
+    job = Job(rid, "text", None, arrival=worker.scheduler.clock(), payload=Ticket(fut, data))
+    worker.stage(job)
+    fut.add_done_callback(lambda f: f.cancelled() and worker.cancel(job))
+    return fut, job
+
+
+def test_staged_requests_are_prepared_in_batches_and_a_bad_one_fails_alone():
+    ex = FakeDeferred()
+    gate = ex.prep_gate = Gate()
+    worker = start({"text": ex}, max_batch_size=64, max_wait_ms=1)
+    first, _ = stage(worker, "a")
+    assert gate.entered.wait(TIMEOUT)  # the preparation thread is busy: the rest is staged meanwhile
+    futs = [stage(worker, x)[0] for x in ["b", "bad", "c", "d"]]
+    gate.opened.set()
+    assert first.result(TIMEOUT) == "A"
+    assert [f.result(TIMEOUT) for f in (futs[0], futs[2], futs[3])] == ["B", "C", "D"]
+    assert isinstance(futs[1].exception(TIMEOUT), ValueError) and futs[1].status is RequestStatus.FAILED
+    assert ex.prepared == [["a"], ["b", "bad", "c", "d"]]  # one call for everything staged meanwhile
+    worker.close()
+    assert worker.scheduler.outside == 0 and worker.inflight() == 0
+
+
+def test_cancel_while_staged_or_being_prepared():
+    ex = FakeDeferred()
+    gate = ex.prep_gate = Gate()
+    worker = start({"text": ex}, max_batch_size=64, max_wait_ms=1)
+    preparing, _ = stage(worker, "being-prepared")
+    assert gate.entered.wait(TIMEOUT)
+    staged, job = stage(worker, "staged")
+    assert staged.cancel() and job.status is RequestStatus.CANCELLED  # removed at once
+    assert preparing.cancel()  # dropped once its preparation ends
+    kept, _ = stage(worker, "kept")
+    gate.opened.set()
+    assert kept.result(TIMEOUT) == "KEPT"
+    worker.close()
+    assert all(b == ["kept"] for b in ex.batches)
+    assert ["staged"] not in ex.prepared
+    assert worker.metrics.requests[("text", "cancelled")] == 2
+    assert worker.scheduler.outside == 0 and worker.inflight() == 0
+
+
+def test_staged_requests_count_against_the_queue_limit():
+    ex = FakeDeferred()
+    gate = ex.prep_gate = Gate()
+    worker = start({"text": ex}, max_queue=2, max_batch_size=64, max_wait_ms=1)
+    futs = [stage(worker, "a")[0]]
+    assert gate.entered.wait(TIMEOUT)
+    futs.append(stage(worker, "b")[0])
+    from fastgen.runtime.requests import OverloadedError
+
+    with pytest.raises(OverloadedError):
+        stage(worker, "c")
+    gate.opened.set()
+    assert [f.result(TIMEOUT) for f in futs] == ["A", "B"]
+    worker.close()
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_shutdown_with_staged_requests_ends_every_one(drain):
+    ex = FakeDeferred()
+    gate = ex.prep_gate = Gate()
+    worker = start({"text": ex}, max_batch_size=64, max_wait_ms=1000)
+    futs = [stage(worker, "a")[0]]
+    assert gate.entered.wait(TIMEOUT)
+    futs += [stage(worker, x)[0] for x in "bcd"]
+    close_while_blocked(worker, gate, drain=drain)
+    if drain:
+        assert [f.result(0) for f in futs] == ["A", "B", "C", "D"]
+    else:
+        assert all(isinstance(f.exception(0), ShutdownError) for f in futs)
+    assert worker.scheduler.outside == 0 and worker.inflight() == 0

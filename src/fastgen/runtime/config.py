@@ -44,10 +44,13 @@ class RuntimeConfig(ConfigMixin):
     """Text scoring: padded tokens per engine call (requests x bucket length), at most."""
     max_batch_pixels: int = 1_048_576
     """Image scoring: model-input pixels per engine call (requests x height x width), at most."""
-    text_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    text_buckets: tuple[int, ...] = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
     """Text scoring length buckets (tokens): a text joins the smallest bucket that holds it and is
     padded to that edge (the last bucket is the scorer's max length). Empty: one bucket, each batch
-    padded to its longest text (request-level batching, for comparison)."""
+    padded to its longest text (request-level batching, for comparison). Edges 1.5x apart pad a
+    text by at most a third of its bucket (powers of two: up to half); a bucket too small to fill a
+    batch of its own rides with the next longer one when padding it costs less than a call (see
+    ``text_merge_tokens``)."""
     text_merge_tokens: int | None = None
     """Text scoring: padded tokens worth one engine call. A batch takes all the queued texts of a
     smaller bucket, padded up to its edge, only while that padding costs at most this (it saves
@@ -58,6 +61,18 @@ class RuntimeConfig(ConfigMixin):
     """Generation: UNet rows per denoising call, at most (an image with guidance takes two)."""
     max_step_pixels: int | None = None
     """Generation: UNet rows x height x width per denoising call, at most; none: no pixel budget."""
+    max_active_rows: int | None = None
+    """Generation (step batching): UNet rows admitted to a shape bucket's active set (text encoded,
+    latents held), of which each step runs the most urgent up to ``max_step_rows``; none: four times
+    ``max_step_rows``."""
+    slowdown_target: float = 5.0
+    """Generation (step batching): the order of requests is earliest deadline first, a request's
+    deadline being its arrival plus this many times its solo time (its steps times its bucket's
+    measured solo step), so short requests overtake long ones that arrived shortly before them, and
+    every request's latency stays near a multiple of its own length. Set it below the slowdown a
+    service must keep (about half): deadline-first order spends all the slack it is given, so a
+    target of 10 lets the longest requests drift to 10 times their solo time as soon as the server
+    is busy. 0: first come first served."""
     generation_batching: GenerationBatching = "step"
     """step: requests join and leave a shape bucket's batch at every denoising step (continuous
     batching); request: a new batch forms only when the previous one has finished (static,
@@ -72,6 +87,9 @@ class RuntimeConfig(ConfigMixin):
         self.validate_literals()
         for name in ("max_queue", "max_batch_size", "max_batch_tokens", "max_batch_pixels", "max_step_rows"):
             _int(name, getattr(self, name), 1)
+        if self.max_active_rows is not None:
+            _int("max_active_rows", self.max_active_rows, 1)
+        _float("slowdown_target", self.slowdown_target, 0.0)
         if self.max_step_pixels is not None:
             _int("max_step_pixels", self.max_step_pixels, 1)
         if self.text_merge_tokens is not None:

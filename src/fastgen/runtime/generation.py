@@ -35,10 +35,14 @@ class GenerationExecutor:
     """Runs generation steps for a :class:`~fastgen.Generator`; ``clock`` is the scheduler's."""
 
     def __init__(self, generator: Any, *, clock: Callable[[], float] = time.monotonic,
-                 on_oom: Callable[[str, Any, int], None] | None = None) -> None:
+                 on_oom: Callable[[str, Any, int], None] | None = None,
+                 on_step: Callable[[tuple[str, Hashable], int, int, float], None] | None = None) -> None:
         self.generator = generator
         self.clock = clock
         self.on_oom = on_oom
+        self.on_step = on_step
+        """Told ``(queue, rows, requests, seconds)`` of each whole step's UNet calls (the scheduler
+        shares the device between shape buckets by what their steps cost)."""
         self._feeds_cache: dict = {}
         self._row_cap: dict[Hashable, int] = {}
 
@@ -49,6 +53,11 @@ class GenerationExecutor:
             raise InvalidArgumentError("config", type(cfg).__name__, "a fastgen.GenerateConfig")
         state = stepping.prepare(self.generator, request.prompt, cfg)
         return (state.height, state.width), state.rows, float(state.rows * state.height * state.width), state
+
+    @staticmethod
+    def work(state: stepping.SampleState) -> float:
+        """Denoising steps of a prepared request (what the scheduler's urgency scales with)."""
+        return float(len(state.timesteps))
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -68,11 +77,14 @@ class GenerationExecutor:
                     if not ok:
                         fail(job, value)
             active = [j for j in decision.jobs if j.id not in failed]
+            start = time.perf_counter()
             for chunk in self._chunks(bucket, active):
                 results = isolate(self._step, chunk, what="UNet step", on_oom=lambda group: self._oom(bucket, group))
                 for job, ok, value in results:
                     if not ok or value is not None:  # the call failed, or this request's scheduler step did
                         fail(job, value)
+            if self.on_step is not None and active and not failed:  # retried halves would skew the fit
+                self.on_step(decision.queue, sum(j.rows for j in active), len(active), time.perf_counter() - start)
             finished = [j for j in active if j.id not in failed and j.payload.data.done]
             to_decode = [j for j in finished if j.payload.data.config.output_type != "latent"]
             decoded: dict[int, torch.Tensor] = {}

@@ -39,6 +39,8 @@ class Job:
     started: float | None = None
     """When it left the queue (its batch or active set took it)."""
     cancel_requested: bool = False
+    work: float = 0.0
+    """Generation: denoising steps (its urgency grows with it: see ``RuntimeConfig.slowdown_target``)."""
     vtime: float = 0.0
     seq: int = 0
 
@@ -85,7 +87,7 @@ class Decision:
 
 class BucketQueue:
     __slots__ = ("key", "kind", "bucket", "heap", "fifo", "count", "cost", "active", "active_rows",
-                 "active_cost", "active_priority", "last_service", "order", "lim")
+                 "active_cost", "active_priority", "active_vmin", "last_service", "order", "lim", "step_s", "eff_rows", "steps", "observed")
 
     def __init__(self, key: tuple[str, Hashable], order: int, lim: Limits) -> None:
         self.key, self.kind, self.bucket = key, key[0], key[1]
@@ -97,9 +99,17 @@ class BucketQueue:
         self.active_rows = 0
         self.active_cost = 0.0
         self.active_priority = 0  # the best priority of the active set (kept, not recomputed per decision)
+        self.active_vmin = math.inf  # the smallest virtual time (most urgent deadline) of the active set, kept
         self.last_service = -math.inf
         self.order = order
         self.lim = lim  # cached: limits() walks two dicts, and every decision reads every queue's
+        # Generation: ``step_s``, one request's step alone in this bucket (seconds), and ``eff_rows``,
+        # the fewest rows per step that use the engine within 10% of its best rate per row, fitted to
+        # ``steps``, the recent (rows, requests, seconds) of this bucket's steps (Scheduler.observe_step).
+        self.step_s: float | None = None
+        self.eff_rows: int | None = None
+        self.observed = 0
+        self.steps: deque[tuple[int, int, float]] | None = None
 
     def head(self) -> Job | None:
         heap = self.heap

@@ -78,7 +78,8 @@ class Runtime:
         self.scorers = scorers
         executors: dict[str, Any] = {}
         if generator is not None:
-            executors[GENERATE] = GenerationExecutor(generator, clock=self.clock, on_oom=self._lower_limit)
+            executors[GENERATE] = GenerationExecutor(generator, clock=self.clock, on_oom=self._lower_limit,
+                                                     on_step=self._observe_step)
             batch = generator.unet.spec.profile.dims.get("batch")
             if batch is not None and batch.max < self.config.max_step_rows:
                 logger.warning("steps of up to %d UNet rows run as several calls of at most %d (the UNet engine's "
@@ -110,8 +111,11 @@ class Runtime:
     def submit(self, request: GenerateRequest | ScoreRequest) -> RequestFuture:
         """Accept one request and return its future (thread-safe; never blocks on the device).
 
-        Checks and preparation (tokenizing, image decoding and resizing, the request's scheduler)
-        run in the caller's thread, so a bad request raises here and is never queued. A full queue
+        Checks and preparation (image decoding and resizing, the request's scheduler) run in the
+        caller's thread, so a bad request raises here and is never queued. Texts for a fast tokenizer
+        are only checked here: the runtime's preparation thread tokenizes everything submitted
+        meanwhile in one call that releases the GIL (one call per text in the clients' threads would
+        hold it for about as long as the engine call of a small classifier takes per text). A full queue
         raises :class:`OverloadedError` (with ``retry_after_s``), a closed runtime ShutdownError.
         """
         if isinstance(request, GenerateRequest):
@@ -125,16 +129,23 @@ class Runtime:
             have = [k for k in self.executors]
             raise InvalidArgumentError("request", f"a {kind} request", have,
                                        reason=f"this runtime has no {'generator' if kind == GENERATE else kind + ' scorer'}")
-        bucket, rows, cost, data = executor.prepare(request)
+        defers = getattr(executor, "defers", False)
+        if defers:  # checked here, prepared in batches by the runtime's preparation thread
+            bucket, rows, cost, data = None, 1, 0.0, executor.check(request)
+        else:
+            bucket, rows, cost, data = executor.prepare(request)
         deadline_s = request.deadline_s if request.deadline_s is not None else self.config.default_deadline_s
         rid = next(self._ids)
         future = RequestFuture(rid, kind)
         now = self.clock()
         job = Job(rid, kind, bucket, priority=int(request.priority), arrival=now,
                   deadline=None if deadline_s is None else now + deadline_s, rows=rows, cost=cost,
-                  payload=Ticket(future, data, deadline_s))
+                  work=executor.work(data) if kind == GENERATE else 0.0, payload=Ticket(future, data, deadline_s))
         try:
-            self._worker.submit(job)
+            if defers:
+                self._worker.stage(job)
+            else:
+                self._worker.submit(job)
         except OverloadedError:
             self.metrics.reject(kind)
             raise
@@ -192,6 +203,10 @@ class Runtime:
                 logger.warning("out of device memory: %s bucket %s now takes at most %d per batch", kind,
                                bucket_label(bucket), max_batch)
                 self.scheduler.set_limits(kind, bucket, max_batch=max_batch)
+
+    def _observe_step(self, queue: Any, rows: int, requests: int, seconds: float) -> None:
+        with self._worker.cond:
+            self.scheduler.observe_step(queue, rows, requests, seconds)
 
     def _set_merge_cost(self, kind: str, tokens: float) -> None:
         with self._worker.cond:

@@ -8,14 +8,23 @@ Queues. Each (kind, bucket) has its own queue: ``("text", 32)`` holds texts padd
 ``("image", (224, 224))`` images of one model-input size, ``("generate", (64, 64))`` generations of
 one image size. Scoring kinds form one-shot batches; the ``generate`` kind keeps an *active set*
 per bucket that requests join and leave at step boundaries (continuous batching), or, in
-``request`` mode, that forms anew only once empty (static batching).
+``request`` mode, that forms anew only once empty (static batching, first come first served).
 
 Order. A request's *virtual time* is ``arrival - priority * priority_aging_s``: ordering by it is
 ordering by ``priority + waited / priority_aging_s`` at every instant, so one heap per queue keeps
 priorities with aging in O(log n), and an old request always ends up ahead of newer ones (no
-starvation). Across queues, the ready queue with the smallest key runs next; an active generation
-set's key is its last step's time (minus its best priority), so steps and scoring batches
-interleave instead of either starving the other.
+starvation). Across queues, the ready queue with the smallest key runs next; generation's key is
+its last step's time (minus its best running priority), so steps and scoring batches interleave
+instead of either starving the other.
+
+Generation order (step batching). A request's virtual time is its *deadline*: arrival plus
+``slowdown_target`` times its solo time (its steps times its bucket's solo step, fitted to the
+measured steps), minus priority times aging: earliest deadline first. Every step is a choice of
+requests: the bucket holding the most urgent request steps, and the step runs that bucket's most
+urgent requests up to ``max_step_rows`` and its efficient size (the fewest rows within 10% of the
+engine's best cost per row); the rest of its active set (up to ``max_active_rows``) waits, text
+encoded, at a step boundary. A paused request costs nothing, so short requests overtake long ones
+that arrived shortly before them, which request-level batching cannot do.
 
 Batches. A scoring queue is ready when its batch is full (``max_batch`` requests or ``max_cost``
 tokens / pixels) or its oldest request has waited ``max_wait_s``; requests are taken in virtual-time
@@ -56,8 +65,23 @@ from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.queues import GENERATE, BestCandidate, BucketQueue, Decision, Job, Limits
 from fastgen.runtime.requests import OverloadedError, RequestStatus
+from fastgen.runtime.tuning import fit_call_cost
 
 _SCORE_COST_FIELD = {"text": "max_batch_tokens", "image": "max_batch_pixels"}
+
+
+_POOL = 4  # step batching: a bucket's active set holds up to this many steps' rows (max_active_rows unset)
+
+
+def _by_vtime(job: Job) -> float:
+    return job.vtime
+
+
+def _pixels(bucket: Hashable) -> float:
+    """Pixels of a generation bucket ``(height, width)``; 1 for anything else."""
+    if isinstance(bucket, tuple) and len(bucket) == 2 and all(isinstance(x, (int, float)) for x in bucket):
+        return float(bucket[0] * bucket[1])
+    return 1.0
 
 
 class Scheduler:
@@ -82,8 +106,11 @@ class Scheduler:
         self._cancel_pending: list[Job] = []
         self._best = BestCandidate()
         self._completions: deque[float] = deque(maxlen=256)
+        self._gen_last = -math.inf  # when the last generation step (of any bucket) was decided
         self.queued = 0
         """Requests waiting to start (all queues)."""
+        self.outside = 0
+        """Requests accepted but not queued yet (being prepared): they count against ``max_queue``."""
         self.flush = False
         """Run scoring batches without waiting for them to fill (set while draining at shutdown)."""
 
@@ -145,19 +172,30 @@ class Scheduler:
             self._plain.append(q)
         return q
 
-    def submit(self, job: Job) -> float:
-        """Queue ``job`` (``arrival`` None: now). Full: :class:`OverloadedError`, and the job is not queued.
+    def admit_outside(self) -> None:
+        """Count one request accepted before it can be queued (``outside``); full: :class:`OverloadedError`.
+        It is queued later with ``submit(job, counted=True)`` (after ``outside -= 1``), or dropped."""
+        if self.queued + self.outside >= self.config.max_queue:
+            raise OverloadedError(self.queued + self.outside, self.config.max_queue, self.retry_after())
+        self.outside += 1
+
+    def submit(self, job: Job, *, counted: bool = False) -> float:
+        """Queue ``job`` (``arrival`` None: now). Full: :class:`OverloadedError`, and the job is not queued
+        (``counted``: it was admitted by :meth:`admit_outside`, and is never refused).
 
         Returns the earliest time this submission may make a decision ready: now (a generation, a batch
         that may just have filled up), the end of its queue's wait, or its deadline. The device loop need
         not be woken for a submission whose time is later than the one it already sleeps until.
         """
-        if self.queued >= self.config.max_queue:
-            raise OverloadedError(self.queued, self.config.max_queue, self.retry_after())
+        if not counted and self.queued + self.outside >= self.config.max_queue:
+            raise OverloadedError(self.queued + self.outside, self.config.max_queue, self.retry_after())
         if job.arrival is None:
             job.arrival = self.clock()
         job.seq = next(self._seq)
-        job.vtime = job.arrival - job.priority * self.config.priority_aging_s
+        if job.kind == GENERATE and self.config.generation_batching == "step" and self.config.slowdown_target:
+            job.vtime = self._urgency(job)
+        else:
+            job.vtime = job.arrival - job.priority * self.config.priority_aging_s
         job.status = RequestStatus.QUEUED
         q = self._queues.get(job.queue) or self._new_queue(job.queue)
         heapq.heappush(q.heap, (job.vtime, job.seq, job))
@@ -223,6 +261,8 @@ class Scheduler:
         q.active_cost -= job.cost
         if job.priority >= q.active_priority:
             q.active_priority = max((j.priority for j in q.active), default=0)
+        if job.vtime <= q.active_vmin:
+            q.active_vmin = min((j.vtime for j in q.active), default=math.inf)
 
     def active(self, kind: str = GENERATE) -> list[Job]:
         """Running requests of the active sets of ``kind`` (all buckets)."""
@@ -255,7 +295,7 @@ class Scheduler:
             out += q.active
             for job in q.active:
                 job.status = status
-            q.active, q.active_rows, q.active_cost, q.active_priority = [], 0, 0.0, 0
+            q.active, q.active_rows, q.active_cost, q.active_priority, q.active_vmin = [], 0, 0.0, 0, math.inf
         return out
 
     # --- the decision -------------------------------------------------------------------------
@@ -277,16 +317,8 @@ class Scheduler:
         wake = math.inf
         aging = self.config.priority_aging_s
         static = self.config.generation_batching == "request"
-        for q in self._generate:
-            key = math.inf
-            if q.active:
-                key = q.last_service - q.active_priority * aging
-            if q.count and (not q.active or not static):
-                head = q.head()
-                if head is not None and (not q.active or self._fits(q, head)):
-                    key = min(key, head.vtime)
-            if key != math.inf:
-                best.offer(key, q, ())
+        if self._generate:
+            self._generation(aging, static)
         flush = self.flush
         for q in self._plain:
             if not q.count:
@@ -310,11 +342,126 @@ class Scheduler:
         decision.kind, decision.queue = best_q.kind, best_q.key
         best_q.last_service = now
         if best_q.kind == GENERATE:
+            self._gen_last = now
             self._admit(best_q, now, decision, static)
-            decision.jobs = list(best_q.active)
+            decision.jobs = list(best_q.active) if static else self._running(best_q)
         else:
             decision.jobs = self._take_batch(best_q, members, now)
         return decision
+
+    def _generation(self, aging: float, static: bool) -> None:
+        """Offer the generation bucket to step next, if any can, to ``self._best``.
+
+        Generation competes with scoring as one kind: its key is the time of its last step (minus
+        the best running priority), or the arrival of a request that can start now if earlier, so
+        scoring batches that arrived during a step run before the next one. Between shape buckets:
+        with step batching, the bucket of the most urgent request (smallest ``vtime``, running or
+        able to join: earliest deadline first); with request batching, the one served longest ago.
+        """
+        chosen: BucketQueue | None = None
+        chosen_head: Job | None = None
+        chosen_key = math.inf
+        for q in self._generate:
+            head = q.head() if q.count else None
+            if head is not None and (q.active if static else not self._fits_pool(q, head, *self._pool(q))):
+                head = None  # cannot join at this step
+            if head is None and not q.active:
+                continue
+            if static:
+                q_key = q.last_service
+            else:
+                q_key = q.active_vmin
+                if head is not None and head.vtime < q_key:
+                    q_key = head.vtime
+            if chosen is None or q_key < chosen_key or (q_key == chosen_key and q.last_service < chosen.last_service):
+                chosen, chosen_head, chosen_key = q, head, q_key  # ties: the bucket served longest ago
+        if chosen is None:
+            return
+        # Against scoring, only what this step would run counts: a request that can join another
+        # bucket does not make this one's step more urgent than the scoring batches waiting.
+        key = self._gen_last - chosen.active_priority * aging if chosen.active else math.inf
+        if chosen_head is not None:
+            key = min(key, chosen_head.arrival - chosen_head.priority * aging)  # type: ignore[operator]
+        self._best.offer(key, chosen, ())
+
+    def _urgency(self, job: Job) -> float:
+        """Generation with step batching: a request's deadline for earliest-deadline-first order, its
+        arrival plus ``slowdown_target`` times its solo time (``work`` steps of its bucket's solo
+        step, once measured), so a 4-step request overtakes a 50-step one that arrived a little earlier
+        but not one that has waited ten times its own length. Minus priority times aging."""
+        q = self._queues.get(job.queue)
+        step_s = q.step_s if q is not None else None
+        if step_s is None:  # not measured yet: one more from pixels, else first come first served
+            step_s = self._scaled_step(job.bucket)
+        solo = (job.work + 1.0) * step_s if step_s else 0.0
+        return job.arrival + self.config.slowdown_target * solo - job.priority * self.config.priority_aging_s  # type: ignore[operator]
+
+    def _scaled_step(self, bucket: Hashable) -> float | None:
+        for other in self._generate:
+            if other.step_s is not None:
+                return other.step_s * _pixels(bucket) / _pixels(other.bucket)
+        return None
+
+    def _pool(self, q: BucketQueue) -> tuple[int, float]:
+        """Step batching: the rows and cost ``q``'s active set may hold (``max_active_rows``, and the
+        step's cost budget times the same factor)."""
+        lim = q.lim
+        rows = self.config.max_active_rows or _POOL * lim.max_batch
+        return rows, lim.max_cost * max(rows / lim.max_batch, 1.0)
+
+    @staticmethod
+    def _fits_pool(q: BucketQueue, job: Job, rows: int, cost: float) -> bool:
+        """Can ``job`` join ``q``'s active set of at most ``rows`` rows and ``cost`` (:meth:`_pool`)?"""
+        return not q.active or (q.active_rows + job.rows <= rows and q.active_cost + job.cost <= cost)
+
+    def _running(self, q: BucketQueue) -> list[Job]:
+        """Step batching: the requests of ``q``'s active set that this step runs, the most urgent first,
+        up to the step's row and cost limits and its efficient size (``eff_rows``: on an engine whose
+        cost grows with every row, as on a CPU, a smaller step serves the urgent requests sooner at the
+        same rate per row; where a call's fixed cost dominates, as on a GPU, it is the row limit)."""
+        lim = q.lim
+        rows_cap = lim.max_batch if q.eff_rows is None else min(lim.max_batch, q.eff_rows)
+        active = q.active
+        if q.active_rows <= rows_cap and q.active_cost <= lim.max_cost:
+            return list(active)
+        out: list[Job] = []
+        rows, cost = 0, 0.0
+        for job in sorted(active, key=_by_vtime):
+            if out and (rows + job.rows > rows_cap or cost + job.cost > lim.max_cost):
+                continue  # a smaller one behind may still fit
+            out.append(job)
+            rows += job.rows
+            cost += job.cost
+        return out
+
+    def step_ended(self, now: float) -> None:
+        """A generation step has finished (the device loop says so): scoring requests that arrived
+        while it ran go before the next step (until then, its decision time stands in)."""
+        self._gen_last = now
+
+    def observe_step(self, key: tuple[str, Hashable], rows: int, requests: int, seconds: float) -> None:
+        """A step of generation queue ``key`` ran ``rows`` UNet rows of ``requests`` requests in
+        ``seconds``: refit that bucket's solo step time (``fixed + per_row * rows per request``,
+        from the recent steps, every 8; the median per-request time until rows vary enough)."""
+        if rows < 1 or requests < 1:
+            return
+        q = self._queues.get(key) or self._new_queue(key)
+        if q.steps is None:
+            q.steps = deque(maxlen=64)
+        q.steps.append((rows, requests, seconds))
+        q.observed += 1
+        n = len(q.steps)
+        if q.observed % 8 and q.step_s is not None:
+            return
+        per_request = sum(r for r, _, _ in q.steps) / sum(j for _, j, _ in q.steps)
+        fit = fit_call_cost([(r, t) for r, _, t in q.steps]) if n >= 8 else None
+        if fit is not None and fit[1] > 0:
+            fixed = max(fit[0], 0.0)
+            q.step_s = fixed + fit[1] * per_request
+            # rows * per_row / (fixed + rows * per_row) >= 90%: rows >= 9 * fixed / per_row
+            q.eff_rows = max(math.ceil(per_request - 1e-9), math.ceil(9.0 * fixed / fit[1] - 1e-9))
+        elif q.step_s is None:
+            q.step_s = sorted(t * j / r for r, j, t in q.steps)[n // 2] * per_request
 
     def _groups(self, queues: list[BucketQueue], merge_cost: float, now: float, wake: float) -> float:
         """Form the text groups of one nested kind from its queues (longest bucket first), offer each
@@ -390,22 +537,22 @@ class Scheduler:
         if cancelled:
             decision.cancelled = cancelled
 
-    def _fits(self, q: BucketQueue, job: Job) -> bool:
-        lim = q.lim
-        return q.active_rows + job.rows <= lim.max_batch and q.active_cost + job.cost <= lim.max_cost
-
     def _admit(self, q: BucketQueue, now: float, decision: Decision, static: bool) -> None:
         if static and q.active:
             return
         heap, active, lim = q.heap, q.active, q.lim
         queued = RequestStatus.QUEUED
+        pool_rows, pool_cost = self._pool(q)
         while heap:
             head = heap[0][2]
             if head.status is not queued:  # cancelled or expired: dropped lazily
                 heapq.heappop(heap)
                 continue
-            if active and (q.active_rows + head.rows > lim.max_batch or q.active_cost + head.cost > lim.max_cost):
-                return  # the head does not fit: nothing behind it may overtake it
+            if static:
+                if active and (q.active_rows + head.rows > lim.max_batch or q.active_cost + head.cost > lim.max_cost):
+                    return  # the head does not fit: nothing behind it may overtake it
+            elif active and (q.active_rows + head.rows > pool_rows or q.active_cost + head.cost > pool_cost):
+                return
             heapq.heappop(heap)
             q.count -= 1
             q.cost -= head.cost
@@ -413,6 +560,7 @@ class Scheduler:
             head.status = RequestStatus.RUNNING
             head.started = now
             q.active_priority = head.priority if not active else max(q.active_priority, head.priority)
+            q.active_vmin = head.vtime if not active else min(q.active_vmin, head.vtime)
             active.append(head)
             q.active_rows += head.rows
             q.active_cost += head.cost

@@ -83,6 +83,7 @@ class ScoringExecutor:
         self.on_oom = on_oom
         self.max_batch_cap = self._engine_batch_cap()
         self.edges: tuple[int, ...] = ()
+        self._encoder: Any = None
         if kind == "text":
             tok = scorer.tokenizer
             self._inputs = list(scorer.engine.spec.input_names)
@@ -90,6 +91,9 @@ class ScoringExecutor:
                                 "token_type_ids": getattr(tok, "pad_token_type_id", 0) or 0}
             self._seq_min = int(getattr(scorer, "_seq_min", 1) or 1)
             self._encoder = _fast_encoder(tok, scorer.max_length)
+            # Without character offsets (tokenizers >= 0.20), which nothing here reads: 15-20% faster.
+            self._encode_batch = getattr(self._encoder, "encode_batch_fast", None) or getattr(
+                self._encoder, "encode_batch", None)
             static = getattr(scorer, "_static_seq", None)
             self.edges = (static,) if static else text_edges(config.text_buckets, scorer.max_length)
             if getattr(scorer.tokenizer, "pad_token", None) is None:
@@ -117,30 +121,57 @@ class ScoringExecutor:
             return [tuple(self.scorer.image_size)]
         return list(self.edges) or [LONGEST]
 
+    @property
+    def defers(self) -> bool:
+        """Texts with a fast tokenizer are prepared in batches (:meth:`prepare_many`), not one by one."""
+        return self._encoder is not None
+
+    def check(self, request: ScoreRequest) -> Any:
+        """The item of a request that :meth:`prepare_many` will prepare; bad input raises here."""
+        if self.kind == "text" and not isinstance(request.item, str):
+            raise InvalidArgumentError("item", type(request.item).__name__, "a text (str) for a text scorer")
+        return request.item
+
+    def prepare_many(self, texts: list[str]) -> list[Any]:
+        """(bucket, rows, cost, data), or the exception, of each text: one tokenizer call for all of
+        them (the fast tokenizer releases the GIL and may use every core), one per text on failure."""
+        try:
+            encodings = self._encode_batch(texts)
+        except Exception:
+            out: list[Any] = []
+            for text in texts:
+                try:
+                    out.append(self._entry(self._ids(self._encoder.encode(text))))  # type: ignore[union-attr]
+                except Exception as exc:
+                    out.append(exc)
+            return out
+        return [self._entry(self._ids(e)) for e in encodings]
+
+    def _ids(self, e: Any) -> dict[str, list[int]]:
+        # Each Encoding attribute is a fresh Python list: read only what is not implied. With no
+        # padding the attention mask is all ones (``_pad`` writes it from the length).
+        if "token_type_ids" in self._inputs:
+            return {"input_ids": e.ids, "token_type_ids": e.type_ids}
+        return {"input_ids": e.ids}
+
+    def _entry(self, ids: dict[str, list[int]]) -> tuple[Any, int, float, Any]:
+        length = len(ids["input_ids"])
+        if not self.edges:
+            return LONGEST, 1, float(length), ids
+        edge = self.edges[min(bisect.bisect_left(self.edges, length), len(self.edges) - 1)]
+        return edge, 1, float(edge), ids
+
     def prepare(self, request: ScoreRequest) -> tuple[Any, int, float, Any]:
         """(bucket, rows, cost, data) of one request, in the caller's thread; bad input raises here."""
-        item = request.item
+        item = self.check(request)
         if self.kind == "text":
-            if not isinstance(item, str):
-                raise InvalidArgumentError("item", type(item).__name__, "a text (str) for a text scorer")
             # Tokenized once, here: the batch is padded from these ids, never tokenized again.
             if self._encoder is not None:
-                e = self._encoder.encode(item)
-                # Each Encoding attribute is a fresh Python list: read only what is not implied. With
-                # no padding the attention mask is all ones (``_pad`` writes it from the length).
-                enc = {"input_ids": e.ids}
-                if "token_type_ids" in self._inputs:
-                    enc["token_type_ids"] = e.type_ids
-            else:
-                enc = self.scorer.tokenizer(item, truncation=True, max_length=self.scorer.max_length,
-                                            return_attention_mask=True,
-                                            return_token_type_ids="token_type_ids" in self._inputs)
-            ids = {name: enc[name] for name in self._inputs if name in enc}
-            length = len(ids["input_ids"])
-            if not self.edges:
-                return LONGEST, 1, float(length), ids
-            edge = self.edges[min(bisect.bisect_left(self.edges, length), len(self.edges) - 1)]
-            return edge, 1, float(edge), ids
+                return self._entry(self._ids(self._encoder.encode(item)))
+            enc = self.scorer.tokenizer(item, truncation=True, max_length=self.scorer.max_length,
+                                        return_attention_mask=True,
+                                        return_token_type_ids="token_type_ids" in self._inputs)
+            return self._entry({name: enc[name] for name in self._inputs if name in enc})
         from fastgen.pipelines import imageio
 
         s = self.scorer

@@ -125,8 +125,16 @@ class Worker:
         self.scheduler = scheduler
         self.executors = dict(executors)
         self.metrics = metrics
-        self.cond = threading.Condition()
+        lock = threading.Lock()
+        self.cond = threading.Condition(lock)
+        self._prep_wake = threading.Condition(lock)  # the preparation thread's, under the same lock
         self._inflight: dict[int, Job] = {}
+        self._staged: dict[int, Job] = {}  # accepted, waiting for the preparation thread
+        self._preparing: dict[int, Job] = {}  # being prepared now (outside the lock)
+        self._prep_idle = False
+        self._prep_thread: threading.Thread | None = None
+        if any(getattr(ex, "defers", False) for ex in self.executors.values()):
+            self._prep_thread = threading.Thread(target=self._prep_main, name=f"{name}-prep", daemon=True)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._closing = False
         self._abort = False
@@ -138,6 +146,8 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+        if self._prep_thread is not None:
+            self._prep_thread.start()
 
     @property
     def alive(self) -> bool:
@@ -156,9 +166,31 @@ class Worker:
             if ready_at < self._sleeping_until:
                 self.cond.notify()
 
+    def stage(self, job: Job) -> None:
+        """Accept a job whose executor prepares requests in batches (``defers``): it is queued once the
+        preparation thread has prepared it (raises as :meth:`submit` does, and then it was not accepted)."""
+        with self.cond:
+            if self._closing or self._crashed is not None:
+                raise ShutdownError("the runtime is shut down: no new requests" if self._crashed is None else
+                                    f"the runtime's device loop stopped: {self._crashed}")
+            self.scheduler.admit_outside()
+            self._staged[job.id] = job
+            self._inflight[job.id] = job
+            if self._prep_idle:
+                self._prep_wake.notify()
+
     def cancel(self, job: Job) -> None:
         """A future was cancelled: take its job out of the queue, or flag it to leave at its next step."""
         with self.cond:
+            if self._staged.pop(job.id, None) is not None:  # not prepared yet: gone at once
+                self.scheduler.outside -= 1
+                self._inflight.pop(job.id, None)
+                job.status = RequestStatus.CANCELLED
+                self._record(job, RequestStatus.CANCELLED, self.scheduler.clock())
+                self.cond.notify()
+                return
+            if job.id in self._preparing:  # the preparation thread drops it when done
+                return
             was_queued = job.status is RequestStatus.QUEUED
             if self.scheduler.cancel(job) and was_queued:
                 self._inflight.pop(job.id, None)
@@ -187,6 +219,7 @@ class Worker:
             if not drain:
                 self._abort = True
             self.cond.notify()
+            self._prep_wake.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -196,6 +229,12 @@ class Worker:
                 self._thread.join(grace)
         if self._thread.is_alive():  # a device call that never returns: fail its requests anyway
             logger.error("the runtime's device loop did not stop within %.0f s; failing its requests", grace)
+        prep = self._prep_thread
+        if prep is not None and prep.is_alive() and prep is not threading.current_thread():
+            with self.cond:
+                self._abort = True  # the device loop has stopped: nothing staged can run any more
+                self._prep_wake.notify()
+            prep.join(grace)
         self._fail_all(ShutdownError("the runtime was shut down before the request finished"))
         while self._calls:
             self._calls.popleft()[1].set_exception(ShutdownError("the runtime is shut down"))
@@ -229,7 +268,7 @@ class Worker:
                     self.metrics.decision(time.perf_counter() - t0)
                     if decision.has_work:
                         break
-                    if self._closing and sched.pending() == 0:
+                    if self._closing and sched.pending() == 0 and sched.outside == 0:
                         stop = True
                         break
                     now = sched.clock()
@@ -256,6 +295,84 @@ class Worker:
             if decision.jobs:
                 self._execute(decision)
 
+    # --- preparation thread -------------------------------------------------------------------
+
+    def _prep_main(self) -> None:
+        try:
+            self._prep_loop()
+        except BaseException as exc:  # a bug: fail what it holds, and stop the runtime taking more
+            logger.exception("the runtime's preparation thread crashed")
+            with self.cond:
+                self._crashed = exc
+                jobs = [*self._staged.values(), *self._preparing.values()]
+                self._staged.clear()
+                self._preparing.clear()
+                self.scheduler.outside -= len(jobs)
+                for job in jobs:
+                    self._inflight.pop(job.id, None)
+                    self._record(job, RequestStatus.FAILED, self.scheduler.clock())
+                self.cond.notify()
+            for job in jobs:
+                job.payload.future._finish(RequestStatus.FAILED, error=ShutdownError(
+                    f"the runtime's preparation thread crashed: {type(exc).__name__}: {exc}"))
+
+    def _prep_loop(self) -> None:
+        """Prepare staged jobs in batches (a text batch is tokenized in one call that releases the
+        GIL, where one call per submission in the clients' threads would hold it), then queue them.
+
+        Everything staged while a batch is prepared forms the next batch: the busier the runtime,
+        the larger the batches, and an idle runtime prepares each request as soon as it arrives.
+        """
+        while True:
+            with self.cond:
+                while not self._staged and not (self._closing or self._abort):
+                    self._prep_idle = True
+                    self._prep_wake.wait()
+                    self._prep_idle = False
+                if not self._staged:  # closing, and nothing more can be staged
+                    return
+                jobs = list(self._staged.values())
+                self._staged.clear()
+                self._preparing = {j.id: j for j in jobs}
+            by_kind: dict[str, list[Job]] = {}
+            for job in jobs:
+                by_kind.setdefault(job.kind, []).append(job)
+            prepared: dict[int, Any] = {}
+            for kind, group in by_kind.items():
+                try:
+                    values = self.executors[kind].prepare_many([j.payload.data for j in group])
+                except Exception as exc:  # executors isolate bad items themselves; this is a last resort
+                    values = [exc] * len(group)
+                for job, value in zip(group, values):
+                    prepared[job.id] = value
+            failed: list[tuple[Job, BaseException]] = []
+            with self.cond:
+                sched = self.scheduler
+                ready_at = math.inf
+                now = sched.clock()
+                for job in jobs:
+                    sched.outside -= 1
+                    value = prepared[job.id]
+                    if job.payload.future.cancelled():
+                        status = RequestStatus.CANCELLED
+                    elif self._abort or isinstance(value, BaseException):
+                        status = RequestStatus.FAILED
+                    else:
+                        job.bucket, job.rows, job.cost, job.payload.data = value
+                        ready_at = min(ready_at, sched.submit(job, counted=True))
+                        continue
+                    self._inflight.pop(job.id, None)
+                    job.status = status
+                    self._record(job, status, now)
+                    if status is RequestStatus.FAILED:  # (a cancelled future is resolved already)
+                        failed.append((job, value if isinstance(value, BaseException) else ShutdownError(
+                            "the runtime was shut down before the request finished")))
+                self._preparing = {}
+                if ready_at < self._sleeping_until or self._closing:
+                    self.cond.notify()
+            for job, error in failed:
+                job.payload.future._finish(RequestStatus.FAILED, error=error)
+
     def _execute(self, decision: Decision) -> None:
         executor = self.executors[decision.kind]  # type: ignore[index]
         start = time.perf_counter()
@@ -271,6 +388,7 @@ class Worker:
             if decision.kind == GENERATE:
                 rows = sum(j.rows for j in decision.jobs)
                 self.metrics.step(bucket, len(decision.jobs), rows, seconds)
+                self.scheduler.step_ended(now)
             else:
                 self.metrics.batch(kind, bucket, len(decision.jobs), seconds)
             for out in outcomes:
@@ -312,7 +430,10 @@ class Worker:
     def _abort_locked(self) -> list[Job]:
         """Shutdown without draining (lock held): take every queued and running request out; the
         caller fails them once the lock is released."""
-        jobs = self.scheduler.drain_queued() + self.scheduler.drain_active()
+        jobs = self.scheduler.drain_queued() + self.scheduler.drain_active() + list(self._staged.values())
+        self.scheduler.outside -= len(self._staged)
+        self._staged.clear()
+        self._prep_wake.notify()
         now = self.scheduler.clock()
         for job in jobs:
             self._inflight.pop(job.id, None)
