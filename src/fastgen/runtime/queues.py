@@ -87,7 +87,8 @@ class Decision:
 
 class BucketQueue:
     __slots__ = ("key", "kind", "bucket", "heap", "fifo", "count", "cost", "active", "active_rows",
-                 "active_cost", "active_priority", "active_vmin", "last_service", "order", "lim", "step_s", "eff_rows", "steps", "observed")
+                 "active_cost", "active_priority", "active_vmin", "last_service", "order", "lim", "step_s",
+                 "eff_rows", "steps", "observed")
 
     def __init__(self, key: tuple[str, Hashable], order: int, lim: Limits) -> None:
         self.key, self.kind, self.bucket = key, key[0], key[1]

@@ -106,7 +106,7 @@ class Scheduler:
         self._cancel_pending: list[Job] = []
         self._best = BestCandidate()
         self._completions: deque[float] = deque(maxlen=256)
-        self._gen_last = -math.inf  # when the last generation step (of any bucket) was decided
+        self._gen_last = -math.inf  # when the last generation step was decided, then when it ended (step_ended)
         self.queued = 0
         """Requests waiting to start (all queues)."""
         self.outside = 0
@@ -363,7 +363,7 @@ class Scheduler:
         chosen_key = math.inf
         for q in self._generate:
             head = q.head() if q.count else None
-            if head is not None and (q.active if static else not self._fits_pool(q, head, *self._pool(q))):
+            if head is not None and q.active and (static or not self._fits(q, head, static)):
                 head = None  # cannot join at this step
             if head is None and not q.active:
                 continue
@@ -388,7 +388,7 @@ class Scheduler:
         """Generation with step batching: a request's deadline for earliest-deadline-first order, its
         arrival plus ``slowdown_target`` times its solo time (``work`` steps of its bucket's solo
         step, once measured), so a 4-step request overtakes a 50-step one that arrived a little earlier
-        but not one that has waited ten times its own length. Minus priority times aging."""
+        but not one that has waited ``slowdown_target`` times its own length. Minus priority times aging."""
         q = self._queues.get(job.queue)
         step_s = q.step_s if q is not None else None
         if step_s is None:  # not measured yet: one more from pixels, else first come first served
@@ -402,17 +402,19 @@ class Scheduler:
                 return other.step_s * _pixels(bucket) / _pixels(other.bucket)
         return None
 
-    def _pool(self, q: BucketQueue) -> tuple[int, float]:
-        """Step batching: the rows and cost ``q``'s active set may hold (``max_active_rows``, and the
-        step's cost budget times the same factor)."""
+    def _caps(self, q: BucketQueue, static: bool) -> tuple[int, float]:
+        """The rows and cost ``q``'s active set may hold: one step's limits with request batching;
+        with step batching ``max_active_rows`` (default ``_POOL`` steps' rows), and the step's cost
+        budget times the same factor."""
         lim = q.lim
+        if static:
+            return lim.max_batch, lim.max_cost
         rows = self.config.max_active_rows or _POOL * lim.max_batch
         return rows, lim.max_cost * max(rows / lim.max_batch, 1.0)
 
-    @staticmethod
-    def _fits_pool(q: BucketQueue, job: Job, rows: int, cost: float) -> bool:
-        """Can ``job`` join ``q``'s active set of at most ``rows`` rows and ``cost`` (:meth:`_pool`)?"""
-        return not q.active or (q.active_rows + job.rows <= rows and q.active_cost + job.cost <= cost)
+    def _fits(self, q: BucketQueue, job: Job, static: bool) -> bool:
+        rows, cost = self._caps(q, static)
+        return q.active_rows + job.rows <= rows and q.active_cost + job.cost <= cost
 
     def _running(self, q: BucketQueue) -> list[Job]:
         """Step batching: the requests of ``q``'s active set that this step runs, the most urgent first,
@@ -540,19 +542,16 @@ class Scheduler:
     def _admit(self, q: BucketQueue, now: float, decision: Decision, static: bool) -> None:
         if static and q.active:
             return
-        heap, active, lim = q.heap, q.active, q.lim
+        heap, active = q.heap, q.active
         queued = RequestStatus.QUEUED
-        pool_rows, pool_cost = self._pool(q)
+        cap_rows, cap_cost = self._caps(q, static)
         while heap:
             head = heap[0][2]
             if head.status is not queued:  # cancelled or expired: dropped lazily
                 heapq.heappop(heap)
                 continue
-            if static:
-                if active and (q.active_rows + head.rows > lim.max_batch or q.active_cost + head.cost > lim.max_cost):
-                    return  # the head does not fit: nothing behind it may overtake it
-            elif active and (q.active_rows + head.rows > pool_rows or q.active_cost + head.cost > pool_cost):
-                return
+            if active and (q.active_rows + head.rows > cap_rows or q.active_cost + head.cost > cap_cost):
+                return  # the head does not fit: nothing behind it may overtake it
             heapq.heappop(heap)
             q.count -= 1
             q.cost -= head.cost
