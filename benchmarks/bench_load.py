@@ -61,7 +61,7 @@ while the device thread runs the engines; a second intra-op thread takes that co
 anything else running, PyTorch's OpenMP barrier waits of 10-200 ms per call (measured) swamp the
 tiny models. The sequential mode runs on the same engines, and was also faster with one thread
 on this machine. Scheduling decisions are timed at the end with 1,000 requests queued, as in
-``tests/runtime/test_scheduler_bench.py``.
+``tests/runtime/test_request_scheduler_bench.py``.
 """
 
 from __future__ import annotations
@@ -89,12 +89,12 @@ import torch
 from load_analysis import WARMUP_FRACTION, isotonic, p99_of, scheduling_decisions, summarize, write
 
 import fastgen
-from fastgen.engines.config import BuildConfig, RuntimeOptions
+from fastgen.core.stats import percentile
+from fastgen.engines.config import BuildConfig, ExecutionOptions
 from fastgen.export.config import ExportConfig
 from fastgen.pipelines.generator import Generator
 from fastgen.pipelines.scorer import Scorer
 from fastgen.runtime import GenerateRequest, Runtime, ScoreRequest
-from fastgen.runtime.metrics import percentile
 
 logger = logging.getLogger("bench_load")
 MODES = ("sequential", "request", "step")
@@ -422,7 +422,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     build = BuildConfig(backend=args.backend, device=args.device, precision=args.precision,
-                        export=ExportConfig(verify="opt"), runtime=RuntimeOptions(intra_op_threads=args.threads))
+                        export=ExportConfig(verify="opt"), execution=ExecutionOptions(intra_op_threads=args.threads))
     gen = Generator.from_pretrained(args.preset, backend=args.backend, device=args.device, precision=args.precision,
                                     profile=f"batch=1:8:{args.max_step_rows},height={min(sizes)}:{sizes[0]}:"
                                             f"{max(sizes)},width={min(sizes)}:{sizes[0]}:{max(sizes)}",

@@ -77,10 +77,10 @@ def diffusers_pipeline(preset: str, scheduler: str | None, device: str, dtype: t
     comps = {name: load_component(preset, name) for name in model_components(preset)
              if name in ("unet", "vae-decoder", "text-encoder", "text-encoder-2")}
     unet = comps["unet"]
-    sched = make_scheduler(scheduler, unet.extras["scheduler"])
+    sched = make_scheduler(scheduler, unet.metadata.scheduler)
     kwargs = dict(unet=unet.model, vae=comps["vae-decoder"].model, text_encoder=comps["text-encoder"].model,
                   tokenizer=comps["text-encoder"].tokenizer, scheduler=sched)
-    if unet.extras.get("pipeline") == "sdxl":
+    if unet.metadata.pipeline == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline(text_encoder_2=comps["text-encoder-2"].model,

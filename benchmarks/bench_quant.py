@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import fastgen
-from fastgen._fs import write_json_atomic
+from fastgen.core.fs import write_json_atomic
 from fastgen.quant import (
     Fp8DynamicConfig,
     Int4WeightOnlyConfig,
@@ -97,7 +97,7 @@ def vit_classifier():
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
-    from fastgen.quant import report
+    import quant_accuracy as report  # benchmarks/quant_accuracy.py, next to this script
 
     out_path = Path(args.out or RESULTS / "quant_accuracy_cpu.json")
     parts = set(args.parts.split(","))
@@ -176,7 +176,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     if cuda and not torch.cuda.is_available():
         print("bench_quant --gpu: no CUDA device; nothing measured")
         return 0
-    from fastgen.quant import report
+    import quant_accuracy as report  # benchmarks/quant_accuracy.py, next to this script
 
     out_path = Path(args.out or RESULTS / ("quant_latency_cuda.json" if cuda else "quant_latency_cpu_dryrun.json"))
     env = report.environment()

@@ -10,7 +10,7 @@ import random
 import time
 from pathlib import Path
 
-from fastgen.runtime.metrics import percentile
+from fastgen.core.stats import percentile
 
 WARMUP_FRACTION = 0.1
 """Requests arriving in a probe's first 10% are served but not counted (the queue starts empty)."""
@@ -155,13 +155,13 @@ def write(result: dict, out: Path) -> None:
 
 
 def scheduling_decisions(rng: random.Random, rounds: int = 3000) -> dict:
-    """One decision with 1,000 queued, as tests/runtime/test_scheduler_bench.py (its workload)."""
+    """One decision with 1,000 queued, as tests/runtime/test_request_scheduler_bench.py (its workload)."""
     from fastgen.runtime.config import RuntimeConfig
+    from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
     from fastgen.runtime.requests import RequestStatus
-    from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
 
     clock = [0.0]
-    sched = Scheduler(RuntimeConfig(max_queue=2000, max_batch_size=32, max_wait_ms=0, max_step_rows=16),
+    sched = RequestScheduler(RuntimeConfig(max_queue=2000, max_batch_size=32, max_wait_ms=0, max_step_rows=16),
                       clock=lambda: clock[0])
     sched.set_merge_cost("text", 64.0)
     ids = iter(range(10**9))

@@ -1,16 +1,24 @@
 """Triton kernels, installed as ``fastgen.kernels``.
 
-Kernels take tensors and know nothing of models. Each op lives in its own file; its plain PyTorch
-reference (the CPU fallback and the test oracle) lives beside the op's dispatch in ``fastgen.ops`` so
-that the fallback never imports triton, and is re-exported from the kernel file.
+Kernels take tensors and know nothing of models; they import nothing above them (``fastgen.core``,
+``fastgen.errors``), and ``fastgen.ops`` dispatches to them. Each op lives in its own kernel file; its
+plain PyTorch reference (the CPU fallback and the test oracle) and its argument checks live beside it in
+a ``*_reference`` module that never imports triton, so that the fallback never pays for triton. The
+kernel file re-exports its reference; ``fastgen.ops`` re-exports them under its own names.
 
 - ``attention``: fused forward attention, (batch, seq, heads, head_dim) with any strides.
+  Reference: ``attention_reference``.
 - ``attention_int8``: SageAttention-style attention: smoothed K, int8 Q.K^T, fp16 or fp8 P.V.
+  Reference: ``attention_int8_reference``.
 - ``quantize_per_token``: dynamic per-token int8 / fp8 e4m3 quantization, scales in the same pass.
 - ``gemm_int8``: W8A8 GEMM, per-token x per-channel scales, bias and activation epilogue.
-- ``gemm_fp8``: fp8 e4m3 GEMM with row-wise scales (Hopper tensor cores).
+- ``gemm_fp8``: fp8 e4m3 GEMM with row-wise scales (Ada / Hopper tensor cores). Both run the one scaled
+  GEMM body of ``_gemm_common`` (the operand type a constexpr), each with its own launch-config table.
 - ``gemm_weight_only``: int8 / group-wise int4 weights dequantized in registers, for small token counts.
-- ``tuning``: launch configs per GPU architecture (shipped tables, persistent autotune cache).
+- ``quant_reference``: the quantization formats and the references of the three quant kernels above.
+- ``device``: where kernels run (CUDA, or the CPU under Triton's interpreter: :func:`~fastgen.kernels.device.interpreting`).
+- ``launch_configs``: launch configs per GPU architecture (shipped tables in ``configs/``, persistent
+  autotune cache).
 """
 
 # This folder is fastgen's kernel *source*: it is meant to be imported as ``fastgen.kernels``. When the

@@ -3,7 +3,8 @@
 ``attention_fwd(q, k, v, *, mask=None, causal=False, scale=None)``: q ``(batch, seq_q, heads, head_dim)``,
 k/v ``(batch, seq_k, heads, head_dim)``, any strides (all are passed to the kernel, nothing is made
 contiguous); the output is a new contiguous tensor shaped like q. Semantics are those of
-:func:`fastgen.ops.attention.attention_reference` (re-exported here; the CPU fallback and test oracle):
+:func:`fastgen.kernels.attention_reference.attention_reference` (re-exported here; the CPU fallback
+and test oracle):
 
 - optional boolean key-padding ``mask`` ``(batch, seq_k)``, True = attend;
 - ``causal``: query ``i`` sees key ``j <= i + seq_k - seq_q`` (aligned to the end like flash-attention;
@@ -30,15 +31,14 @@ the user's autotune cache, then the shipped table, then a small default table by
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.kernels.tuning import ConfigTable, pow2_bucket
-from fastgen.ops.attention import attention_reference, check_attention_args
+from fastgen.kernels.attention_reference import attention_reference, check_attention_args
+from fastgen.kernels.device import check_launch_device, interpreting
+from fastgen.kernels.launch_configs import ConfigTable, pow2_bucket
 
 __all__ = ["attention_fwd", "attention_reference", "head_dim_chunks"]
 
@@ -167,10 +167,6 @@ def _attn_fwd_kernel(
                  o1.to(Out.dtype.element_ty), mask=m_ok[:, None] & d1_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     """``(D0, D1)``: power-of-two chunks covering head_dim (D1 = 0 when one chunk suffices)."""
     d0 = 1 << (head_dim.bit_length() - 1)  # largest power of two <= head_dim
@@ -183,7 +179,7 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
 
 def _default_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     """Fixed blocks: big enough to feed tensor cores, small enough for registers at this head dim."""
-    if _interpreting():
+    if interpreting():
         # Interpreter: few, vectorised numpy steps; 32 also exercises partial blocks at seq 77/113.
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
@@ -223,7 +219,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: to
     ``out``: optional preallocated output shaped like q (any strides), e.g. a poisoned buffer in tests.
     ``block_m``/``block_n``: override the default block table (powers of two >= 16).
     ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket and persist the fastest
-    (see :mod:`fastgen.kernels.tuning`); without it, tuned/shipped configs are used when present, else
+    (see :mod:`fastgen.kernels.launch_configs`); without it, tuned/shipped configs are used when present, else
     the default table. Ignored under the interpreter.
     """
     check_attention_args(q, k, v, mask, scale)
@@ -233,8 +229,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: to
     seq_k = k.shape[1]
     if not 16 <= head_dim <= 256:
         raise InvalidArgumentError("q.shape[-1] (head_dim)", head_dim, "16..256")
-    if q.device.type != "cuda" and not _interpreting():
-        raise InvalidArgumentError("q.device", q.device, "cuda (or cpu with TRITON_INTERPRET=1)")
+    check_launch_device("q", q)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:

@@ -4,8 +4,8 @@
 semantics as :func:`fastgen.kernels.attention.attention_fwd` (q ``(batch, seq_q, heads, head_dim)``,
 k/v ``(batch, seq_k, heads, head_dim)``, any strides, bool key-padding mask, causal aligned to the end,
 empty rows -> zeros, scale default ``1/sqrt(head_dim)``). The arithmetic is that of
-:func:`fastgen.ops.attention_int8.attention_int8_reference` (re-exported; the CPU fallback and the
-test oracle), which documents the algorithm. Three launches:
+:func:`fastgen.kernels.attention_int8_reference.attention_int8_reference` (re-exported; the CPU
+fallback and the test oracle), which documents the algorithm. Three launches:
 
 1. ``_quant_int8_kernel`` for Q and for K: one pass per block of rows computes the block's amax and
    writes int8 values plus one fp32 scale, K smoothed on the fly (its fp32 mean over the sequence is
@@ -34,17 +34,13 @@ nothing is autotuned.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.kernels.attention import shape_key, softmax_step
-from fastgen.kernels.tuning import ConfigTable
-from fastgen.ops.attention import check_attention_args
-from fastgen.ops.attention_int8 import (
+from fastgen.kernels.attention_int8_reference import (
     DTYPES,
     LOG2E,
     attention_int8_reference,
@@ -54,6 +50,9 @@ from fastgen.ops.attention_int8 import (
     k_mean,
     resolve_pv,
 )
+from fastgen.kernels.attention_reference import check_attention_args
+from fastgen.kernels.device import check_launch_device, interpreting
+from fastgen.kernels.launch_configs import ConfigTable
 
 __all__ = ["AUTOTUNE_CONFIGS", "attention_int8_fwd", "attention_int8_reference", "int8_head_dim_chunks",
            "quantize_int8", "quantize_v_fp8"]
@@ -241,10 +240,6 @@ def _attn_int8_fwd_kernel(
                  o1.to(Out.dtype.element_ty), mask=m_ok[:, None] & dv1_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _pow2_chunks(head_dim: int, minimum: int) -> tuple[int, int]:
     """Two power-of-two chunks, each >= minimum, covering head_dim (second 0 if one suffices)."""
     d0 = max(1 << (head_dim.bit_length() - 1), minimum)  # largest power of two <= head_dim
@@ -260,7 +255,7 @@ def int8_head_dim_chunks(head_dim: int) -> tuple[tuple[int, int], tuple[int, int
 
 
 def _default_config(head_dim: int) -> dict[str, int]:
-    if _interpreting():
+    if interpreting():
         # Interpreter: few, vectorised numpy steps; 32 also exercises partial blocks at seq 77/113.
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     bm, bn = default_blocks(head_dim)
@@ -279,7 +274,7 @@ CONFIGS = ConfigTable("attention_int8", AUTOTUNE_CONFIGS)
 
 def quantize_int8(x: torch.Tensor, block: int, *, shift: torch.Tensor | None = None, mult: float = 1.0,
                   width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`fastgen.ops.attention_int8.quantize_blocks` (same numbers).
+    """Triton version of :func:`fastgen.kernels.attention_int8_reference.quantize_blocks` (same numbers).
 
     x ``(batch, seq, heads, dim)`` any strides -> int8 ``(batch, heads, seq_pad, width)`` zero-padded
     (``seq_pad`` a multiple of ``block``, ``width`` >= dim, default the Q.K^T chunk total) and fp32
@@ -305,7 +300,7 @@ def quantize_v_fp8(v: torch.Tensor, v_inv: torch.Tensor, block: int, width: int)
     v8 = torch.empty((batch, heads, width, nb * block), dtype=torch.float8_e4m3fn, device=v.device)
     _quant_v_fp8_kernel[(nb, batch * heads)](
         v, v_inv, v8, heads, seq, dim, nb * block, *v.stride(),
-        BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DV=width, EMULATE=_interpreting(),
+        BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DV=width, EMULATE=interpreting(),
         enable_fp_fusion=False)
     return v8
 
@@ -319,7 +314,7 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     ``out``: optional preallocated output shaped like q (any strides). ``block_m``/``block_n``: powers
     of two, >= 16 / >= 32, overriding the default table (they are the quantization blocks too).
     ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket and persist the winner
-    (:mod:`fastgen.kernels.tuning`); otherwise tuned or shipped configs are used when present. ``pv``: ``"fp16"``, ``"fp8"``
+    (:mod:`fastgen.kernels.launch_configs`); otherwise tuned or shipped configs are used when present. ``pv``: ``"fp16"``, ``"fp8"``
     or None (fp8 on CUDA compute capability >= 8.9, else fp16).
     """
     check_attention_args(q, k, v, mask, scale)
@@ -329,8 +324,7 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     seq_k = k.shape[1]
     if not 1 <= head_dim <= 256:
         raise InvalidArgumentError("q.shape[-1] (head_dim)", head_dim, "1..256")
-    if q.device.type != "cuda" and not _interpreting():
-        raise InvalidArgumentError("q.device", q.device, "cuda (or cpu with TRITON_INTERPRET=1)")
+    check_launch_device("q", q)
     pv = resolve_pv(pv, q.device)
     if pv == "fp8" and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise UnsupportedError("attention backend 'triton-int8' does not support pv='fp8' on CUDA compute "
@@ -367,7 +361,7 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
             *v_arg.stride(), *out.stride(), smb, smn,
             DQ0=dq0, DQ1=dq1, DV0=dv0, DV1=max(dv1, 16), HAS_DV1=dv1 > 0, HAS_MASK=mask is not None,
             CAUSAL=bool(causal), PV_FP8=pv == "fp8", V_CLAMP=pv == "fp16" and v.dtype != torch.float16,
-            EMULATE=_interpreting(), **cfg)
+            EMULATE=interpreting(), **cfg)
 
     key = f"{shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))}-pv{pv}"
     cfg = CONFIGS.choose(key, q.device, launch, _default_config(head_dim),

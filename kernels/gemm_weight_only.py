@@ -5,7 +5,7 @@ fp16/bf16/fp32 (any strides); bits 8: wq int8 ``(N, K)``; bits 4: wq uint8 ``(N,
 int4 codes per byte (even k in the low nibble, two's complement); w_scale fp32 ``(N,)`` (per output
 channel) or ``(N, K // group_size)`` (group-wise); bias ``(N,)`` any float dtype. Returns a new
 contiguous ``(M, N)`` tensor in x's dtype. Semantics are those of
-:func:`fastgen.ops.quant.weight_only_gemm_reference` (re-exported here): ``x @ dequant(wq).T + bias``.
+:func:`fastgen.kernels.quant_reference.weight_only_gemm_reference` (re-exported here): ``x @ dequant(wq).T + bias``.
 
 The weights are never dequantized in memory: each ``(BLOCK_K, BLOCK_N)`` tile of codes is loaded,
 (for int4) unpacked with a shift and a sign extension, converted to x's dtype (exact: |code| <= 128
@@ -26,17 +26,10 @@ import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.kernels._gemm_common import (
-    capability,
-    check_block,
-    check_launch_device,
-    config_key,
-    interpreting,
-    m_bucket,
-    tile_ids,
-)
-from fastgen.kernels.tuning import ConfigTable
-from fastgen.ops.quant import GROUP_SIZES, weight_only_gemm_reference
+from fastgen.kernels._gemm_common import check_block, config_key, m_bucket, tile_ids
+from fastgen.kernels.device import capability, check_launch_device, interpreting
+from fastgen.kernels.launch_configs import ConfigTable
+from fastgen.kernels.quant_reference import GROUP_SIZES, weight_only_gemm_reference
 
 __all__ = ["AUTOTUNE_CONFIGS", "weight_only_gemm_fwd", "weight_only_gemm_reference"]
 

@@ -3,7 +3,7 @@
 ``quantize_per_token_fwd(x, *, smooth=None, fp8=False)``: x ``(..., K)`` fp16/bf16/fp32 with any
 strides (leading dims are collapsed to (batch, seq) strides when possible, else copied); returns
 ``(xq, scale)``: xq ``(..., K)`` int8 or float8_e4m3fn (contiguous), scale ``(...,)`` fp32. Semantics
-are those of :func:`fastgen.ops.quant.quantize_per_token_reference` (re-exported here), bit for bit:
+are those of :func:`fastgen.kernels.quant_reference.quantize_per_token_reference` (re-exported here), bit for bit:
 
 - ``x / smooth`` (optional SmoothQuant divisor), amax per row, ``scale = amax / qmax`` (1 if amax == 0),
   codes from ``x / scale``. Every division is ``tl.math.div_rn`` (IEEE round-to-nearest): Triton's
@@ -28,9 +28,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.kernels._gemm_common import check_block, check_launch_device, config_key, interpreting, m_bucket
-from fastgen.kernels.tuning import ConfigTable
-from fastgen.ops.quant import quantize_per_token_reference
+from fastgen.kernels._gemm_common import check_block, config_key, m_bucket
+from fastgen.kernels.device import check_launch_device, interpreting
+from fastgen.kernels.launch_configs import ConfigTable
+from fastgen.kernels.quant_reference import quantize_per_token_reference
 
 __all__ = ["quantize_per_token_fwd", "quantize_per_token_reference"]
 

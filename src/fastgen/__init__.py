@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastgen._lazy import lazy_getattr
-from fastgen._version import __version__
+from fastgen.core import plugins as _plugins
+from fastgen.core.lazy import lazy_getattr
+from fastgen.version import __version__
 
 # public name -> module that defines it
 _LAZY = {
@@ -18,7 +19,8 @@ _LAZY = {
     "ExportResult": "fastgen.export.api",
     "build": "fastgen.engines.build",
     "BuildConfig": "fastgen.engines.config",
-    "RuntimeOptions": "fastgen.engines.config",
+    "ExecutionOptions": "fastgen.engines.config",
+    "RuntimeOptions": "fastgen.engines.config",  # deprecated name of ExecutionOptions
     "Engine": "fastgen.engines.base",
     "EngineCache": "fastgen.engines.cache",
     "load_engine": "fastgen.engines.loading",
@@ -53,6 +55,9 @@ __all__ = ["__version__", *_LAZY]
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
+# What lower layers use from higher ones, registered as strings (nothing is imported here).
+_plugins.register("calibration", "sd-unet", "fastgen.pipelines.calibration:sd_unet_calibration")
+
 
 def __dir__() -> list[str]:
     return sorted(__all__)
@@ -62,7 +67,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.engines.base import Engine
     from fastgen.engines.build import build
     from fastgen.engines.cache import EngineCache
-    from fastgen.engines.config import BuildConfig, RuntimeOptions
+    from fastgen.engines.config import BuildConfig, ExecutionOptions
+    from fastgen.engines.config import ExecutionOptions as RuntimeOptions
     from fastgen.engines.loading import load_engine
     from fastgen.errors import FastgenError, InvalidArgumentError
     from fastgen.export.api import ExportResult, export

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from fastgen.engines.build import build
 from fastgen.engines.cache import EngineCache
-from fastgen.engines.config import RuntimeOptions
+from fastgen.engines.config import ExecutionOptions
 from fastgen.engines.loading import load_engine
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.export.config import ExportConfig
@@ -40,7 +40,7 @@ def test_onnxruntime_engine_matches_torch_and_hits_the_cache(cache):
     second = build(comp, backend="onnxruntime", device="cpu", cache=cache, export=FAST)
     assert second.cache_hit and second.manifest["cache_key"] == first.manifest["cache_key"]
     # runtime options are not part of the key
-    third = build(comp, device="cpu", cache=cache, export=FAST, runtime=RuntimeOptions(intra_op_threads=1))
+    third = build(comp, device="cpu", cache=cache, export=FAST, execution=ExecutionOptions(intra_op_threads=1))
     assert third.cache_hit
 
 

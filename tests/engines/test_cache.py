@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastgen.engines.cache import (
+    FORMAT_VERSION,
     EngineCache,
     default_root,
     hash_file,
@@ -73,7 +74,7 @@ def test_hash_file_matches_hashlib(tmp_path):
 def test_manifest_lists_every_artifact(tmp_path):
     Builder()(tmp_path)
     manifest = write_manifest(tmp_path, {"backend": "torch"})
-    assert manifest["format"] == "fastgen-engine" and manifest["format_version"] == 1
+    assert manifest["format"] == "fastgen-engine" and manifest["format_version"] == FORMAT_VERSION == 2
     assert set(manifest["artifacts"]) == {"model.bin", "sub/extra.txt"}
     assert manifest["artifacts"]["sub/extra.txt"] == {"sha256": hashlib.sha256(b"hello").hexdigest(), "bytes": 5}
     assert read_manifest(tmp_path) == manifest == verify_dir(tmp_path)
@@ -131,6 +132,52 @@ def test_damaged_entry_is_reported_removed_and_rebuilt(tmp_path, caplog, damage)
     assert (path2, hit, build.calls) == (path, False, 1)
     verify_dir(path2)
     assert not any((tmp_path / ".staging").iterdir())
+
+
+def as_format_1(path: Path, extras: dict) -> None:
+    """Rewrite an entry's manifest as fastgen's format 1 wrote it: an untyped ``extras`` dict, no ``metadata``."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("metadata", None)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1, "extras": extras}))
+
+
+def test_format_1_entry_is_a_miss_and_is_rebuilt(tmp_path, caplog):
+    cache = EngineCache(tmp_path)
+    key = key_of("v1")
+    path, _ = cache.get_or_build(key, Builder())
+    as_format_1(path, {"labels": ["a", "b"]})
+    read_manifest(path)  # an engine directory of format 1 still reads (converted)...
+    with pytest.raises(CacheCorruptionError, match=r"format_version 1 is outdated.*fastgen build .* --out DIR"):
+        verify_dir(path, upgrade=False)
+    caplog.set_level(logging.INFO, logger="fastgen.engines.cache")
+    assert cache.lookup(key) is None  # ...but the cache only hands out its current format
+    assert "older fastgen" in caplog.text and "damaged" not in caplog.text
+    build = Builder()
+    path2, hit = cache.get_or_build(key, build)
+    assert (path2, hit, build.calls) == (path, False, 1)
+    assert read_manifest(path2, upgrade=False)["format_version"] == FORMAT_VERSION
+
+
+def test_format_1_manifest_converts_extras_to_metadata(tmp_path):
+    Builder()(tmp_path)
+    write_manifest(tmp_path, {"spec": {"component": "text-classifier"}})
+    as_format_1(tmp_path, {"labels": ["ok", "spam"], "max_length": 64})
+    manifest = verify_dir(tmp_path)
+    assert manifest["format_version"] == FORMAT_VERSION and "extras" not in manifest
+    assert manifest["metadata"] == {"version": 1, "kind": "text-classifier",
+                                    "fields": {"labels": ["ok", "spam"], "max_length": 64}}
+
+
+@pytest.mark.parametrize("version", [0, 3, "2", None])
+def test_unknown_format_version_says_how_to_rebuild(tmp_path, version):
+    Builder()(tmp_path)
+    write_manifest(tmp_path, {})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+    with pytest.raises(CacheCorruptionError, match=r"format_version .* not one this fastgen reads \(1, 2\); rebuild "
+                                                   r"it with `fastgen build \.\.\. --out DIR` .*fastgen cache clear") as info:
+        read_manifest(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_verify_messages_name_file_and_problem(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastgen.engines.cache import read_manifest, verify_dir, write_manifest
-from fastgen.engines.config import RuntimeOptions
+from fastgen.engines.config import ExecutionOptions
 from fastgen.engines.torch_backend import (
     WEIGHTS_FILE,
     TorchEngine,
@@ -82,7 +82,7 @@ def test_single_tensor_and_wrong_output_count():
 
 def test_cuda_graphs_need_cuda(mlp):
     with pytest.raises(UnsupportedError, match="torch backend on cpu.*CUDA graphs"):
-        TorchEngine(mlp, runtime=RuntimeOptions(cuda_graphs=True))
+        TorchEngine(mlp, execution=ExecutionOptions(cuda_graphs=True))
     with pytest.raises(InvalidArgumentError, match="precision"):
         TorchEngine(mlp, precision="int8")
 
@@ -91,7 +91,7 @@ def test_cuda_graphs_need_cuda(mlp):
 def test_torch_compile_matches_eager(mlp):
     x = torch.randn(3, 16)
     want = reference(mlp, {"x": x})["y"]
-    engine = TorchEngine(mlp, runtime=RuntimeOptions(compile="default"))
+    engine = TorchEngine(mlp, execution=ExecutionOptions(compile="default"))
     torch.testing.assert_close(engine.run(x=x)["y"], want, rtol=1e-5, atol=1e-6)
 
 
@@ -99,7 +99,7 @@ def test_torch_compile_matches_eager(mlp):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_graphs_replay_per_shape(conv):
     eager = TorchEngine(copy.deepcopy(conv), device="cuda")
-    graphed = TorchEngine(conv, device="cuda", runtime=RuntimeOptions(cuda_graphs=True))
+    graphed = TorchEngine(conv, device="cuda", execution=ExecutionOptions(cuda_graphs=True))
     for shape in [{"batch": 1, "height": 8}, {"batch": 3, "height": 16}, {"batch": 1, "height": 8}]:
         for seed in (0, 1):  # new values in the same shape bucket must be picked up
             inputs = conv.spec.sample_inputs({**shape, "width": 12}, seed=seed, device="cuda")
@@ -197,18 +197,18 @@ def test_tiny_unet_save_and_load(tmp_path, monkeypatch):
 
 
 def test_runtime_attention_option_routes_attention_through_fastgen():
-    """RuntimeOptions(attention=...) runs fastgen.optimize on the engine's module; outputs stay equal."""
+    """ExecutionOptions(attention=...) runs fastgen.optimize on the engine's module; outputs stay equal."""
     from fastgen.models import load_component
     from fastgen.ops.attention_diffusers import FastgenAttnProcessor
 
     unet = load_component("tiny", "unet")
     inputs = unet.spec.sample_inputs({"batch": 2, "height": 64, "width": 64, "seq": 77}, seed=0)
     want = TorchEngine(unet)(inputs)
-    engine = TorchEngine(unet, runtime=RuntimeOptions(attention="reference"))
+    engine = TorchEngine(unet, execution=ExecutionOptions(attention="reference"))
     procs = [m.processor for m in engine.module.modules() if hasattr(m, "processor")]
     assert procs and all(isinstance(p, FastgenAttnProcessor) for p in procs)
     got = engine(inputs)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5)
     with pytest.raises(InvalidArgumentError, match="attention"):
-        RuntimeOptions(attention="flash")
+        ExecutionOptions(attention="flash")

@@ -11,6 +11,7 @@ Sizes are odd (M in 1, 77, 113, 257; K and N not multiples of the blocks), input
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -165,6 +166,31 @@ def test_fp8_gemm_within_twice_torch_error(m, n, k, layout, activation):
     out16 = Q.fp8_gemm(xq, xs, wq, ws, bias=bias, activation=activation, backend="triton")
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), base, rtol=2**-7, atol=1e-3)  # one bf16 ulp
+
+
+def test_scaled_gemm_one_body_both_operand_types():
+    """int8 and fp8 run the one scaled-GEMM body of ``_gemm_common`` (the operand type a constexpr) through thin
+    per-op entries, each launcher only takes its own operand type, and each keeps its own launch-config table
+    (the kernel names tables were keyed by)."""
+    from fastgen.errors import InvalidArgumentError
+    from fastgen.kernels import _gemm_common, gemm_fp8, gemm_int8
+
+    g = _gen(31)
+    x, w = torch.randn(9, 40, generator=g), torch.randn(24, 40, generator=g)
+    for qdtype, mod, fwd, other in (("int8", gemm_int8, gemm_int8.int8_gemm_fwd, gemm_fp8.fp8_gemm_fwd),
+                                    ("fp8", gemm_fp8, gemm_fp8.fp8_gemm_fwd, gemm_int8.int8_gemm_fwd)):
+        xq, xs = Q.quantize_per_token_reference(x, dtype=qdtype)
+        wq, ws = Q.quantize_weight(w, dtype=qdtype)
+        ref = getattr(Q, f"{qdtype}_gemm_reference")(xq, xs, wq, ws, out_dtype=torch.float32)
+        torch.testing.assert_close(fwd(xq, xs, wq, ws, out_dtype=torch.float32), ref)
+        with pytest.raises(InvalidArgumentError, match="xq"):
+            other(xq, xs, wq, ws)
+        assert mod.CONFIGS.kernel == f"gemm_{qdtype}"
+        assert mod.AUTOTUNE_CONFIGS is _gemm_common.SCALED_GEMM_AUTOTUNE_CONFIGS
+    for entry, fp8 in ((gemm_int8._int8_gemm_kernel, "False"), (gemm_fp8._fp8_gemm_kernel, "True")):
+        src = inspect.getsource(entry.fn)  # the entry only calls the shared body, its operand type fixed
+        assert "scaled_gemm_body(" in src and f"IS_FP8={fp8}" in src and "tl.dot" not in src
+    assert "IS_FP8" not in gemm_int8._int8_gemm_kernel.arg_names + gemm_fp8._fp8_gemm_kernel.arg_names
 
 
 # ------------------------------------------------------------------------------- weight-only GEMM

@@ -168,8 +168,8 @@ def test_tiny_sdxl_is_sdxl_shaped_and_runs():
     spec = comps["unet"].spec
     assert spec.input_names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert spec.inputs[2].shape == ("batch", "seq", 96) and spec.inputs[3].shape == ("batch", 32)
-    assert comps["unet"].extras["pipeline"] == "sdxl" and comps["unet"].extras["force_zeros_for_empty_prompt"]
-    assert comps["unet"].extras["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
+    assert comps["unet"].metadata.pipeline == "sdxl" and comps["unet"].metadata.force_zeros_for_empty_prompt
+    assert comps["unet"].metadata.scheduler["_class_name"] == "EulerDiscreteScheduler"
     assert sum(p.numel() for p in comps["unet"].model.parameters()) < 2_000_000  # fast on a CPU
     # SDXL's second tokenizer pads with "!", the first with the end token.
     assert comps["text-encoder"].tokenizer.pad_token == "<|endoftext|>"

@@ -383,7 +383,8 @@ def test_containers(models, tmp_path):
     assert set(report.layers) == {n for n, m in comps["unet"].model.named_modules() if isinstance(m, Attention)}
     report = fastgen.optimize([comps["unet"], comps["text-encoder"]], "sdpa")
     assert {n.split(".")[0] for n in report.layers} == {"0", "1"}
-    engines = {c: TorchEngine(comp).attach(tokenizer=comp.tokenizer, extras=comp.extras) for c, comp in comps.items()}
+    engines = {c: TorchEngine(comp).attach(tokenizer=comp.tokenizer, metadata=comp.metadata)
+               for c, comp in comps.items()}
     gen = Generator(unet=engines["unet"], vae_decoder=engines["vae-decoder"], text_encoder=engines["text-encoder"],
                     vae_encoder=lambda: None)
     report = fastgen.optimize(gen, "reference")
@@ -391,7 +392,8 @@ def test_containers(models, tmp_path):
     assert "vae_encoder" in report.skipped
     scorer = Scorer(engines["text-classifier"])
     report = fastgen.optimize(scorer, "reference")
-    assert report.layers and all(n.startswith("engine.bert.") for n in report.layers)
+    # named by the key of Scorer.torch_modules(): the classifier's component name
+    assert report.layers and all(n.startswith("text-classifier.bert.") for n in report.layers)
     fastgen.optimize([gen, scorer], None)
     assert all(not isinstance(getattr(m, "processor", None), FastgenAttnProcessor)
                for comp in comps.values() for m in comp.model.modules())
@@ -406,6 +408,51 @@ def test_containers(models, tmp_path):
         fastgen.optimize([comps["unet"], OrtLike(comps["unet"].spec)], "sdpa")
     # nothing half-done: the torch item before the engine was not touched
     assert not any(isinstance(getattr(m, "processor", None), FastgenAttnProcessor) for m in comps["unet"].model.modules())
+
+
+def test_optimize_and_restore_bump_the_attention_revision(models):
+    """What a torch engine's CUDA graphs compare to know they replay old kernels."""
+    from fastgen.ops.optimize import attention_revision
+
+    unet = _build("unet", attention_head_dim=2)
+    assert attention_revision(unet) == 0
+    report = fastgen.optimize(unet, "sdpa")
+    assert attention_revision(unet) == 1
+    report.restore()
+    assert attention_revision(unet) == 2
+    report.restore()  # nothing left to restore: no change, no new revision
+    assert attention_revision(unet) == 2
+    assert not any(name for name, _ in unet.named_buffers() if "revision" in name)
+
+
+def test_any_holder_of_torch_modules(models):
+    """The protocol: any object with ``torch_modules() -> {name: nn.Module}``; each module named by its key."""
+    unet = _build("unet", attention_head_dim=2)
+
+    class Holder:
+        def torch_modules(self):
+            return {"denoiser": unet}
+
+    report = fastgen.optimize([Holder()], "sdpa")
+    assert report.layers and all(n.startswith("0.denoiser.") for n in report.layers)
+    report.restore()
+    assert not any(isinstance(getattr(m, "processor", None), FastgenAttnProcessor) for m in unet.modules())
+
+    class Elsewhere:
+        backend = "tensorrt"
+
+        def torch_modules(self):
+            return {}
+
+    with pytest.raises(UnsupportedError, match="torch backend.*Elsewhere.*tensorrt"):
+        fastgen.optimize(Elsewhere(), "sdpa")
+
+    class NotModules:
+        def torch_modules(self):
+            return {"unet": "a path"}
+
+    with pytest.raises(InvalidArgumentError, match=r"torch_modules\(\)\['unet'\]"):
+        fastgen.optimize(NotModules(), "sdpa")
 
 
 def test_bad_arguments(models):

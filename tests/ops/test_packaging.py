@@ -106,6 +106,10 @@ def test_wheel_without_extension_has_every_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
 
     assert "fastgen/kernels/__init__.py" in names
+    # pyproject's package-data: the shipped launch-config tables (none committed yet) and their README.
+    assert "fastgen/kernels/configs/README.md" in names
+    shipped = {f"fastgen/kernels/configs/{p.name}" for p in (ROOT / "kernels" / "configs").glob("*.json")}
+    assert shipped <= names, shipped - names
     assert "fastgen/models/spec.py" in names
     assert not any(n.startswith("fastgen/_C") for n in names), "FASTGEN_BUILD_EXT=0 still built the extension"
 

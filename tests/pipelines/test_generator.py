@@ -25,7 +25,7 @@ def gen(generator_for) -> Generator:
 # --- config ---------------------------------------------------------------------------------------
 
 def test_config_defaults_docs_and_round_trip():
-    from fastgen._config import field_docs
+    from fastgen.core.config import field_docs
 
     cfg = GenerateConfig()
     assert (cfg.steps, cfg.scheduler, cfg.output_type, cfg.num_images_per_prompt, cfg.seed) == (20, None, "pil", 1, None)
@@ -389,3 +389,18 @@ def test_cuda_torch_generator_matches_cpu(generator_for, fast_build):
     ref = generator_for("tiny", "torch").generate([A, B], **kwargs).images
     mse = float(np.mean((ours.astype(np.float64) - ref) ** 2))
     assert mse == 0 or 10 * np.log10(1 / mse) >= 35
+
+
+def test_torch_modules_by_component_without_loading_the_vae_encoder(generator_for):
+    gen = generator_for("tiny", "torch")
+    lazy = Generator(unet=gen.unet, vae_decoder=gen.vae_decoder, text_encoder=gen.text_encoder,
+                     vae_encoder=lambda: pytest.fail("torch_modules must not build a lazy vae-encoder"))
+    modules = lazy.torch_modules()
+    assert set(modules) == {"unet", "vae_decoder", "text_encoder", "vae_encoder"}
+    assert modules.pop("vae_encoder") is None  # held, not built
+    assert modules["unet"] is gen.unet.component.model and modules["vae_decoder"] is gen.vae_decoder.component.model
+    assert all(isinstance(m, torch.nn.Module) for m in modules.values())
+    loaded = Generator(unet=gen.unet, vae_decoder=gen.vae_decoder, text_encoder=gen.text_encoder,
+                       vae_encoder=gen.vae_encoder)
+    assert loaded.torch_modules()["vae_encoder"] is gen.vae_encoder.component.model
+    assert generator_for("tiny", "onnxruntime").torch_modules() == {}  # no PyTorch module runs there

@@ -78,7 +78,7 @@ def probs_matrix(scores: list[Score]) -> torch.Tensor:
 
 # --- preprocessing --------------------------------------------------------------------------------
 
-def test_defaults_come_from_extras(ort_scorer):
+def test_defaults_come_from_metadata(ort_scorer):
     assert ort_scorer.kind == "image"
     assert ort_scorer.labels == LABELS
     assert ort_scorer.image_size == (64, 64)
@@ -125,6 +125,31 @@ def test_preprocess_batches_modes_and_crop(ort_scorer):
     assert ort_scorer.preprocess_images([]).shape == (0, 3, 64, 64)
 
 
+def test_image_preprocessor_is_the_scorers(ort_scorer):
+    prep = ort_scorer.image_preprocessor
+    assert ort_scorer.text_preprocessor is None and not hasattr(ort_scorer, "tokenizer")
+    assert (prep.size, prep.channels, prep.mean, prep.std) == ((64, 64), 3, ort_scorer.mean, ort_scorer.std)
+    images = random_images(4)
+    ref = reference_pixels(images)
+    assert torch.equal(prep(images), ref)
+    pixels = prep.to_uint8(prep.flatten(images))  # (4, 64, 64, 3) uint8
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 64, 64, 3)
+    feeds = prep.feeds(pixels)
+    assert list(feeds) == [prep.input_name] and torch.equal(feeds[prep.input_name], ref)
+    # The public steps give exactly what score_images gives for one batch.
+    scores = ort_scorer.scores(ort_scorer.logits(feeds))
+    assert [s.to_dict() for s in scores] == [s.to_dict() for s in ort_scorer.score_images(images, batch_size=4)]
+
+
+def test_torch_modules_come_from_the_engine(scorer):
+    modules = scorer.torch_modules()
+    if scorer.engine.backend == "torch":
+        assert list(modules) == ["classifier"] and isinstance(modules["classifier"], torch.nn.Module)
+        assert modules == scorer.engine.torch_modules()
+    else:
+        assert modules == {}  # onnxruntime runs no PyTorch module
+
+
 # --- probabilities ----------------------------------------------------------------------------------
 
 def test_probs_are_softmax_of_the_pytorch_module(scorer, component):
@@ -160,13 +185,13 @@ def test_batching_keeps_order_and_values(scorer, component, n, batch_size, monke
     images = random_images(n, seed=n)
     expected = torch.softmax(reference_logits(component, reference_pixels(images)).double(), -1)
     sizes = []
-    run = scorer._run
+    run = scorer.logits
 
     def spy(feeds):
         sizes.append(next(iter(feeds.values())).shape[0])
         return run(feeds)
 
-    monkeypatch.setattr(scorer, "_run", spy)
+    monkeypatch.setattr(scorer, "logits", spy)
     scores = scorer.score_images(images, batch_size=batch_size)
     bs = batch_size or scorer.batch_size
     assert sizes == [min(bs, n - i) for i in range(0, n, bs)]
@@ -195,14 +220,14 @@ def test_labels_and_top_k(ort_scorer):
         Scorer(ort_scorer.engine, labels=["a", "a", "b", "c"])
     with pytest.raises(InvalidArgumentError, match="top_k"):
         Scorer(ort_scorer.engine, top_k=0)
-    ort_scorer.engine.extras  # noqa: B018 - loaded once
+    ort_scorer.engine.metadata  # noqa: B018 - loaded once
     bare = Scorer(ort_scorer.engine, labels=None)
     assert bare.labels == LABELS
 
 
-def test_labels_default_without_extras(component, tmp_path):
+def test_labels_default_without_metadata(component, tmp_path):
     engine = fastgen.build("tiny", component="classifier", backend="onnxruntime", device="cpu", out=tmp_path / "c")
-    onnx_only = fastgen.load_engine(engine.path / "model.onnx")  # a bare graph: no extras, no labels
+    onnx_only = fastgen.load_engine(engine.path / "model.onnx")  # a bare graph: no metadata, no labels
     s = Scorer(onnx_only, image_size=64)
     assert s.kind == "image" and s.labels == [f"label_{i}" for i in range(4)]
     images = random_images(2)
@@ -317,7 +342,7 @@ class SmallNet(torch.nn.Module):
 
 
 def test_static_batch_onnx_graph_pads_short_batches(tmp_path):
-    """A third-party graph with a fixed batch of 2 and no extras: kind, size and labels from the graph."""
+    """A third-party graph with a fixed batch of 2 and no metadata: kind, size and labels from the graph."""
     torch.manual_seed(0)
     net = SmallNet().eval()
     path = tmp_path / "static.onnx"

@@ -71,13 +71,13 @@ def test_text_defaults(scorer):
 @pytest.mark.parametrize("batch_size", [1, 4, 5, None])
 def test_scores_equal_unpadded_single_texts(scorer, component, batch_size, monkeypatch):
     seen = []
-    run = scorer._run
+    run = scorer.logits
 
     def spy(feeds):
         seen.append({k: v.clone() for k, v in feeds.items()})
         return run(feeds)
 
-    monkeypatch.setattr(scorer, "_run", spy)
+    monkeypatch.setattr(scorer, "logits", spy)
     scores = scorer.score_texts(TEXTS, batch_size=batch_size)
     ref = reference_logits(component, TEXTS)
     torch.testing.assert_close(torch.tensor([s.logits for s in scores]), ref, atol=1e-5, rtol=1e-5)
@@ -143,3 +143,28 @@ def test_bad_text_inputs(scorer):
         Scorer(scorer.engine, kind="image")
     with pytest.raises(InvalidArgumentError, match="max_length"):
         Scorer(scorer.engine, max_length=0)
+
+
+def test_text_preprocessor_encodes_and_pads_as_the_tokenizer_does(scorer):
+    prep = scorer.text_preprocessor
+    assert scorer.image_preprocessor is None and not hasattr(scorer, "image_size")
+    assert prep.tokenizer is scorer.tokenizer and prep.max_length == scorer.max_length == 128
+    assert prep.input_names == tuple(scorer.engine.spec.input_names) and prep.static_length is None
+    # Unpadded ids now, padded later: the same feeds as the tokenizer's own padded call.
+    ids = prep.encode_batch(TEXTS)
+    assert ids == [prep.encode(t) for t in TEXTS]
+    assert [len(e["input_ids"]) for e in ids] == prep.lengths(TEXTS)
+    for name, values in prep.pad(ids, 128).items():
+        assert torch.equal(values, prep.feeds(TEXTS, pad_to=128)[name]), name
+    edges = prep.bucket_edges((8, 16, 512))
+    assert edges == (8, 16, 128) and prep.bucket(9, edges) == 16 and prep.bucket(500, edges) == 128
+
+
+def test_feeds_logits_scores_is_what_score_texts_does(scorer):
+    prep = scorer.text_preprocessor
+    texts = sorted(TEXTS[:5], key=lambda t: prep.lengths([t])[0])  # score_texts' own (length) order
+    batch = scorer.scores(scorer.logits(prep.feeds(texts)))
+    alone = scorer.score_texts(texts, batch_size=len(texts))
+    assert [s.to_dict() for s in batch] == [s.to_dict() for s in alone]
+    logits = scorer.logits(prep.feeds(texts))  # (n, 3)
+    assert [s.to_dict() for s in scorer.scores(logits.numpy())] == [s.to_dict() for s in batch]

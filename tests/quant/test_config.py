@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastgen._config import field_docs
+from fastgen.core.config import field_docs
 from fastgen.errors import InvalidArgumentError
 from fastgen.quant import (
     CONFIG_TYPES,

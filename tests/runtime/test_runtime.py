@@ -25,7 +25,7 @@ from fastgen.runtime import (
     ScoreRequest,
     ShutdownError,
 )
-from fastgen.runtime.scheduler import GENERATE
+from fastgen.runtime.request_scheduler import GENERATE
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 TIMEOUT = 120
@@ -119,7 +119,9 @@ def test_submission_tokenizes_as_the_tokenizer_does(tiny_scorer):
     scorer = tiny_scorer("text")
     with Runtime(scorer=scorer, start=False) as rt:
         ex = rt.executors["text"]
-        assert ex._encoder is not None  # the tiny preset's tokenizer is fast: the direct path is tested
+        prep = scorer.text_preprocessor
+        assert ex.text is prep  # the scorer's own preprocessor
+        assert prep.encoder is not None  # the tiny preset's tokenizer is fast: the direct path is tested
         for text in ["", "Buy NOW!!", "héllo wörld, ünïcode ☕", "great product " * 100, "a\tb\nc  d"]:
             ref = scorer.tokenizer(text, truncation=True, max_length=scorer.max_length, return_attention_mask=True)
             _, _, _, ids = ex.prepare(ScoreRequest(text))
@@ -127,8 +129,8 @@ def test_submission_tokenizes_as_the_tokenizer_does(tiny_scorer):
             # What reaches the engine, padded: the tokenizer's own padding of the same text.
             n = len(ref["input_ids"]) + 3
             padded = scorer.tokenizer.pad(dict(ref), padding="max_length", max_length=n, return_tensors="pt")
-            feeds = ex._pad([ids], n)
-            for name in ex._inputs:
+            feeds = prep.pad([ids], n)
+            for name in prep.input_names:
                 assert torch.equal(feeds[name][0], padded[name].long()), name
         scorer.tokenizer(["a", "b c d"], padding="max_length", max_length=64)  # the Scorer's own calls pad
         assert len(ex.prepare(ScoreRequest("a"))[3]["input_ids"]) < 64  # the copy never does

@@ -92,3 +92,32 @@ def test_one_size_per_call_and_checks(tiny_generator):
     with pytest.raises(InvalidArgumentError, match="steps"):
         stepping.prepare(gen, "a", GenerateConfig(scheduler="lcm", steps=5000))
     assert stepping.denoise_step(gen, []) == [] and stepping.decode(gen, []) == []
+
+
+def test_image_to_image_steps_equal_generate(tiny_generator):
+    import numpy as np
+    from PIL import Image
+
+    gen = tiny_generator()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    cfg = GenerateConfig(steps=5, seed=7, strength=0.6, num_images_per_prompt=2, scheduler="euler-ancestral",
+                         output_type="latent")
+    alone = gen.generate("a cat", image=image, config=cfg, progress=False)
+    state = stepping.prepare(gen, "a cat", cfg, image=image)
+    # The image's size (rounded down to what the models take); int(5 * 0.6) steps.
+    assert (state.height, state.width, state.total_steps) == (alone.extras["height"], alone.extras["width"], 3)
+    with torch.inference_mode():
+        stepping.encode_prompts(gen, [state])
+        stepping.init_latents(gen, [state])
+        while not state.done:
+            assert stepping.denoise_step(gen, [state]) == [None]
+    assert state.vae_encode_ms > 0 and torch.equal(state.latents, alone.images)
+
+
+def test_combine_guidance():
+    uncond, text = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    weights = torch.tensor([1.0, 7.5]).view(2, 1, 1, 1)
+    out = stepping.combine_guidance(uncond, text, weights)
+    torch.testing.assert_close(out[0], text[0])  # guidance 1: the conditional prediction
+    assert torch.equal(out[1], uncond[1] + 7.5 * (text[1] - uncond[1]))
+    assert torch.equal(stepping.combine_guidance(uncond, text, 7.5)[1], out[1])

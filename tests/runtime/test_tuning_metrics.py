@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from fastgen.core.stats import percentile
 from fastgen.errors import InvalidArgumentError
-from fastgen.runtime.metrics import Histogram, Metrics, percentile
-from fastgen.runtime.tuning import CallCost, LatencyProfile, choose, fit_call_cost, measure
+from fastgen.runtime.batch_tuning import CallCost, LatencyProfile, choose, fit_call_cost, measure
+from fastgen.runtime.metrics import Histogram, Metrics
 
 # A typical engine: 2 ms per call plus 0.5 ms per item (ms), with a p99 20% above the median.
 COST_MS = {b: 2.0 + 0.5 * b for b in (1, 2, 4, 8, 16, 32, 64)}

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.execution import Outcome, Outcomes, is_out_of_memory, isolate
 from fastgen.runtime.metrics import Metrics
+from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
 from fastgen.runtime.requests import (
     DeadlineExceededError,
     OutOfMemoryError,
@@ -19,8 +21,7 @@ from fastgen.runtime.requests import (
     RequestStatus,
     ShutdownError,
 )
-from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
-from fastgen.runtime.worker import Outcome, Ticket, Worker, is_out_of_memory, isolate
+from fastgen.runtime.worker import Ticket, Worker
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 TIMEOUT = 30
@@ -92,7 +93,7 @@ _ids = itertools.count(1)
 
 
 def start(executors, **cfg) -> Worker:
-    worker = Worker(Scheduler(RuntimeConfig(**cfg)), executors, Metrics())
+    worker = Worker(RequestScheduler(RuntimeConfig(**cfg)), executors, Metrics())
     worker.start()
     return worker
 
@@ -180,6 +181,42 @@ def test_out_of_memory_batches_are_split():
     assert [f.result(TIMEOUT) for f in futs] == list("ABCDEF")
     assert max(len(b) for b in ex.batches) > 2  # it did try a larger batch first
     worker.close()
+
+
+class ReportingScoring(FakeScoring):
+    """Reports a lower batch limit and a padding price with its outcomes, as the real executor does."""
+
+    def run(self, decision):
+        return Outcomes(super().run(decision), max_batch=3, merge_cost=40.0)
+
+
+class ReportingGeneration(FakeGeneration):
+    """Reports each step's rows, requests and time with its outcomes, as the real executor does."""
+
+    def run(self, decision):
+        return Outcomes(super().run(decision), step=(sum(j.rows for j in decision.jobs), len(decision.jobs), 0.5))
+
+
+def test_what_a_run_measured_is_applied_by_the_worker():
+    worker = start({"text": ReportingScoring()}, max_batch_size=8, max_wait_ms=0)
+    assert submit(worker, "text", "a")[0].result(TIMEOUT) == "A"
+    worker.close()
+    assert worker.scheduler.limits("text", 16).max_batch == 3 and worker.scheduler.merge_cost == {"text": 40.0}
+    worker = start({GENERATE: ReportingGeneration()})
+    fut, job = submit(worker, GENERATE, 2, rows=2)
+    assert fut.result(TIMEOUT) == f"image-{job.id}"
+    worker.close()
+    bucket = worker.scheduler._queues[(GENERATE, (64, 64))]
+    assert list(bucket.steps) == [(2, 1, 0.5)] * 2 and bucket.step_s == pytest.approx(0.5)  # two steps observed
+
+
+def test_runtime_side_changes_go_through_the_worker():
+    worker = start({"text": FakeScoring()}, max_batch_size=8)
+    assert worker.set_limits("text", 16, max_batch=2).max_batch == 2
+    worker.set_merge_cost("text", 12)
+    assert worker.queue_state() == ({}, 0)
+    worker.close()
+    assert worker.scheduler.limits("text", 16).max_batch == 2 and worker.scheduler.merge_cost == {"text": 12.0}
 
 
 # --- cancellation ---------------------------------------------------------------------------------------

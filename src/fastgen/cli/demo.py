@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from fastgen._fs import write_json_atomic
-from fastgen._version import __version__
+from fastgen.core.fs import write_json_atomic
+from fastgen.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from fastgen._config import field_docs, literal_choices
-from fastgen.cli.options import dataclass_options, pop_config
+from fastgen.cli.options import dataclass_options, field_choices, pop_config
+from fastgen.core.config import field_docs
 from fastgen.engines.config import BuildConfig
 from fastgen.errors import InvalidArgumentError
 from fastgen.pipelines.config import GenerateConfig
@@ -32,7 +32,7 @@ _DOCS = field_docs(GenerateConfig)
 
 
 def _choices(name: str) -> click.Choice:
-    return click.Choice([str(c) for c in literal_choices(BuildConfig, name) or ()])
+    return click.Choice([str(c) for c in field_choices(BuildConfig, name) or ()])
 
 
 def _write_png(image: Any, path: Path) -> None:
@@ -64,8 +64,8 @@ def _score_dict(score: Any) -> dict[str, Any]:
 
 def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """PNGs (uint8 NHWC result) then results.json into ``out``; returns the JSON written."""
-    from fastgen._fs import write_json_atomic
-    from fastgen.pipelines.images import to_pil
+    from fastgen.core.fs import write_json_atomic
+    from fastgen.pipelines.vae_images import to_pil
 
     out.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
@@ -127,7 +127,7 @@ def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | 
              rank_by: str | None, progress: bool, **kwargs: Any) -> None:
     """Generate images from prompts (or from an image with --image) and write PNGs and results.json to --out."""
     from fastgen.engines.cache import EngineCache
-    from fastgen.pipelines import images as imaging
+    from fastgen.pipelines import vae_images as imaging
     from fastgen.pipelines.generator import Generator
 
     # Everything the user typed is checked before any engine is built.

@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from fastgen._version import __version__
 from fastgen.cli.options import dataclass_options, pop_config
-from fastgen.engines.config import BuildConfig, RuntimeOptions
+from fastgen.engines.config import BuildConfig, ExecutionOptions
 from fastgen.errors import FastgenError, InvalidArgumentError, VerificationError
 from fastgen.export.config import ExportConfig
+from fastgen.version import __version__
 
 logger = logging.getLogger("fastgen.cli")
 
@@ -108,7 +108,7 @@ def export_cmd(model: str, component: str | None, out: str, profile: str | None,
 @click.option("--no-cache", is_flag=True, help="Build without the cache (needs --out).")
 @dataclass_options(BuildConfig)
 @dataclass_options(ExportConfig)
-@dataclass_options(RuntimeOptions)
+@dataclass_options(ExecutionOptions)
 def build_cmd(model: str, component: str | None, out: str | None, profile: str | None, cache_dir: str | None,
               no_cache: bool, **kwargs: Any) -> None:
     """Build an engine for one component of MODEL, or for any .onnx file (MODEL_OR_ONNX).
@@ -120,8 +120,8 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
     from fastgen.engines.cache import EngineCache
 
     export_cfg = pop_config(ExportConfig, kwargs)
-    runtime = pop_config(RuntimeOptions, kwargs)
-    config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, runtime=runtime)
+    execution = pop_config(ExecutionOptions, kwargs)
+    config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, execution=execution)
     cache: Any = False if no_cache else (EngineCache(cache_dir) if cache_dir else None)
     if component == "all":
         from fastgen.models import model_components
@@ -159,7 +159,7 @@ def inspect_cmd(engine: str, as_json: bool) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Run on this device (default: the engine's).")
 @click.option("--profile", help="Profile overrides for a third-party .onnx file with unknown dims, e.g. N=1:4:16.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@dataclass_options(RuntimeOptions)
+@dataclass_options(ExecutionOptions)
 def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: int, device: str | None,
               profile: str | None, as_json: bool, **kwargs: Any) -> None:
     """Measure p50/p99 latency and throughput of ENGINE (an engine directory or .onnx file)."""
@@ -169,12 +169,12 @@ def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: 
 
     batch_list = _int_list("batch", batches)
     dims = _dims("shape", shape)
-    runtime = pop_config(RuntimeOptions, kwargs)
+    execution = pop_config(ExecutionOptions, kwargs)
     if device == "auto":
         from fastgen.engines.device import resolve_device
 
         device = str(resolve_device("auto"))
-    eng = load_engine(engine, device=device, runtime=runtime)
+    eng = load_engine(engine, device=device, execution=execution)
     if profile:
         eng.spec = eng.spec.with_profile(_profile(profile))
     unknown = set(dims) - eng.spec.symbols

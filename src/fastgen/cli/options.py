@@ -9,11 +9,21 @@ from typing import Any
 
 import click
 
-from fastgen._config import field_docs, literal_choices
+from fastgen.core.config import field_docs, literal_choices
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a config field: its ``metadata["choices"]`` (a callable, asked now: e.g. the
+    registered engine backends) or its ``Literal[...]`` values; None when the field is open."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    choices = field.metadata.get("choices") if field is not None else None
+    if choices is not None:
+        return tuple(choices() if callable(choices) else choices)
+    return literal_choices(cls, name)
 
 
 def dataclass_options(cls: type, *, exclude: Iterable[str] = (), prefix: str = "") -> Callable:
@@ -31,7 +41,7 @@ def dataclass_options(cls: type, *, exclude: Iterable[str] = (), prefix: str = "
             continue
         hint = hints[f.name]
         default = getattr(defaults, f.name)
-        choices = literal_choices(cls, f.name)
+        choices = field_choices(cls, f.name)
         help_text = docs.get(f.name, "")
         args = typing.get_args(hint)
         if choices is not None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from fastgen._config import literal_choices
+from fastgen.cli.options import field_choices
+from fastgen.core.config import literal_choices
 from fastgen.engines.config import BuildConfig
 from fastgen.errors import InvalidArgumentError
 
@@ -25,7 +26,7 @@ def _is_engine_path(model: str) -> bool:
 
 def _classify_file(path: str) -> str:
     """``image`` or ``video``: by extension when it is a known video one, else by probing PIL then PyAV."""
-    from fastgen.pipelines.imageio import is_image_file
+    from fastgen.pipelines.classifier_images import is_image_file
     from fastgen.pipelines.video import VIDEO_EXTENSIONS, is_video_file
 
     if not os.path.isfile(path):
@@ -77,11 +78,12 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
 @click.option("--top", "top_k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per input.")
 @click.option("--batch-size", type=click.IntRange(1), help="Inputs per engine call (default: the engine's opt batch).")
 @click.option("--multi-label", is_flag=True, help="Independent sigmoid probabilities instead of a softmax.")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime",
+@click.option("--backend", type=click.Choice(list(field_choices(BuildConfig, "backend"))), default="onnxruntime",
               show_default=True, help="Engine backend (not for engine directories).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the engine runs.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(list(field_choices(BuildConfig, "precision"))), default="fp32",
+              show_default=True,
               help="Engine precision (not for engine directories).")
 @click.option("--quantization", type=click.Choice([str(c) for c in literal_choices(BuildConfig, "quantization")]),
               default="none", show_default=True,

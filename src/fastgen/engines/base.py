@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastgen.errors import InvalidArgumentError
+from fastgen.errors import CacheCorruptionError, InvalidArgumentError
+from fastgen.models.metadata import (
+    ComponentMetadata,
+    metadata_class,
+    metadata_from_dict,
+    metadata_from_manifest,
+)
 from fastgen.models.spec import ExportSpec, parse_dim
 
 logger = logging.getLogger(__name__)
@@ -40,14 +46,24 @@ class Engine(abc.ABC):
         self.manifest = dict(manifest or {})
         self.path = path
         self._tokenizer: Any = None
-        self._extras: dict[str, Any] | None = None
+        self._metadata = self._manifest_metadata()  # parsed now: a bad manifest fails at loading
+
+    def _manifest_metadata(self) -> ComponentMetadata:
+        try:
+            if "metadata" in self.manifest:
+                return metadata_from_manifest(self.spec.component, self.manifest["metadata"])
+            # a format-1 manifest handed over without read_manifest's conversion, or none (a bare graph)
+            return metadata_from_dict(self.spec.component, self.manifest.get("extras"))
+        except InvalidArgumentError as exc:
+            where = self.path if self.path is not None else "engine manifest"
+            raise CacheCorruptionError(f"{where}: bad component metadata ({exc}); rebuild the engine "
+                                       "(fastgen build ... --out DIR)") from exc
 
     @property
-    def extras(self) -> dict[str, Any]:
-        """Pipeline metadata of the component (scheduler config, VAE scaling, labels...)."""
-        if self._extras is None:
-            self._extras = dict(self.manifest.get("extras") or {})
-        return self._extras
+    def metadata(self) -> ComponentMetadata:
+        """Typed pipeline metadata of the component (scheduler config, VAE scaling, labels...) from the
+        manifest or :meth:`attach`; the empty metadata of the component's kind when there is none."""
+        return self._metadata
 
     @property
     def tokenizer(self) -> Any:
@@ -58,10 +74,11 @@ class Engine(abc.ABC):
             self._tokenizer = load_tokenizer(Path(self.path) / "tokenizer")
         return self._tokenizer
 
-    def attach(self, *, tokenizer: Any = None, extras: dict[str, Any] | None = None) -> Engine:
-        """Give an in-memory engine its component's tokenizer and extras."""
+    def attach(self, *, tokenizer: Any = None, metadata: ComponentMetadata | None = None) -> Engine:
+        """Give an in-memory engine its component's tokenizer and metadata (None: the empty metadata
+        of the engine's component kind)."""
         self._tokenizer = tokenizer
-        self._extras = dict(extras or {})
+        self._metadata = metadata if metadata is not None else metadata_class(self.spec.component)()
         return self
 
     @abc.abstractmethod
@@ -142,6 +159,14 @@ class Engine(abc.ABC):
             "path": str(self.path) if self.path else None,
             "quantization": quantization_summary(self.manifest),
         }
+
+    def torch_modules(self) -> dict[str, torch.nn.Module]:
+        """The PyTorch modules this engine runs, by component name: ``{}`` for engines that run no
+        PyTorch module (onnxruntime, tensorrt); the torch engine returns ``{component: its module}``.
+
+        What :func:`fastgen.optimize` patches in place: a change to these modules changes the engine.
+        """
+        return {}
 
     def close(self) -> None:
         """Release backend resources (sessions, graphs)."""

@@ -1,4 +1,14 @@
-"""``fastgen.build``: a model component (or any ONNX file) to a cached, verified engine."""
+"""``fastgen.build``: a model component (or any ONNX file) to a cached, verified engine.
+
+Three steps, each its own function:
+
+1. :func:`resolve_source`: the ``model`` argument (preset, path, module, Component, or ``.onnx`` file)
+   to a :class:`BuildSource` (a Component, quantized now when the cache key cannot describe it);
+2. :func:`plan_build`: the backend (from :mod:`fastgen.engines.registry`), its device, the cache key
+   and its material, and the artifact writer: a :class:`BuildPlan`;
+3. :func:`publish`: the plan's artifacts written into the cache (a hit skips writing) and/or ``out``;
+   then ``load_engine`` opens the result.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +23,17 @@ from typing import Any
 
 import torch
 
-from fastgen._config import sha256_json
-from fastgen._version import __version__
+from fastgen.core.config import sha256_json
 from fastgen.engines.base import PRECISION_FLOAT, Engine
 from fastgen.engines.config import BuildConfig
+from fastgen.engines.registry import BackendSpec, backends, get_backend
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.export.config import ExportConfig
 from fastgen.models.component import Component
+from fastgen.models.metadata import GenericMetadata
+from fastgen.quant.config import QuantConfig
+from fastgen.version import __version__
 
 logger = logging.getLogger(__name__)
-
-#: Tolerances a fp16 ONNX Runtime engine must meet against the fp32 PyTorch component.
-FP16_TOLERANCE = 2e-2
-FP16_MIN_COSINE = 0.999
-#: precisions each backend can build
-SUPPORTED_PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "fp16"),
-                        "tensorrt": ("fp32", "fp16", "bf16")}
 
 
 def _is_onnx_file(model: Any) -> bool:
@@ -62,89 +67,198 @@ def _tokenizer_digest(tokenizer: Any) -> str | None:
                         "max_length": tokenizer.model_max_length, "pad": str(tokenizer.pad_token)})
 
 
-def _backend_version(backend: str) -> str:
-    if backend == "onnxruntime":
-        import onnxruntime
+# --- 1. the source -----------------------------------------------------------------------------
 
-        return onnxruntime.__version__
-    return torch.__version__
+@dataclasses.dataclass(frozen=True)
+class BuildSource:
+    """What an engine is built from: a Component, or a third-party ``.onnx`` file."""
 
-
-def _key_material(source: dict, spec_dict: dict, config: BuildConfig, device: torch.device) -> dict:
-    from fastgen.engines.device import device_fingerprint
-
-    material = {
-        "fastgen": __version__,
-        "source": source,
-        "spec": spec_dict,
-        "build": config.artifact_dict(),
-        "backend_version": _backend_version(config.backend),
-        "device": device_fingerprint(device),
-    }
-    if config.backend != "torch":
-        import onnx
-
-        material["exporter"] = {"torch": torch.__version__, "onnx": onnx.__version__}
-    return material
+    component: Component | None = None
+    """The component (quantized already when ``pending_quantization`` is None and a recipe applied)."""
+    onnx_file: Path | None = None
+    """A third-party ONNX graph (then ``component`` is None)."""
+    pending_quantization: QuantConfig | None = None
+    """Quantize the component with this config on a cache miss only (see :func:`resolve_source`)."""
+    owned: bool = False
+    """Whether the component was loaded here (then it may be quantized in place, not on a copy)."""
 
 
-def _check_config(config: BuildConfig) -> None:
-    if config.precision not in SUPPORTED_PRECISIONS[config.backend]:
-        raise UnsupportedError(f"backend {config.backend!r} cannot build precision {config.precision!r} "
-                               f"(allowed: {', '.join(SUPPORTED_PRECISIONS[config.backend])})")
-    if config.quant_config is not None and config.backend == "onnxruntime" and config.precision != "fp32":
-        # ONNX Runtime's int8 kernels (MatMulIntegerToFloat, MatMulNBits) take and give fp32 activations;
-        # an fp16 conversion of a Q/DQ graph would only insert casts around them.
-        raise UnsupportedError(f"backend 'onnxruntime' builds quantized engines ({config.quantization}) at "
-                               f"precision 'fp32' only, not {config.precision!r}")
-    if config.backend == "tensorrt":
-        from fastgen.engines.tensorrt_backend import check_available
+def resolve_source(model: Any, component: str | None, config: BuildConfig, backend: BackendSpec, *,
+                   calibration: Any = None) -> BuildSource:
+    """``model`` (preset, path, module, Component, or ``.onnx`` file) to what ``backend`` builds from."""
+    from fastgen.quant.components import quantize_component
 
-        check_available()
+    if _is_onnx_file(model):
+        if config.quant_config is not None:
+            raise InvalidArgumentError("quantization", config.quantization, ("none",),
+                                       reason="an .onnx file has no PyTorch layers to quantize (export a "
+                                              "quantized component instead)")
+        if not backend.consumes_onnx:
+            raise InvalidArgumentError("backend", backend.name, [b.name for b in backends() if b.consumes_onnx],
+                                       reason="an .onnx file has no PyTorch module")
+        return BuildSource(onnx_file=Path(model))
+    from fastgen.models.resolve import resolve_component
 
-
-def _build_onnx_artifacts(staging: Path, config: BuildConfig, component: Component | None,
-                          onnx_source: Path | None, progress: bool) -> dict:
-    """Write model.onnx (exported or copied, then fp16-converted) into ``staging`` and verify it."""
-    import onnx
-
-    from fastgen.export.api import export_into
-    from fastgen.export.onnx_export import ONNX_FILE, name_dims, save
-    from fastgen.export.verify import ort_runner, verify
-
-    fields: dict[str, Any] = {}
-    if component is not None:
-        result = export_into(component, staging, config.export, progress=progress)
-        fields["export"] = {"stats": result.stats, "verification": result.verification}
-        spec = component.spec
-        reference = component
-    else:
-        from fastgen.engines.onnx_io import spec_from_onnx
-
-        model = onnx.load(str(onnx_source))
-        spec = spec_from_onnx(model).with_profile(config.profile)
-        name_dims(model, spec)
-        save(model, staging, ExportConfig(external_data="auto"))
-        del model
-        reference = ort_runner(staging / ONNX_FILE)
-    if config.precision == "fp16":
-        from fastgen.engines.ort_backend import convert_to_fp16
-
-        convert_to_fp16(staging / ONNX_FILE, staging / ONNX_FILE)
-        shapes = ["opt"] if config.export.verify == "opt" else ["min", "opt", "max"]
-        if config.export.verify != "none":
-            fields["fp16_verification"] = verify(
-                spec, reference, ort_runner(staging / ONNX_FILE), shapes=shapes, tolerance=FP16_TOLERANCE,
-                min_cosine=FP16_MIN_COSINE, seed=config.export.seed + 100, float_dtype=torch.float16,
-                label="onnxruntime fp16")
-    fields["spec"] = spec.to_dict()
-    return fields
-
-
-def _check_calibration(config: BuildConfig, calibration: Any) -> None:
     if config.quant_config is None and calibration is not None:
         raise InvalidArgumentError("calibration", type(calibration).__name__,
                                    reason="given without a quantization to calibrate")
+    comp = resolve_component(model, component, config.profile)
+    owned = isinstance(model, (str, os.PathLike))
+    qconfig = config.quant_config
+    # Quantized on a cache miss only, when the float weights and the config decide the result.
+    # Statistics from the caller's calibration data do not: calibrate and quantize first, and let
+    # the weights digest cover the quantized tensors. So must an in-memory engine (never cached).
+    if qconfig is not None and (calibration is not None or _in_memory(backend, comp)):
+        comp, qconfig = quantize_component(comp, qconfig, calibration=calibration, inplace=owned), None
+    return BuildSource(component=comp, pending_quantization=qconfig, owned=owned)
+
+
+def _in_memory(backend: BackendSpec, comp: Component) -> bool:
+    """A component that cannot be rebuilt from files (a custom nn.Module) runs in memory, if the backend can."""
+    return backend.in_memory is not None and not comp.source
+
+
+# --- 2. the plan -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """One engine to build: the backend, what from, the cache key, and (:meth:`write`) the artifact writer.
+
+    Backends' ``write_artifacts(staging, plan)`` read ``component`` (or ``onnx_file``), ``config``,
+    ``device``, ``spec_dict`` and ``progress``; the component is quantized by then.
+    """
+
+    backend: BackendSpec
+    config: BuildConfig
+    device: torch.device
+    source: BuildSource
+    key: str
+    """sha256 of ``material``: the cache entry."""
+    material: dict[str, Any]
+    """Everything that decides the artifacts (recorded in the manifest as ``key_material``)."""
+    spec_dict: dict[str, Any]
+    progress: bool = False
+
+    @property
+    def component(self) -> Component | None:
+        return self.source.component
+
+    @property
+    def onnx_file(self) -> Path | None:
+        return self.source.onnx_file
+
+    def write(self, staging: Path) -> dict[str, Any]:
+        """Write the engine's artifacts into ``staging``; return its manifest fields."""
+        from fastgen.quant.components import component_recipe, quantize_component
+
+        t0 = time.perf_counter()
+        plan, comp = self, self.source.component
+        if comp is not None and self.source.pending_quantization is not None:
+            comp = quantize_component(comp, self.source.pending_quantization, inplace=self.source.owned)
+            plan = dataclasses.replace(self, source=dataclasses.replace(self.source, component=comp,
+                                                                        pending_quantization=None))
+        fields = dict(self.backend.write_artifacts(staging, plan))
+        if comp is not None and comp.tokenizer is not None:
+            comp.tokenizer.save_pretrained(str(staging / "tokenizer"))  # JSON and text files only
+        config = self.config
+        return {
+            **fields,
+            "backend": config.backend,
+            "precision": config.precision,
+            "device": self.device.type,
+            "cache_key": self.key,
+            "key_material": self.material,
+            "build_config": config.to_dict(),
+            "source": comp.source if comp is not None else {"onnx": str(self.onnx_file)},
+            "quantization": component_recipe(comp) if comp is not None else None,
+            "origin": comp.origin if comp is not None else str(self.onnx_file),
+            "metadata": (comp.metadata if comp is not None else GenericMetadata()).to_manifest(),
+            "fastgen_version": __version__,
+            "backend_version": self.backend.version(),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": time.perf_counter() - t0,
+        }
+
+
+def select_backend(config: BuildConfig) -> tuple[BackendSpec, torch.device]:
+    """The config's backend and the device it builds for, after the backend's own refusals."""
+    backend = get_backend(config.backend)
+    backend.check_precision(config.precision)
+    backend.require_available()
+    device = backend.resolve_device(config.device)
+    if backend.check is not None:
+        backend.check(config, device)
+    return backend, device
+
+
+def _source_material(source: BuildSource, config: BuildConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the source's entry of the key material, the spec) of what is built."""
+    from fastgen.quant.components import component_recipe
+
+    if source.onnx_file is not None:
+        from fastgen.engines.onnx_io import spec_from_onnx
+
+        spec_dict = spec_from_onnx(source.onnx_file).with_profile(config.profile).to_dict()
+        return {"onnx_sha256": _hash_files(_onnx_with_data(source.onnx_file))}, spec_dict
+    from fastgen.models import weights_digest
+
+    comp, qconfig = source.component, source.pending_quantization
+    # A recipe says how the layers compute (int8 weight-only and W8A8 layers hold identical tensors).
+    quantization = component_recipe(comp) or (
+        {"config": qconfig.to_dict(), "calibration": "synthetic" if qconfig.needs_calibration else None}
+        if qconfig is not None else None)
+    material = {"recipe": comp.source or {"class": type(comp.model).__qualname__, "repr": repr(comp.model)},
+                "weights": weights_digest(comp.model), "extras": comp.metadata.to_dict(),
+                "tokenizer": _tokenizer_digest(comp.tokenizer), "quantization": quantization}
+    return material, comp.spec.to_dict()
+
+
+def plan_build(source: BuildSource, config: BuildConfig, backend: BackendSpec, device: torch.device, *,
+               progress: bool = False) -> BuildPlan:
+    """The cache key of building ``source`` with ``config`` on ``device``, and the writer of its artifacts."""
+    from fastgen.engines.device import device_fingerprint
+
+    source_material, spec_dict = _source_material(source, config)
+    material = {
+        "fastgen": __version__,
+        "source": source_material,
+        "spec": spec_dict,
+        "build": config.artifact_dict(),
+        "backend_version": backend.version(),
+        "device": device_fingerprint(device),
+    }
+    if backend.consumes_onnx:
+        import onnx
+
+        material["exporter"] = {"torch": torch.__version__, "onnx": onnx.__version__}
+    return BuildPlan(backend=backend, config=config, device=device, source=source, key=sha256_json(material),
+                     material=material, spec_dict=spec_dict, progress=progress)
+
+
+# --- 3. publishing and loading -----------------------------------------------------------------
+
+def publish(plan: BuildPlan, *, out: str | os.PathLike | None = None, cache: Any = None) -> tuple[Path, bool]:
+    """Write the plan's engine into the cache (unless there already) and/or ``out``: ``(directory, cache hit)``.
+
+    ``cache``: an ``EngineCache``, None for the default one, or False for none (then ``out`` is required).
+    """
+    from fastgen.engines.cache import EngineCache, publish_dir
+
+    if cache is False:
+        if out is None:
+            raise InvalidArgumentError("out", None, reason="required when the cache is disabled")
+        from fastgen.core.fs import atomic_dir
+        from fastgen.engines.cache import write_manifest
+
+        with atomic_dir(out) as staging:
+            write_manifest(staging, plan.write(staging))
+        return Path(out).absolute(), False
+    cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
+    entry, hit = cache.get_or_build(plan.key, plan.write)
+    if out is not None:
+        publish_dir(entry, Path(out))
+        entry = Path(out).absolute()
+    return entry, hit
 
 
 def build(model: Any, *, component: str | None = None, config: BuildConfig | None = None,
@@ -162,126 +276,33 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     ``model`` you pass as a module or Component is quantized on a copy; a component quantized
     beforehand with ``fastgen.quantize_`` builds as it is.
     """
-    from fastgen.engines.cache import EngineCache, publish_dir
-    from fastgen.engines.device import resolve_device
     from fastgen.engines.loading import load_engine
-    from fastgen.quant.components import component_recipe, quantize_component
 
     config = config or BuildConfig()
+    if "runtime" in overrides:  # the old name of the execution field
+        import warnings
+
+        warnings.warn("build(runtime=...) is deprecated; use execution=", DeprecationWarning, stacklevel=2)
+        overrides["execution"] = overrides.pop("runtime")
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    _check_config(config)
-    if config.backend == "onnxruntime":
-        # auto picks the GPU only when onnxruntime itself can use it (onnxruntime-gpu installed)
-        from fastgen.engines.ort_backend import resolve_ort_device
-
-        device = resolve_ort_device(config.device)
-    else:
-        device = resolve_device(config.device)
-    if device.type == "cpu" and config.precision == "bf16" and config.backend != "torch":
-        raise UnsupportedError(f"backend {config.backend!r} has no bf16 on cpu")
-
-    onnx_source = Path(model) if _is_onnx_file(model) else None
-    comp: Component | None = None
-    qconfig = owned = None
-    if onnx_source is not None:
-        if config.quant_config is not None:
-            raise InvalidArgumentError("quantization", config.quantization, ("none",),
-                                       reason="an .onnx file has no PyTorch layers to quantize (export a "
-                                              "quantized component instead)")
-        if config.backend == "torch":
-            raise InvalidArgumentError("backend", "torch", ("onnxruntime", "tensorrt"),
-                                       reason="an .onnx file has no PyTorch module")
-        from fastgen.engines.onnx_io import spec_from_onnx
-
-        spec_dict = spec_from_onnx(onnx_source).with_profile(config.profile).to_dict()
-        source: dict[str, Any] = {"onnx_sha256": _hash_files(_onnx_with_data(onnx_source))}
-    else:
-        from fastgen.export.api import resolve_component
-        from fastgen.models import weights_digest
-        _check_calibration(config, calibration)
-        comp = resolve_component(model, component, config.profile)
-        owned = isinstance(model, (str, os.PathLike))
-        qconfig = config.quant_config
-        # Quantized on a cache miss only, when the float weights and the config decide the result.
-        # Statistics from the caller's calibration data do not: calibrate and quantize first, and let
-        # the weights digest cover the quantized tensors. So must an in-memory torch engine.
-        if qconfig is not None and (calibration is not None or (config.backend == "torch" and not comp.source)):
-            comp, qconfig = quantize_component(comp, qconfig, calibration=calibration, inplace=owned), None
-        spec_dict = comp.spec.to_dict()
-        # A recipe says how the layers compute (int8 weight-only and W8A8 layers hold identical tensors).
-        quantization = component_recipe(comp) or (
-            {"config": qconfig.to_dict(), "calibration": "synthetic" if qconfig.needs_calibration else None}
-            if qconfig is not None else None)
-        source = {"recipe": comp.source or {"class": type(comp.model).__qualname__, "repr": repr(comp.model)},
-                  "weights": weights_digest(comp.model), "extras": comp.extras,
-                  "tokenizer": _tokenizer_digest(comp.tokenizer), "quantization": quantization}
-        if config.backend == "torch" and not comp.source:
-            # A custom nn.Module cannot be rebuilt without pickle, so it is not cached on disk.
-            if out is not None:
-                raise UnsupportedError("backend 'torch' cannot save an engine of a custom nn.Module "
-                                       "(no pickle); build an onnxruntime engine or drop --out")
-            from fastgen.engines.torch_backend import TorchEngine
-
-            engine = TorchEngine(comp, device=device, precision=config.precision, runtime=config.runtime)
-            return engine.attach(tokenizer=comp.tokenizer, extras=comp.extras)
-
-    material = _key_material(source, spec_dict, config, device)
-    key = sha256_json(material)
-
-    def build_into(staging: Path) -> dict:
-        nonlocal comp
-        t0 = time.perf_counter()
-        if comp is not None and qconfig is not None:
-            comp = quantize_component(comp, qconfig, inplace=owned)
-        if config.backend == "torch":
-            from fastgen.engines.torch_backend import save_torch_engine
-
-            save_torch_engine(comp, staging, config.precision)
-            fields: dict[str, Any] = {"spec": spec_dict}
-        else:
-            fields = _build_onnx_artifacts(staging, config, comp, onnx_source, progress)
-        if comp is not None and comp.tokenizer is not None:
-            comp.tokenizer.save_pretrained(str(staging / "tokenizer"))  # JSON and text files only
-        return {
-            **fields,
-            "backend": config.backend,
-            "precision": config.precision,
-            "device": device.type,
-            "cache_key": key,
-            "key_material": material,
-            "build_config": config.to_dict(),
-            "source": comp.source if comp is not None else {"onnx": str(onnx_source)},
-            "quantization": component_recipe(comp) if comp is not None else None,
-            "origin": comp.origin if comp is not None else str(onnx_source),
-            "extras": comp.extras if comp is not None else {},
-            "fastgen_version": __version__,
-            "backend_version": _backend_version(config.backend),
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": time.perf_counter() - t0,
-        }
-
-    if cache is False:
-        if out is None:
-            raise InvalidArgumentError("out", None, reason="required when the cache is disabled")
-        from fastgen._fs import atomic_dir
-        from fastgen.engines.cache import write_manifest
-
-        with atomic_dir(out) as staging:
-            write_manifest(staging, build_into(staging))
-        entry, hit = Path(out).absolute(), False
-    else:
-        cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
-        entry, hit = cache.get_or_build(key, build_into)
+    backend, device = select_backend(config)
+    source = resolve_source(model, component, config, backend, calibration=calibration)
+    if source.component is not None and _in_memory(backend, source.component):
+        # A custom nn.Module cannot be rebuilt without pickle, so it is not cached on disk.
         if out is not None:
-            publish_dir(entry, Path(out))
-            entry = Path(out).absolute()
-    logger.info("engine %s (%s/%s) %s: %s", spec_dict["component"], config.backend, config.precision,
+            raise UnsupportedError(f"backend {backend.name!r} cannot save an engine of a custom nn.Module "
+                                   "(no pickle); build an onnxruntime engine or drop --out")
+        return backend.in_memory(source.component, device, config)
+    plan = plan_build(source, config, backend, device, progress=progress)
+    entry, hit = publish(plan, out=out, cache=cache)
+    logger.info("engine %s (%s/%s) %s: %s", plan.spec_dict["component"], config.backend, config.precision,
                 "cache hit" if hit else "built", entry)
     # Just written or just verified by the cache: a size check is enough here.
-    engine = load_engine(entry, device=str(device), runtime=config.runtime, verify="size")
+    engine = load_engine(entry, device=str(device), execution=config.execution, verify="size")
     engine.cache_hit = hit
     return engine
 
 
-__all__ = ["build", "PRECISION_FLOAT"]
+__all__ = ["BuildPlan", "BuildSource", "PRECISION_FLOAT", "build", "plan_build", "publish", "resolve_source",
+           "select_backend"]

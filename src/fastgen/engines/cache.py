@@ -7,6 +7,11 @@ moved aside and deleted, and rebuilt by the caller; it is never loaded.
 
 Only the standard library is used here (no torch, onnx or backends), and manifests are JSON: no
 entry is ever unpickled.
+
+Format versions: 2 stores the component's typed metadata as ``metadata`` (``{"version", "kind",
+"fields"}``, see ``fastgen.models.metadata``); 1 stored the same fields as an untyped ``extras``
+dict. A version-1 engine directory is read by converting ``extras`` (an exact mapping), but a
+version-1 cache entry is a miss: it is removed and rebuilt, so the cache only holds the current format.
 """
 
 from __future__ import annotations
@@ -24,27 +29,33 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from fastgen._fs import atomic_dir
+from fastgen.core.fs import atomic_dir
+from fastgen.core.paths import cache_dir
 from fastgen.errors import CacheCorruptionError, InvalidArgumentError
+from fastgen.models.metadata import metadata_from_dict
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "fastgen-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Older format versions this fastgen converts on reading (engine directories; cache entries are rebuilt).
+UPGRADABLE_VERSIONS = (1,)
+REBUILD_HINT = "rebuild it with `fastgen build ... --out DIR` (cached engines: `fastgen cache clear`)"
 STAGING = ".staging"
 STALE_SECONDS = 3600.0
 _CHUNK = 4 << 20
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
+class OutdatedEngineError(CacheCorruptionError):
+    """An engine directory written in an older manifest format (readable, but not kept in the cache)."""
+
+
 def default_root() -> Path:
-    """``$FASTGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastgen/engines``, else ``~/.cache/fastgen/engines``."""
-    if os.environ.get("FASTGEN_CACHE_DIR"):
-        return Path(os.environ["FASTGEN_CACHE_DIR"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fastgen" / "engines"
-    return Path.home() / ".cache" / "fastgen" / "engines"
+    """``$FASTGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastgen/engines``, else ``~/.cache/fastgen/engines``
+    (:func:`fastgen.core.paths.cache_dir`)."""
+    return cache_dir("engines")
 
 
 def hash_file(path: str | os.PathLike) -> str:
@@ -84,8 +95,21 @@ def write_manifest(directory: str | os.PathLike, fields: Mapping[str, Any]) -> d
     return manifest
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed manifest of an engine directory; CacheCorruptionError if missing, not JSON or not ours."""
+def _upgrade_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest in format 2's form: its ``extras`` dict becomes the typed ``metadata`` entry."""
+    spec = manifest.get("spec") if isinstance(manifest.get("spec"), dict) else {}
+    upgraded = {k: v for k, v in manifest.items() if k != "extras"}
+    upgraded["metadata"] = metadata_from_dict(str(spec.get("component", "")), manifest.get("extras")).to_manifest()
+    upgraded["format_version"] = FORMAT_VERSION
+    return upgraded
+
+
+def read_manifest(directory: str | os.PathLike, *, upgrade: bool = True) -> dict[str, Any]:
+    """The parsed manifest of an engine directory; CacheCorruptionError if missing, not JSON or not ours.
+
+    An older format this fastgen can convert (:data:`UPGRADABLE_VERSIONS`) is returned converted to
+    the current one, or, with ``upgrade=False``, raises :class:`OutdatedEngineError`.
+    """
     path = Path(directory) / MANIFEST
     try:
         text = path.read_text(encoding="utf-8")
@@ -99,20 +123,34 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         raise CacheCorruptionError(f"{path}: manifest is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheCorruptionError(f"{path}: not a fastgen engine manifest (format is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheCorruptionError(f"{path}: manifest format_version {manifest.get('format_version')!r}; "
-                                   f"this fastgen reads version {FORMAT_VERSION}")
+    version = manifest.get("format_version")
+    if version in UPGRADABLE_VERSIONS:
+        if not upgrade:
+            raise OutdatedEngineError(f"{path}: engine format_version {version} is outdated (current: "
+                                      f"{FORMAT_VERSION}); {REBUILD_HINT}")
+    elif version != FORMAT_VERSION:
+        raise CacheCorruptionError(f"{path}: engine format_version {version!r} is not one this fastgen reads "
+                                   f"({', '.join(map(str, (*UPGRADABLE_VERSIONS, FORMAT_VERSION)))}); "
+                                   f"{REBUILD_HINT}")
     if not isinstance(manifest.get("artifacts"), dict):
         raise CacheCorruptionError(f"{path}: manifest has no artifacts table")
+    if version == 1:
+        try:
+            manifest = _upgrade_v1(manifest)
+        except InvalidArgumentError as exc:
+            raise CacheCorruptionError(f"{path}: format-1 extras do not convert ({exc}); {REBUILD_HINT}") from exc
+        logger.debug("%s: format-1 manifest read as format %d", path, FORMAT_VERSION)
     return manifest
 
 
-def verify_dir(directory: str | os.PathLike, *, check: Literal["full", "size"] = "full") -> dict[str, Any]:
-    """Check every listed artifact exists with its size (and, with ``full``, its sha256); return the manifest."""
+def verify_dir(directory: str | os.PathLike, *, check: Literal["full", "size"] = "full",
+               upgrade: bool = True) -> dict[str, Any]:
+    """Check every listed artifact exists with its size (and, with ``full``, its sha256); return the manifest
+    (``upgrade``: see :func:`read_manifest`)."""
     if check not in ("full", "size"):
         raise InvalidArgumentError("verify", check, ("full", "size"))
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, upgrade=upgrade)
     for name, entry in manifest["artifacts"].items():
         rel = Path(name)
         if rel.is_absolute() or ".." in rel.parts or not isinstance(entry, dict):
@@ -210,7 +248,11 @@ class EngineCache:
         if not path.exists():
             return None
         try:
-            verify_dir(path, check=self.verify)
+            verify_dir(path, check=self.verify, upgrade=False)
+        except OutdatedEngineError as exc:
+            logger.info("engine cache entry %s was built by an older fastgen and will be rebuilt: %s", key[:12], exc)
+            _remove_tree(path, self.staging)
+            return None
         except CacheCorruptionError as exc:
             logger.warning("engine cache entry %s is damaged and will be rebuilt: %s", key[:12], exc)
             _remove_tree(path, self.staging)

@@ -1,24 +1,31 @@
-"""Build and runtime configuration of engines (frozen dataclasses; CLI flags come from them)."""
+"""Build and execution configuration of engines (frozen dataclasses; CLI flags come from them)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
+from fastgen.engines.registry import backend_names, check_backend
 from fastgen.errors import InvalidArgumentError
 from fastgen.export.config import ExportConfig
 from fastgen.models.spec import ShapeProfile
 from fastgen.quant.config import QuantConfig, QuantPreset, check_config, resolve_quantization
 
+#: The built-in backends, for type checkers only: the allowed values (backends registered at run time
+#: included) come from fastgen.engines.registry; tests/engines/test_registry.py keeps the two equal.
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
-class RuntimeOptions(ConfigMixin):
-    """Settings that change how an engine runs, not what is built (not part of the cache key)."""
+class ExecutionOptions(ConfigMixin):
+    """Settings that change how an engine executes, not what is built (not part of the cache key).
+
+    Not to be confused with :class:`fastgen.RuntimeConfig`, the serving runtime's settings.
+    """
 
     execution_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     """onnxruntime: preferred execution provider; auto tries TensorRT, then CUDA, then CPU on a GPU machine."""
@@ -51,8 +58,9 @@ class RuntimeOptions(ConfigMixin):
 class BuildConfig(ConfigMixin):
     """What engine to build from a model component."""
 
-    backend: Backend = "onnxruntime"
-    """Engine backend: torch (eager or compiled PyTorch), onnxruntime, or tensorrt."""
+    backend: str = field(default="onnxruntime", metadata={"choices": backend_names})
+    """Engine backend: torch (eager or compiled PyTorch), onnxruntime, or tensorrt (any registered
+    backend, see fastgen.engines.registry)."""
     precision: Precision = "fp32"
     """Numeric precision of the engine's weights and float tensors."""
     device: Device = "auto"
@@ -61,8 +69,8 @@ class BuildConfig(ConfigMixin):
     """Overrides of the component's shape profile (min/opt/max per dim), e.g. batch=1:4:8."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """How the component is exported to ONNX (onnxruntime and tensorrt backends)."""
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    """How the engine runs once built (not part of the cache key)."""
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    """How the engine executes once built (not part of the cache key)."""
     quantization: QuantPreset | QuantConfig = "none"
     """Quantize the component's nn.Linear and 1x1 conv layers before building (fastgen.quantize_ with
     fastgen.quant.DEFAULT_SKIP): a named recipe or, from Python, any fastgen.quant config. Static and
@@ -71,10 +79,18 @@ class BuildConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if isinstance(self.quantization, dict):
             object.__setattr__(self, "quantization", check_config(self.quantization))
+        check_backend(self.backend)
         self.validate_literals()
         resolve_quantization(self.quantization)  # a config object of another kind raises here
         if isinstance(self.profile, str):
             object.__setattr__(self, "profile", ShapeProfile.parse(self.profile))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        """Also reads manifests written before ``runtime`` was renamed ``execution``."""
+        if "runtime" in data and "execution" not in data:
+            data = {("execution" if k == "runtime" else k): v for k, v in data.items()}
+        return super().from_dict(data)
 
     @property
     def quant_config(self) -> QuantConfig | None:
@@ -82,9 +98,34 @@ class BuildConfig(ConfigMixin):
         return resolve_quantization(self.quantization)
 
     def artifact_dict(self) -> dict:
-        """The fields that change what is built: these, not the runtime options, enter the cache key."""
+        """The fields that change what is built: these, not the execution options, enter the cache key."""
+        from fastgen.engines.registry import get_backend
+
         return {"backend": self.backend, "precision": self.precision,
                 "profile": self.profile.to_dict() if self.profile else None,
-                "export": self.export.artifact_dict() if self.backend != "torch" else None,
+                "export": self.export.artifact_dict() if get_backend(self.backend).consumes_onnx else None,
                 # The config itself, not its preset name: one artifact, one key.
                 "quantization": self.quant_config.to_dict() if self.quant_config else None}
+
+
+def execution_options(execution: ExecutionOptions | None, runtime: ExecutionOptions | None = None,
+                      ) -> ExecutionOptions:
+    """``execution``, or the deprecated ``runtime=`` keyword's value (with a DeprecationWarning), or defaults."""
+    if runtime is not None:
+        if execution is not None:
+            raise InvalidArgumentError("runtime", runtime, reason="give execution= only (runtime= is its old name)")
+        warnings.warn("the runtime= keyword is deprecated; use execution=", DeprecationWarning, stacklevel=3)
+        execution = runtime
+    return execution if execution is not None else ExecutionOptions()
+
+
+def __getattr__(name: str) -> Any:
+    # RuntimeOptions: the old name of ExecutionOptions, kept for scripts written before the rename.
+    if name == "RuntimeOptions":
+        warnings.warn("fastgen.RuntimeOptions is deprecated; use fastgen.ExecutionOptions", DeprecationWarning,
+                      stacklevel=2)
+        return ExecutionOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Backend", "BuildConfig", "Device", "ExecutionOptions", "Precision", "execution_options"]

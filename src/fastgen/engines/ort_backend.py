@@ -1,11 +1,13 @@
-"""ONNX Runtime engines: an InferenceSession behind the Engine interface, and fp16 conversion."""
+"""ONNX Runtime engines: an InferenceSession behind the Engine interface.
+
+(The fp16 graph conversion lives in :mod:`fastgen.export.fp16`; ``convert_to_fp16`` is re-exported here
+until its callers import it from there.)
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.core.ort import session_options as ort_session_options
 from fastgen.engines.base import Engine
-from fastgen.engines.config import RuntimeOptions
+from fastgen.engines.config import ExecutionOptions, execution_options
 from fastgen.errors import InvalidArgumentError, UnsupportedError
+from fastgen.export.fp16 import convert_to_fp16 as convert_to_fp16  # transition: import it from export.fp16
 from fastgen.models.spec import ExportSpec, parse_dim
 
 logger = logging.getLogger(__name__)
@@ -35,18 +39,6 @@ _NUMPY_TYPES = {
     torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
     torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
 }
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-               "all": "ORT_ENABLE_ALL"}
-
-# Ops kept in fp32 (with casts around them) by convert_to_fp16, on top of onnxruntime's default
-# block list: whole normalisation ops, whose reductions lose bits in fp16. Decomposed norms
-# (Pow -> ReduceMean -> Add -> Sqrt, as exported for RMSNorm / old LayerNorm) are kept fp32 as a
-# chain instead (see _norm_chains): blocking Pow or ReduceMean one by one casts the squares back to
-# fp16 between the two ops, where they overflow (measured: NaN outputs; tests/engines/test_fp16.py).
-FP16_KEEP_FP32_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization")
-# Ops that may follow a Pow in a decomposed norm's variance (or mean-square) computation.
-_NORM_CHAIN = ((("ReduceMean", "ReduceSum"), True), (("Add",), False), (("Sqrt",), False))
-
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
@@ -97,29 +89,14 @@ def select_providers(device: torch.device, execution_provider: str, available: S
     return chosen + cpu
 
 
-def session_options(runtime: RuntimeOptions):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[runtime.graph_optimization])
-    if runtime.intra_op_threads:  # 0 keeps onnxruntime's default (one thread per physical core)
-        so.intra_op_num_threads = runtime.intra_op_threads
-    if runtime.inter_op_threads:
-        so.inter_op_num_threads = runtime.inter_op_threads
-    spin = "1" if runtime.spin_wait else "0"
-    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    # Quantized graphs compute what they state (and what their verification checked): weight-only
-    # MatMulNBits in fp32 rather than with int8 activations, and no saturating U8S8 GEMMs on CPUs
-    # without VNNI. See fastgen.quant.onnx.EXACT_SESSION_ENTRIES.
-    from fastgen.quant.onnx import EXACT_SESSION_ENTRIES
-
-    for key, value in EXACT_SESSION_ENTRIES.items():
-        so.add_session_config_entry(key, value)
-    # onnxruntime prints every provider-assignment warning to stderr; keep its log to errors
-    # unless the user asked for debug logging.
-    so.log_severity_level = 1 if logger.isEnabledFor(logging.DEBUG) else 3
-    return so
+def session_options(runtime: ExecutionOptions):
+    """The onnxruntime ``SessionOptions`` of an engine with these execution options (``fastgen.core.ort``)."""
+    # Spinning is set explicitly either way (off by default, unlike onnxruntime's). Quantized graphs
+    # compute what they state (see fastgen.core.ort.EXACT_QUANT_ENTRIES). onnxruntime's log is kept
+    # to errors unless the user asked for debug logging.
+    return ort_session_options(intra_op_threads=runtime.intra_op_threads, inter_op_threads=runtime.inter_op_threads,
+                               spin_wait=runtime.spin_wait, graph_optimization=runtime.graph_optimization,
+                               exact_quant=True, log_severity=1 if logger.isEnabledFor(logging.DEBUG) else 3)
 
 
 def root_sizes(spec: ExportSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -139,11 +116,12 @@ class OrtEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, model_path: str | os.PathLike, spec: ExportSpec, *, device: str | torch.device = "cpu",
-                 precision: str = "fp32", runtime: RuntimeOptions | None = None,
-                 manifest: Mapping[str, Any] | None = None, path: Path | None = None) -> None:
+                 precision: str = "fp32", execution: ExecutionOptions | None = None,
+                 manifest: Mapping[str, Any] | None = None, path: Path | None = None,
+                 runtime: ExecutionOptions | None = None) -> None:
         import onnxruntime as ort
 
-        runtime = runtime or RuntimeOptions()
+        runtime = execution_options(execution, runtime)  # runtime=: the deprecated keyword
         device = torch.device(device)
         if precision == "bf16":
             raise UnsupportedError("onnxruntime backend: bf16 engines are not supported (numpy and "
@@ -274,174 +252,3 @@ def _ortvalue_to_torch(value: Any, device: torch.device, to_cpu: Any) -> torch.T
     if hasattr(c_value, "to_dlpack"):
         return torch.utils.dlpack.from_dlpack(c_value.to_dlpack()).clone()
     return torch.from_numpy(to_cpu()).to(device)
-
-
-def _norm_chains(graph: Any) -> set[str]:
-    """Names of the nodes of every ``Pow -> ReduceMean [-> Add] [-> Sqrt]`` chain (a variance or mean square)."""
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    chained: set[str] = set()
-    for node in graph.node:
-        if node.op_type != "Pow":
-            continue
-        chain, current = [node], node
-        for ops, required in _NORM_CHAIN:
-            nxt = consumers.get(current.output[0], [])
-            if len(nxt) == 1 and nxt[0].op_type in ops:
-                chain.append(nxt[0])
-                current = nxt[0]
-            elif required:
-                break
-        if len(chain) > 1:  # a lone Pow is not a reduction: fp16 is as good as it gets
-            chained.update(n.name for n in chain)
-    return chained
-
-
-def _topological_sort(graph: Any) -> None:
-    """Reorder nodes so each comes after the producers of its inputs (the fp16 converter appends its
-    casts at the end; onnx.checker and TensorRT's parser want a sorted graph)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:  # inputs from an outer scope (subgraphs) or a cycle: keep the rest as is
-            ordered.extend(pending)
-            break
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for n in ready:
-            available.update(n.output)
-        ordered.extend(ready)
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def _fold_cast_round_trips(graph: Any, fp32_nodes: set[str]) -> int:
-    """Remove ``fp32 -> Cast(fp16) -> Cast(fp32)`` pairs between nodes kept in fp32.
-
-    The fp16 converter casts every input and output of a blocked node, so two consecutive fp32
-    nodes exchange their tensor through fp16: exactly the rounding (and overflow) blocking was
-    meant to avoid. Only tensors produced by nodes in ``fp32_nodes`` are folded, so the source is
-    known to be float32.
-    """
-    import onnx
-
-    def cast_to(node: Any) -> int | None:
-        if node.op_type != "Cast":
-            return None
-        return next((a.i for a in node.attribute if a.name == "to"), None)
-
-    producers = {out: node for node in graph.node for out in node.output}
-    graph_outputs = {o.name for o in graph.output}
-    rename: dict[str, str] = {}
-    dropped: set[int] = set()
-    for node in graph.node:
-        if cast_to(node) != onnx.TensorProto.FLOAT or node.output[0] in graph_outputs:
-            continue
-        first = producers.get(node.input[0])
-        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16:
-            continue
-        source = producers.get(first.input[0])
-        if source is None or source.name not in fp32_nodes:
-            continue
-        rename[node.output[0]] = first.input[0]
-        dropped.add(id(node))
-    if not rename:
-        return 0
-    kept = [n for n in graph.node if id(n) not in dropped]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    # fp16 casts whose every consumer was a dropped round trip are dead now.
-    used = {name for n in kept for name in n.input} | graph_outputs
-    kept = [n for n in kept if not (cast_to(n) == onnx.TensorProto.FLOAT16 and n.output[0] not in used)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    return len(dropped)
-
-
-def _drop_duplicate_nodes(graph) -> int:
-    """Remove nodes identical to an earlier one (op, inputs, outputs, attributes).
-
-    The converter adds one ``<init>_cast_to_fp32`` Cast per consumer of an initializer that feeds
-    several kept-fp32 nodes (onnxslim deduplicates equal initializers, e.g. the zero biases of
-    several LayerNorms): same name, same output, which the ONNX checker rejects.
-    """
-    seen: set[bytes] = set()
-    keep = []
-    for node in graph.node:
-        key = node.SerializeToString(deterministic=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        keep.append(node)
-    dropped = len(graph.node) - len(keep)
-    if dropped:
-        del graph.node[:]
-        graph.node.extend(keep)
-    return dropped
-
-
-def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
-                    keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> None:
-    """Convert an fp32 ONNX model to fp16 (float16 inputs and outputs), written atomically to ``dst``.
-
-    Ops in ``keep_fp32_ops`` (and onnxruntime's default block list) and decomposed-norm chains stay
-    fp32 with casts around them. Models with external data (over 2 GB) are read with it and written
-    with ``dst.name + ".data"`` beside ``dst``.
-    """
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_model
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise InvalidArgumentError("onnx model", str(src), reason="no such file")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        graph_only = onnx.load(str(src), load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph_only.graph.initializer)
-        try:
-            # Shape inference through a file works for models over 2 GB (in-memory inference does not).
-            inferred = work / "inferred.onnx"
-            onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-            model = onnx.load(str(inferred), load_external_data=False)
-        except Exception as exc:  # best effort: the converter can still infer types itself
-            logger.debug("shape inference of %s failed (%s); converting without it", src, exc)
-            model = graph_only
-        if external:
-            load_external_data_for_model(model, str(src.parent))
-        names = {n.name for n in model.graph.node}
-        for i, node in enumerate(model.graph.node):  # node_block_list works by name
-            if not node.name:
-                node.name = f"fastgen_node_{i}"
-                while node.name in names:
-                    node.name += "_"
-                names.add(node.name)
-        block_ops = {*DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops}
-        chains = _norm_chains(model.graph)
-        model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=external,
-                                         op_block_list=sorted(block_ops), node_block_list=sorted(chains))
-        fp32_nodes = chains | {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)}
-        folded = _fold_cast_round_trips(model.graph, fp32_nodes)
-        _drop_duplicate_nodes(model.graph)
-        _topological_sort(model.graph)
-        logger.debug("fp16 conversion of %s: %d nodes kept fp32 in norm chains, %d cast round trips folded",
-                     src.name, len(chains), folded)
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-        out = work / dst.name
-        if external or weight_bytes > 1_800_000_000:  # protobuf cannot serialise 2 GB in one message
-            onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{dst.name}.data", size_threshold=1024)
-            if (work / f"{dst.name}.data").exists():  # absent when every tensor was small
-                os.replace(work / f"{dst.name}.data", dst.parent / f"{dst.name}.data")
-        else:
-            onnx.save(model, str(out))
-        os.replace(out, dst)  # the graph last: it is what makes the pair visible
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -11,15 +11,19 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastgen.engines.base import PRECISION_FLOAT, Engine
-from fastgen.engines.config import RuntimeOptions
+from fastgen.engines.config import BuildConfig, ExecutionOptions, execution_options
+from fastgen.engines.registry import BackendSpec, register_backend
 from fastgen.errors import CacheCorruptionError, InvalidArgumentError, UnsupportedError
 from fastgen.models.component import Component
 from fastgen.models.spec import ExportSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastgen.engines.build import BuildPlan
 
 logger = logging.getLogger(__name__)
 
@@ -49,30 +53,32 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, component: Component, *, device: str | torch.device = "cpu", precision: str = "fp32",
-                 runtime: RuntimeOptions | None = None, manifest: Mapping[str, Any] | None = None,
-                 path: Path | None = None, spec: ExportSpec | None = None) -> None:
+                 execution: ExecutionOptions | None = None, manifest: Mapping[str, Any] | None = None,
+                 path: Path | None = None, spec: ExportSpec | None = None,
+                 runtime: ExecutionOptions | None = None) -> None:
         if precision not in PRECISION_FLOAT:
             raise InvalidArgumentError("precision", precision, PRECISION_FLOAT)
-        runtime = runtime or RuntimeOptions()
+        execution = execution_options(execution, runtime)  # runtime=: the deprecated keyword
         super().__init__(spec or component.spec, device=device, precision=precision, manifest=manifest, path=path)
-        if runtime.cuda_graphs and self.device.type != "cuda":
+        if execution.cuda_graphs and self.device.type != "cuda":
             raise UnsupportedError(f"torch backend on {self.device}: CUDA graphs need a CUDA device")
-        if runtime.cuda_graphs and runtime.compile == "reduce-overhead":
+        if execution.cuda_graphs and execution.compile == "reduce-overhead":
             raise InvalidArgumentError("cuda-graphs", True,
                                        reason="compile='reduce-overhead' already captures CUDA graphs")
-        self.runtime = runtime
+        self.execution = execution
         self.component = component
         self.module = component.module.to(device=self.device, dtype=self.float_dtype).eval()
-        if runtime.attention != "default":
+        if execution.attention != "default":
             from fastgen.ops.optimize import optimize
 
-            report = optimize(self.module, attention=runtime.attention)
-            logger.info("%s: %d attention layers on %s", component.name, len(report.layers), runtime.attention)
+            report = optimize(self.module, attention=execution.attention)
+            logger.info("%s: %d attention layers on %s", component.name, len(report.layers), execution.attention)
         self._fn = self.module
-        if runtime.compile != "none":
+        if execution.compile != "none":
             # Compilation happens lazily on the first call of each new input shape.
-            self._fn = torch.compile(self.module, mode=runtime.compile)
+            self._fn = torch.compile(self.module, mode=execution.compile)
         self._graphs: dict[ShapeKey, _GraphBucket] = {}
+        self._graphs_revision = self._model_revision()
 
     def _call(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         outs = self._fn(*args)
@@ -87,13 +93,22 @@ class TorchEngine(Engine):
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [inputs[n] for n in self.spec.input_names]
         with torch.inference_mode():
-            if self.runtime.cuda_graphs:
+            if self.execution.cuda_graphs:
                 outs = self._replay(args)
             else:
                 outs = self._call(args)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
+    def _model_revision(self) -> tuple[int, int]:
+        from fastgen.ops.optimize import attention_revision
+
+        return attention_revision(self.module), attention_revision(self.component.model)
+
     def _replay(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        revision = self._model_revision()
+        if revision != self._graphs_revision:  # fastgen.optimize changed the model: graphs replay old kernels
+            self._graphs.clear()
+            self._graphs_revision = revision
         key: ShapeKey = tuple((n, tuple(a.shape), a.dtype) for n, a in zip(self.spec.input_names, args, strict=True))
         bucket = self._graphs.get(key)
         if bucket is None:
@@ -122,6 +137,17 @@ class TorchEngine(Engine):
             static_outputs = self._call(static_inputs)
         return _GraphBucket(graph, static_inputs, static_outputs)
 
+    @property
+    def runtime(self) -> ExecutionOptions:
+        """Deprecated name of :attr:`execution`."""
+        return self.execution
+
+    def torch_modules(self) -> dict[str, torch.nn.Module]:
+        """``{component name: the library model this engine runs}`` (the diffusers / transformers model
+        inside the component's wrapper), for ``fastgen.optimize``; CUDA graphs are captured anew once
+        optimize changed it."""
+        return {self.spec.component: self.component.model}
+
     def close(self) -> None:
         self._graphs.clear()
 
@@ -147,7 +173,7 @@ def _quantized_format_tensors(model: torch.nn.Module) -> set[str]:
     (fp8 codes and fp32 scales are "floating point" too, but must not follow the engine precision)."""
     from fastgen.quant.api import quantized_layers
 
-    return {f"{name}.{buf}" for name, layer in quantized_layers(model).items() for buf in layer._FIXED_DTYPE}
+    return {f"{name}.{buf}" for name, layer in quantized_layers(model).items() for buf in layer.FIXED_DTYPE}
 
 
 def save_torch_engine(component: Component, directory: str | os.PathLike, precision: str) -> list[str]:
@@ -212,8 +238,21 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _prepare_quantized(recipe: Mapping[str, Any] | None):
+    """The hook that swaps a rebuilt model's layers for empty quantized ones before its weights load."""
+    if not recipe:
+        return None
+    from fastgen.quant.api import apply_quantization_recipe
+
+    def prepare(model: torch.nn.Module) -> None:
+        apply_quantization_recipe(model, dict(recipe))
+
+    return prepare
+
+
 def load_torch_engine(directory: str | os.PathLike, manifest: Mapping[str, Any], *,
-                      device: str | torch.device = "cpu", runtime: RuntimeOptions | None = None) -> TorchEngine:
+                      device: str | torch.device = "cpu", execution: ExecutionOptions | None = None,
+                      runtime: ExecutionOptions | None = None) -> TorchEngine:
     """Rebuild a saved torch engine from ``manifest["source"]`` and its safetensors weights."""
     from fastgen.models import rebuild_component  # lazy: fastgen.models imports diffusers/transformers
 
@@ -222,7 +261,27 @@ def load_torch_engine(directory: str | os.PathLike, manifest: Mapping[str, Any],
     if not source:
         raise CacheCorruptionError(f"{directory}: torch engine manifest has no 'source' to rebuild the model from")
     state_dict = load_weights(directory / WEIGHTS_FILE)
-    component = rebuild_component(source, state_dict)
+    component = rebuild_component(source, state_dict, prepare=_prepare_quantized(source.get("quantization")))
     spec = ExportSpec.from_dict(manifest["spec"]) if manifest.get("spec") else component.spec
     return TorchEngine(component, device=device, precision=manifest.get("precision", "fp32"),
-                       runtime=runtime, manifest=manifest, path=directory, spec=spec)
+                       execution=execution_options(execution, runtime), manifest=manifest, path=directory,
+                       spec=spec)
+
+
+def _write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
+    save_torch_engine(plan.component, staging, plan.config.precision)
+    return {"spec": plan.spec_dict}
+
+
+def _in_memory(component: Component, device: torch.device, config: BuildConfig) -> TorchEngine:
+    engine = TorchEngine(component, device=device, precision=config.precision, execution=config.execution)
+    return engine.attach(tokenizer=component.tokenizer, metadata=component.metadata)
+
+
+def _version() -> str:
+    return torch.__version__
+
+
+SPEC = register_backend(BackendSpec(
+    name="torch", precisions=("fp32", "fp16", "bf16"), write_artifacts=_write_artifacts,
+    load=load_torch_engine, version=_version, consumes_onnx=False, in_memory=_in_memory))

@@ -1,6 +1,6 @@
 """torch -> ONNX export with built-in verification against PyTorch."""
 
-from fastgen._lazy import callable_module, lazy_getattr
+from fastgen.core.lazy import callable_module, lazy_getattr
 from fastgen.export.config import ExportConfig
 
 # export / export_into / ExportResult need torch and onnx: imported on first use.

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from fastgen._fs import atomic_dir, write_json_atomic
-from fastgen._progress import steps
+from fastgen.core.fs import atomic_dir, write_json_atomic
+from fastgen.core.progress import steps
 from fastgen.export.config import ExportConfig
 from fastgen.export.onnx_export import DATA_FILE, ONNX_FILE, export_onnx
 from fastgen.export.verify import ort_runner, verify
 from fastgen.models.component import Component
+from fastgen.models.resolve import resolve_component
 from fastgen.models.spec import ShapeProfile
 
 logger = logging.getLogger(__name__)
@@ -52,15 +53,6 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {"component": self.component.spec.component, "origin": self.component.origin,
                 "config": self.config.to_dict(), "stats": self.stats, "verification": self.verification}
-
-
-def resolve_component(model: Any, component: str | None, profile: ShapeProfile | str | None) -> Component:
-    """A Component from a preset name, a local path, a module or a Component."""
-    if isinstance(model, Component):
-        return dataclasses.replace(model, spec=model.spec.with_profile(profile)) if profile else model
-    from fastgen.models import load_component
-
-    return load_component(model, component, profile=profile)
 
 
 def verify_shapes(config: ExportConfig) -> list[str]:

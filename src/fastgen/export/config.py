@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 MIN_OPSET = 17

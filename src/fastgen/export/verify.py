@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.core.ort import cpu_session
 from fastgen.errors import VerificationError
 from fastgen.models.spec import ExportSpec
 
@@ -40,18 +41,11 @@ def compare(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
 
 
 def ort_runner(onnx_path: Path, threads: int = 0) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """A plain CPU ONNX Runtime session as a callable from named tensors to named tensors."""
-    import onnxruntime as ort
+    """A plain CPU ONNX Runtime session as a callable from named tensors to named tensors.
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    from fastgen.quant.onnx import EXACT_SESSION_ENTRIES
-
-    for key, value in EXACT_SESSION_ENTRIES.items():  # quantized graphs: the math they state
-        opts.add_session_config_entry(key, value)
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    Quantized graphs compute the math they state (``fastgen.core.ort.EXACT_QUANT_ENTRIES``).
+    """
+    session = cpu_session(onnx_path, intra_op_threads=threads)
     names = [o.name for o in session.get_outputs()]
 
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,13 +1,15 @@
-"""What a pipeline needs beside a component's weights: its tokenizer and JSON metadata ("extras").
+"""What a pipeline needs beside a component's weights: its tokenizer and typed metadata.
 
-Extras by component (all JSON):
-- ``unet``: ``scheduler`` (a diffusers scheduler config dict), ``pipeline`` (``sd`` or ``sdxl``),
-  ``force_zeros_for_empty_prompt`` (SDXL);
-- ``vae-decoder`` / ``vae-encoder``: ``scaling_factor``, ``latent_factor``;
-- ``classifier``: ``labels`` (index order), ``image_size``, ``mean``, ``std``, ``resample``;
-- ``text-classifier``: ``labels``, ``max_length``.
-Engines built by ``fastgen.build`` keep them in ``manifest.json`` (``extras``) and the tokenizer in a
-``tokenizer/`` folder, so a service can run from engine directories alone.
+:func:`attach_assets` fills ``comp.tokenizer`` and ``comp.metadata`` (one class per component kind,
+see :mod:`fastgen.models.metadata`):
+
+- ``unet``: :class:`UNetMetadata` (scheduler config, ``sd`` or ``sdxl``, SDXL's empty-prompt zeros);
+- ``vae-decoder`` / ``vae-encoder``: :class:`VaeMetadata` (scaling factor, latent factor);
+- ``classifier``: :class:`ImageClassifierMetadata` (labels in index order, image size, mean, std, resample);
+- ``text-classifier``: :class:`TextClassifierMetadata` (labels, max length).
+
+Engines built by ``fastgen.build`` keep the metadata in ``manifest.json`` (``metadata``) and the
+tokenizer in a ``tokenizer/`` folder, so a service can run from engine directories alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from fastgen.models.component import Component
+from fastgen.models.metadata import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_RESAMPLE,
+    DEFAULT_SCALING_FACTOR,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ComponentMetadata,
+    ImageClassifierMetadata,
+    TextClassifierMetadata,
+    UNetMetadata,
+    VaeMetadata,
+    metadata_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +51,6 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "prediction_type": "epsilon", "sample_max_value": 1.0, "steps_offset": 1, "timestep_spacing": "leading",
     "use_karras_sigmas": False, "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False,
 }
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 TOKENIZER_FOLDERS = {"text-encoder": "tokenizer", "text-encoder-2": "tokenizer_2"}
 
 
@@ -74,41 +88,49 @@ def _folder_of(model: Any, comp: Component) -> tuple[Path | None, Path | None]:
     return None, path
 
 
+def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder: Path | None
+              ) -> ComponentMetadata:
+    """The component's typed metadata, from its config and, for local checkpoints, the files beside it."""
+    dims = comp.spec.profile.dims
+    if comp.name == "unet":
+        sdxl = config.get("addition_embed_type") == "text_time"
+        scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
+        zeros = None
+        if sdxl:
+            index = _read(root / "model_index.json") if root else {}
+            zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+        return UNetMetadata(scheduler=scheduler or dict(SDXL_SCHEDULER if sdxl else SD_SCHEDULER),
+                            pipeline="sdxl" if sdxl else "sd", force_zeros_for_empty_prompt=zeros)
+    if comp.name in ("vae-decoder", "vae-encoder"):
+        return VaeMetadata(scaling_factor=float(config.get("scaling_factor", DEFAULT_SCALING_FACTOR)),
+                           latent_factor=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1))
+    if comp.name == "classifier":
+        processor = _read(folder / "preprocessor_config.json") if folder else {}
+        size = processor.get("size", {})
+        image_size = dims["height"].opt if "height" in dims else DEFAULT_IMAGE_SIZE
+        if isinstance(size, dict):
+            image_size = int(size.get("height") or size.get("shortest_edge") or image_size)
+        elif isinstance(size, int):
+            image_size = size
+        # Recorded in full (not left to the consumers' defaults), as the processor says or else the defaults.
+        return ImageClassifierMetadata(labels=_labels(config, _num_outputs(comp)), image_size=image_size,
+                                       mean=processor.get("image_mean", IMAGENET_MEAN),
+                                       std=processor.get("image_std", IMAGENET_STD),
+                                       resample=int(processor.get("resample", DEFAULT_RESAMPLE)))
+    if comp.name == "text-classifier":
+        return TextClassifierMetadata(labels=_labels(config, _num_outputs(comp)),
+                                      max_length=int(dims["seq"].max) if "seq" in dims else DEFAULT_MAX_LENGTH)
+    return metadata_class(comp.name)()
+
+
 def attach_assets(comp: Component, model: Any) -> Component:
-    """Fill ``comp.tokenizer`` and ``comp.extras`` for a component loaded from ``model``."""
+    """Fill ``comp.tokenizer`` and ``comp.metadata`` for a component loaded from ``model``."""
     from fastgen.models import presets, tokenizers
 
     config = dict(comp.source.get("config") or {})
     is_preset = isinstance(model, str) and model in presets.list_presets()
     root, folder = _folder_of(model, comp)
-    extras: dict[str, Any] = {}
-    if comp.name == "unet":
-        sdxl = config.get("addition_embed_type") == "text_time"
-        extras["pipeline"] = "sdxl" if sdxl else "sd"
-        scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
-        extras["scheduler"] = scheduler or dict(SDXL_SCHEDULER if sdxl else SD_SCHEDULER)
-        if sdxl:
-            index = _read(root / "model_index.json") if root else {}
-            extras["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
-    elif comp.name in ("vae-decoder", "vae-encoder"):
-        extras["scaling_factor"] = float(config.get("scaling_factor", 0.18215))
-        extras["latent_factor"] = 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
-    elif comp.name == "classifier":
-        processor = _read(folder / "preprocessor_config.json") if folder else {}
-        size = processor.get("size", {})
-        image_size = comp.spec.profile.dims["height"].opt if "height" in comp.spec.profile.dims else 224
-        if isinstance(size, dict):
-            image_size = int(size.get("height") or size.get("shortest_edge") or image_size)
-        elif isinstance(size, int):
-            image_size = size
-        extras.update(labels=_labels(config, _num_outputs(comp)), image_size=image_size,
-                      mean=list(processor.get("image_mean", IMAGENET_MEAN)),
-                      std=list(processor.get("image_std", IMAGENET_STD)),
-                      resample=int(processor.get("resample", 2)))  # PIL's BILINEAR unless the processor says
-    elif comp.name == "text-classifier":
-        extras.update(labels=_labels(config, _num_outputs(comp)),
-                      max_length=int(comp.spec.profile.dims["seq"].max) if "seq" in comp.spec.profile.dims else 512)
-    comp.extras = extras
+    comp.metadata = _metadata(comp, config, root, folder)
 
     if comp.name in ("text-encoder", "text-encoder-2", "text-classifier"):
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fastgen.models.metadata import ComponentMetadata, metadata_class
 from fastgen.models.spec import ExportSpec
 
 
@@ -36,8 +37,13 @@ class Component:
     """Human-readable origin: preset name, local path, or ``<module ClassName>``."""
     tokenizer: Any = None
     """The text component's tokenizer (a transformers tokenizer), when the model has one."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """JSON metadata pipelines need (scheduler config, VAE scaling, labels...): see ``models.assets``."""
+    metadata: ComponentMetadata | None = None
+    """Typed metadata pipelines need (scheduler config, VAE scaling, labels...): see ``models.metadata``;
+    filled by ``models.assets`` on loading. None (the default) becomes the empty metadata of ``name``'s kind."""
+
+    def __post_init__(self) -> None:
+        if self.metadata is None:
+            self.metadata = metadata_class(self.name)()
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the PyTorch module on named inputs and return named outputs (the export oracle)."""

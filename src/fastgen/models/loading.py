@@ -99,21 +99,19 @@ _META_LOCK = threading.Lock()
 
 
 def _from_state_dict(library: str, cls_name: str, config: dict[str, Any],
-                     state_dict: Mapping[str, torch.Tensor], *, quantization: Mapping[str, Any] | None = None
+                     state_dict: Mapping[str, torch.Tensor], *, prepare: Callable[[nn.Module], None] | None = None
                      ) -> nn.Module:
     """Build a model class from the allowlist and take ``state_dict`` as its weights (strict).
 
-    ``quantization``: a ``fastgen.quant`` recipe; its layers are swapped for empty quantized ones
-    before the state dict (which holds their codes and scales) is loaded.
+    ``prepare``: called on the built model (parameters on the meta device) before the state dict is
+    loaded, e.g. to swap layers for the quantized ones whose codes and scales the state dict holds.
     """
     presets.model_class(library, cls_name)  # refuse anything outside the allowlist before building
     # fork_rng: a constructor that draws values before registering them must not move the global RNG.
     with torch.random.fork_rng(devices=[]), _parameters_on_meta():
         model = presets.instantiate(library, cls_name, config)
-        if quantization:
-            from fastgen.quant.api import apply_quantization_recipe
-
-            apply_quantization_recipe(model, dict(quantization))
+        if prepare is not None:
+            prepare(model)
     model.load_state_dict(_aligned(state_dict), strict=True, assign=True)
     return model.eval()
 
@@ -397,12 +395,15 @@ def load_component(model: str | os.PathLike | nn.Module, component: str | None =
     return attach_assets(comp, model)
 
 
-def rebuild_component(source: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Component:
+def rebuild_component(source: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
+                      prepare: Callable[[nn.Module], None] | None = None) -> Component:
     """Rebuild a component from its ``Component.source`` recipe and ``component.model``'s weights.
 
     No pickle: the class is looked up by name among diffusers ``ModelMixin`` and transformers
     ``PreTrainedModel`` subclasses only, built from its JSON config, and given ``state_dict``
     with ``load_state_dict(strict=True)``; the weights keep the dtype they have in ``state_dict``.
+    ``prepare(model)`` runs between the two: a source with a ``quantization`` recipe needs one that
+    swaps in its quantized layers (the torch engine passes ``fastgen.quant.apply_quantization_recipe``).
     """
     if not source:
         raise UnsupportedError("this component cannot be rebuilt: it was adapted from a custom nn.Module "
@@ -411,8 +412,10 @@ def rebuild_component(source: Mapping[str, Any], state_dict: Mapping[str, torch.
     if missing:
         raise InvalidArgumentError("source", sorted(source), reason=f"missing {', '.join(missing)}")
     library, cls_name = source["library"], source["class"]
-    model = _from_state_dict(library, cls_name, dict(source["config"]), state_dict,
-                             quantization=source.get("quantization"))
+    if source.get("quantization") and prepare is None:
+        raise UnsupportedError(f"{cls_name} source has a quantization recipe: rebuild_component needs "
+                               "prepare= to swap in its quantized layers (see fastgen.quant.apply_quantization_recipe)")
+    model = _from_state_dict(library, cls_name, dict(source["config"]), state_dict, prepare=prepare)
     adapter = dict(source["adapter"])
     profile = adapter.get("profile")
     comp = adapt(model, adapter.get("component"), latent_factor=int(adapter.get("latent_factor", 8)),

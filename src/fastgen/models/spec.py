@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]

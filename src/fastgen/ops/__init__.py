@@ -7,7 +7,7 @@ Triton kernel, PyTorch SDPA or the reference (loaded on first use: it registers 
 
 from __future__ import annotations
 
-from fastgen._lazy import lazy_getattr
+from fastgen.core.lazy import lazy_getattr
 from fastgen.ops._ext import available
 from fastgen.ops.image import normalize_nchw, to_uint8_nhwc
 

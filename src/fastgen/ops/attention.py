@@ -16,6 +16,8 @@ so only ever used when named: SageAttention-style int8 Q/K with fp16 or fp8 P.V)
 constraints the call violates raises :class:`UnsupportedError` naming the backend and the constraint.
 ``triton`` also runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for
 tests only, so never picked automatically there). Triton is imported only when its backend runs.
+:func:`attention_reference` and :func:`check_attention_args` live next to the kernels, in
+:mod:`fastgen.kernels.attention_reference` (re-exported here).
 
 The Triton paths are registered as the custom ops ``torch.ops.fastgen.attention`` and
 ``torch.ops.fastgen.attention_int8`` (torch >= 2.4) with fake implementations, so torch.compile and
@@ -24,14 +26,14 @@ torch.export can trace through them.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from fastgen._lazy import callable_module
+from fastgen.core.lazy import callable_module
 from fastgen.errors import InvalidArgumentError, UnsupportedError
+from fastgen.kernels.attention_reference import attention_reference, check_attention_args, visible_keys
+from fastgen.kernels.device import interpreting
 
 __all__ = ["BACKENDS", "BackendConstraints", "attention", "attention_reference", "check_attention_args",
            "select_backend"]
@@ -60,8 +62,7 @@ class BackendConstraints:
         """The first constraint the call violates, as a phrase, or None if it fits."""
         device = q.device.type
         triton_kernel = self.name.startswith("triton")
-        if device not in self.devices and not (
-                triton_kernel and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        if device not in self.devices and not (triton_kernel and device == "cpu" and interpreting()):
             extra = " (cpu only with TRITON_INTERPRET=1)" if triton_kernel else ""
             return f"device {device!r} (allowed: {', '.join(self.devices)}{extra})"
         if q.dtype not in self.dtypes:
@@ -93,70 +94,6 @@ BACKENDS: dict[str, BackendConstraints] = {
 _AUTO_ORDER = ("triton", "sdpa", "reference")
 
 
-def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float | None) -> None:
-    """Raise :class:`InvalidArgumentError` naming the first bad argument (shapes, dtypes, devices)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise InvalidArgumentError(name, getattr(t, "shape", t), "a 4-d tensor (batch, seq, heads, head_dim)")
-        if not t.dtype.is_floating_point:
-            raise InvalidArgumentError(f"{name}.dtype", t.dtype, "float16, bfloat16, float32, float64")
-        if t.dtype != q.dtype:
-            raise InvalidArgumentError(f"{name}.dtype", t.dtype, f"q's dtype {q.dtype}")
-        if t.device != q.device:
-            raise InvalidArgumentError(f"{name}.device", t.device, f"q's device {q.device}")
-    b, _, h, d = q.shape
-    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
-        raise InvalidArgumentError("k", tuple(k.shape), f"(batch={b}, seq_k, heads={h}, head_dim={d})")
-    if v.shape != k.shape:
-        raise InvalidArgumentError("v", tuple(v.shape), f"k's shape {tuple(k.shape)}")
-    if q.shape[1] < 1 or k.shape[1] < 1 or b < 1 or h < 1 or d < 1:
-        raise InvalidArgumentError("q", tuple(q.shape), "non-empty batch, seq, heads, head_dim and seq_k")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise InvalidArgumentError("mask", getattr(mask, "dtype", mask), "a torch.bool tensor (batch, seq_k)")
-        if tuple(mask.shape) != (b, k.shape[1]):
-            raise InvalidArgumentError("mask", tuple(mask.shape), f"(batch={b}, seq_k={k.shape[1]})")
-        if mask.device != q.device:
-            raise InvalidArgumentError("mask.device", mask.device, f"q's device {q.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise InvalidArgumentError("scale", scale, "a positive finite float or None")
-
-
-def _visible(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
-    """Boolean (batch, 1, seq_q, seq_k) of which keys each query sees, or None if it sees all."""
-    sq, sk = q.shape[1], k.shape[1]
-    allowed = None
-    if mask is not None:
-        allowed = mask[:, None, None, :]  # (batch, 1, 1, seq_k)
-    if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        tri = (j <= i + (sk - sq))[None, None]  # (1, 1, seq_q, seq_k), aligned to the end
-        allowed = tri if allowed is None else allowed & tri
-    return allowed
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-                        causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """Plain PyTorch attention in fp32 (fp64 stays fp64), cast back to q's dtype; the test oracle."""
-    check_attention_args(q, k, v, mask, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (batch, heads, seq_q, seq_k)
-    allowed = _visible(q, k, mask, causal)
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    # A row with no visible key: max is -inf; subtract 0 instead so exp gives 0s and the sum is 0.
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p, vf) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return o.transpose(1, 2).to(q.dtype)
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
           scale: float | None) -> torch.Tensor:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim) views
@@ -164,7 +101,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     if mask is None and (not causal or sq == sk):
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
         return out.transpose(1, 2)
-    allowed = _visible(q, k, mask, causal)  # SDPA's bool attn_mask: True = attend
+    allowed = visible_keys(q, k, mask, causal)  # SDPA's bool attn_mask: True = attend
     out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed, scale=scale)
     # SDPA gives NaN (or, depending on version and kernel, zeros) for rows without a visible key.
     dead = ~allowed.any(dim=-1, keepdim=True)  # (batch, 1, seq_q, 1)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,8 +37,8 @@ from torch import nn
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.ops.attention import BACKENDS, attention
 
-__all__ = ["ATTENTION_CHOICES", "AttentionPolicy", "OptimizeReport", "is_exporting", "key_padding_from_mask",
-           "optimize"]
+__all__ = ["ATTENTION_CHOICES", "AttentionPolicy", "OptimizeReport", "attention_revision", "is_exporting",
+           "key_padding_from_mask", "optimize"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,61 +213,59 @@ class OptimizeReport:
 
 # --- finding the models --------------------------------------------------------------------------------------
 
-_ACCEPTED = "an nn.Module, a diffusers pipeline, a fastgen Component, Engine, Generator or Scorer, or a list of them"
+_ACCEPTED = ("an nn.Module, a diffusers pipeline, a fastgen Component, an object with torch_modules() (Engine, "
+             "Generator, Scorer), or a list of them")
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _engine_module(engine: Any, prefix: str) -> nn.Module:
-    backend = getattr(engine, "backend", "?")
-    if backend != "torch":
-        component = getattr(getattr(engine, "spec", None), "component", "?")
-        where = f" (at {prefix!r})" if prefix else ""
-        raise UnsupportedError(f"optimize applies to the torch backend (or to the model before export): "
-                               f"the {component} engine{where} runs on {backend}")
-    return engine.component.model
+def _no_torch_modules(obj: Any, prefix: str) -> UnsupportedError:
+    """The error for a holder of models that runs no PyTorch module (an engine of another backend...)."""
+    component = getattr(getattr(obj, "spec", None), "component", None)
+    what = f"the {component} engine" if component else type(obj).__name__
+    where = f" (at {prefix!r})" if prefix else ""
+    backend = getattr(obj, "backend", None)
+    runs = f"runs on {backend}" if backend else "runs no PyTorch module"
+    return UnsupportedError(f"optimize applies to the torch backend (or to the model before export): "
+                            f"{what}{where} {runs}")
 
 
 def _targets(obj: Any, prefix: str, out: list[tuple[str, nn.Module]], notes: dict[str, str]) -> None:
-    """Append (prefix, module) for every model ``obj`` holds; raise before anything is changed."""
-    from fastgen.engines.base import Engine
+    """Append (prefix, module) for every model ``obj`` holds; raise before anything is changed.
+
+    Holders of models (engines, Generator, Scorer, anything else) are asked through their public
+    ``torch_modules() -> {name: nn.Module | None}``; each module is named by its key under ``prefix``,
+    and a None value (held but not loaded yet) is noted in the report's ``skipped``.
+    """
     from fastgen.models.component import Component
 
     if isinstance(obj, nn.Module):
         out.append((prefix, obj))
     elif isinstance(obj, Component):
         out.append((prefix, obj.model))
-    elif isinstance(obj, Engine):
-        out.append((prefix, _engine_module(obj, prefix)))
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
             _targets(item, _join(prefix, str(i)), out, notes)
+    elif callable(getattr(obj, "torch_modules", None)):
+        modules = obj.torch_modules()
+        if not modules:
+            raise _no_torch_modules(obj, prefix)
+        for key, module in modules.items():
+            if module is None:
+                notes[_join(prefix, key)] = "not loaded yet (built on first use): optimize it once loaded"
+                continue
+            if not isinstance(module, nn.Module):
+                raise InvalidArgumentError(f"{type(obj).__name__}.torch_modules()[{key!r}]", type(module).__name__,
+                                           "an nn.Module")
+            out.append((_join(prefix, key), module))
     elif isinstance(getattr(obj, "components", None), dict):  # a diffusers pipeline
         for key, value in obj.components.items():
             if isinstance(value, nn.Module):
                 out.append((_join(prefix, key), value))
-    elif _is_fastgen(obj, "Scorer"):
-        _targets(obj.engine, _join(prefix, "engine"), out, notes)
-    elif _is_fastgen(obj, "Generator"):
-        for key in ("unet", "vae_decoder", "text_encoder", "text_encoder_2", "_vae_encoder"):
-            engine = getattr(obj, key, None)
-            name = _join(prefix, key.lstrip("_"))
-            if engine is None:
-                continue
-            if callable(engine) and not hasattr(engine, "spec"):  # built on first img2img use
-                notes[name] = "not built yet (the vae encoder is built on first image-to-image use)"
-                continue
-            _targets(engine, name, out, notes)
     else:
         raise InvalidArgumentError("model", type(obj).__name__, _ACCEPTED)
-
-
-def _is_fastgen(obj: Any, cls_name: str) -> bool:
-    module = {"Scorer": "fastgen.pipelines.scorer", "Generator": "fastgen.pipelines.generator"}[cls_name]
-    loaded = sys.modules.get(module)  # an instance implies its module is loaded: no import here
-    return loaded is not None and isinstance(obj, getattr(loaded, cls_name))
 
 
 # --- applying ------------------------------------------------------------------------------------------------
@@ -303,14 +300,26 @@ def _excluded(name: str, module: nn.Module, patterns: tuple[str, ...],
     return None
 
 
-def _adapters() -> list[Any]:
-    """The library adapters whose library is loaded (a model of a library implies it is imported)."""
+def _adapters(modules: Iterable[nn.Module]) -> list[Any]:
+    """The library adapters for the libraries ``modules`` come from (their classes' packages).
+
+    A module whose class (or a base class) is defined in diffusers / transformers implies that library is
+    imported already: asking costs no import. Base classes count, so subclasses in user or remote code
+    are covered too.
+    """
+    libraries: set[str] = set()
+    seen: set[type] = set()
+    for module in modules:
+        cls = type(module)
+        if cls not in seen:
+            seen.add(cls)
+            libraries.update(c.__module__.partition(".")[0] for c in cls.__mro__)
     found = []
-    if "diffusers" in sys.modules:
+    if "diffusers" in libraries:
         from fastgen.ops import attention_diffusers
 
         found.append(attention_diffusers)
-    if "transformers" in sys.modules:
+    if "transformers" in libraries:
         from fastgen.ops import attention_transformers
 
         found.append(attention_transformers)
@@ -333,10 +342,11 @@ def _apply(targets: tuple[tuple[str, nn.Module], ...], backend: str | None, patt
     layers: dict[str, str] = {}
     skipped: dict[str, str] = dict(notes or {})
     restored: list[str] = []
-    adapters = _adapters()
+    walked = list(_walk(targets))
+    adapters = _adapters(module for _, module in walked)
     # Plan first (classification raises nothing), then change modules.
     plan: list[tuple[Any, str, nn.Module, str | None]] = []  # (adapter, name, module, reason to keep original)
-    for name, module in _walk(targets):
+    for name, module in walked:
         for adapter in adapters:
             verdict = adapter.classify(module)
             if verdict is None:
@@ -356,6 +366,8 @@ def _apply(targets: tuple[tuple[str, nn.Module], ...], backend: str | None, patt
         layers.update(result.get("layers", {}))
         skipped.update(result.get("skipped", {}))
         restored += result.get("restored", [])
+    if layers or restored:
+        _bump_revisions(targets)
     if backend is not None:
         logger.info("optimize: %d attention layers -> %s, %d skipped", len(layers), backend, len(skipped))
     elif restored:
@@ -368,34 +380,40 @@ def optimize(model: Any, attention: str | None = "triton", *, exclude: str | Ite
     """Route the attention layers of ``model`` through :func:`fastgen.ops.attention` with backend ``attention``.
 
     ``model``: an ``nn.Module`` (diffusers UNet / VAE / DiT / PixArt, transformers CLIP / BERT / ViT...), a
-    diffusers pipeline (its ``components``), a fastgen ``Component``, a torch-backend ``Engine``,
-    ``Generator`` or ``Scorer``, or a list of those. ``attention``: ``"triton"``, ``"triton-int8"``,
+    diffusers pipeline (its ``components``), a fastgen ``Component``, any object with a public
+    ``torch_modules() -> dict[str, nn.Module]`` (a torch-backend ``Engine``, a ``Generator``, a ``Scorer``:
+    each module is named by its key), or a list of those. ``attention``: ``"triton"``, ``"triton-int8"``,
     ``"sdpa"``, ``"reference"``, or None to restore the original attention of every layer. ``exclude``:
     glob patterns over qualified module names (``"*mid_block*"``) whose layers keep their original
     attention; ``filter_fn(name, module)``: False keeps that layer's original attention. ``strict``: a call
     the backend cannot serve raises :class:`UnsupportedError` instead of running the sdpa path.
 
-    Returns an :class:`OptimizeReport` (``layers``, ``skipped``, ``restore()``). Engines of other backends
-    raise :class:`UnsupportedError` (optimize applies to the torch backend, or to the model before export).
-    A torch engine replaying CUDA graphs drops its captured graphs so that they are captured anew.
+    Returns an :class:`OptimizeReport` (``layers``, ``skipped``, ``restore()``). An object whose
+    ``torch_modules()`` is empty (an engine of another backend...) raises :class:`UnsupportedError`
+    (optimize applies to the torch backend, or to the model before export). Every model it changes gets a
+    new :func:`attention_revision`, so a torch engine replaying CUDA graphs of it captures them anew.
     """
     patterns = _check_args(attention, exclude, filter_fn, strict)
     found: list[tuple[str, nn.Module]] = []
     notes: dict[str, str] = {}
     _targets(model, "", found, notes)
-    report = _apply(tuple(found), attention, patterns, filter_fn, strict, notes)
-    _drop_graphs(model)
-    return report
+    return _apply(tuple(found), attention, patterns, filter_fn, strict, notes)
 
 
-def _drop_graphs(obj: Any) -> None:
-    """Captured CUDA graphs replay the old kernels: torch engines recapture on their next call."""
-    engines = [obj] if hasattr(obj, "runtime") else []
-    engines += [getattr(obj, k, None) for k in ("engine", "unet", "vae_decoder", "text_encoder", "text_encoder_2")]
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            _drop_graphs(item)
-    for engine in engines:
-        if getattr(getattr(engine, "runtime", None), "cuda_graphs", False):
-            engine.close()
+#: Attribute (in the module's __dict__, not a parameter or buffer) counting optimize's changes to a model.
+REVISION_ATTR = "fastgen_attention_revision"
+
+
+def attention_revision(module: nn.Module) -> int:
+    """How many times :func:`optimize` (or ``restore()``) changed ``module``'s attention: 0 if never.
+
+    What holders of captured work (a torch engine's CUDA graphs replay the kernels they recorded)
+    compare to know that the model changed under them. One dict lookup: cheap enough per call.
+    """
+    return module.__dict__.get(REVISION_ATTR, 0)
+
+
+def _bump_revisions(targets: Iterable[tuple[str, nn.Module]]) -> None:
+    for _, module in targets:
+        module.__dict__[REVISION_ATTR] = attention_revision(module) + 1
 

@@ -8,34 +8,16 @@ conditioning ``time_ids`` = (original height, width, crop top, left, target heig
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.pipelines.engine_calls import run_chunked
 
 logger = logging.getLogger(__name__)
-
-
-def run_chunked(engine: Any, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run ``engine`` on inputs batched along dim 0, in chunks of at most its profile's max batch.
-
-    An engine built for up to N rows (a TensorRT profile, a memory budget) is never given more;
-    float outputs come back as float32, whatever the engine's precision.
-    """
-    rows = next(iter(inputs.values())).shape[0]
-    batch = engine.spec.profile.dims.get("batch")
-    step = batch.max if batch is not None else rows
-    parts: list[dict[str, torch.Tensor]] = []
-    for start in range(0, rows, max(step, 1)):
-        parts.append(engine({k: v[start:start + step] for k, v in inputs.items()}))
-    out = {}
-    for name in parts[0]:
-        value = parts[0][name] if len(parts) == 1 else torch.cat([p[name] for p in parts])
-        out[name] = value.float() if value.is_floating_point() else value
-    return out
 
 
 @dataclass

@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 SchedulerName = Literal["euler", "euler-ancestral", "ddim", "dpm++", "lcm", "pndm"]

@@ -5,6 +5,8 @@ prepare latents, ``scheduler.set_timesteps``, one UNet call per step for both ha
 classifier-free guidance, ``scheduler.step``, VAE decode), with every model call on an
 :class:`~fastgen.engines.base.Engine` of any backend and per-image seeds: image ``j`` of a prompt with
 seed ``s`` is drawn from ``torch.Generator().manual_seed(s + j)`` whatever else is in the batch.
+:meth:`Generator.generate` drives the step machinery of :mod:`fastgen.pipelines.stepping` (one state
+per prompt, all of them in every UNet call), the same steps the batched runtime takes.
 
 Best-of-N: ``generate(..., candidates=N, scorer=S, keep=k)`` makes N variants per prompt (seeds
 ``seed .. seed + N - 1``), scores them with ``S.score_images(list of PIL images) -> list[Score]``
@@ -13,6 +15,7 @@ Best-of-N: ``generate(..., candidates=N, scorer=S, keep=k)`` makes N variants pe
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -20,29 +23,26 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.models.metadata import UNetMetadata, VaeMetadata
 from fastgen.models.spec import parse_dim
-from fastgen.pipelines import images as imaging
-from fastgen.pipelines.conditioning import PromptEncoder, build_conditioning, run_chunked
+from fastgen.pipelines import stepping
+from fastgen.pipelines import vae_images as imaging
+from fastgen.pipelines.conditioning import PromptEncoder
 from fastgen.pipelines.config import MAX_SEED, GenerateConfig, GenerationResult, Latencies
-from fastgen.pipelines.sampling import (
-    denoise,
-    encode_images,
-    img2img_timesteps,
-    make_scheduler,
-    per_sample_noise,
-    set_timesteps,
-)
+from fastgen.pipelines.sampling import make_scheduler, set_timesteps
 
 logger = logging.getLogger(__name__)
 
 #: Engine directory names of a generator folder (``fastgen build ... --out DIR/<name>``).
 COMPONENTS = ("text-encoder", "text-encoder-2", "unet", "vae-decoder", "vae-encoder")
 PIPELINES = ("sd", "sdxl")
+
+_M = TypeVar("_M", UNetMetadata, VaeMetadata)
 
 
 def _ms(start: float) -> float:
@@ -54,10 +54,11 @@ class Generator:
 
     ``unet``, ``vae_decoder``, ``text_encoder`` (and ``text_encoder_2`` for SDXL, ``vae_encoder``
     for image-to-image) are engines: anything called with a dict of named tensors that returns one,
-    with ``spec``, ``extras`` and (text encoders) ``tokenizer``. ``tokenizer``/``tokenizer_2``,
-    ``scheduler_config`` (a diffusers scheduler config dict), ``scaling_factor`` (the VAE's) and
-    ``pipeline`` (``sd``/``sdxl``) default to what the engines carry (``engine.tokenizer``,
-    ``unet.extras["scheduler"]``, ``vae_decoder.extras["scaling_factor"]``, ``unet.extras["pipeline"]``).
+    with ``spec``, ``metadata`` and (text encoders) ``tokenizer``. ``tokenizer``/``tokenizer_2``,
+    ``scheduler_config`` (a diffusers scheduler config dict), ``scaling_factor`` (the VAE's),
+    ``pipeline`` (``sd``/``sdxl``) and ``force_zeros_for_empty_prompt`` default to what the engines
+    carry (``engine.tokenizer``, ``unet.metadata.scheduler``, ``vae_decoder.metadata.scaling_factor``,
+    ``unet.metadata.pipeline``, :meth:`~fastgen.models.metadata.UNetMetadata.zeros_for_empty_prompt`).
     ``vae_encoder`` may also be a zero-argument callable returning the engine, built on first use.
     """
 
@@ -71,23 +72,23 @@ class Generator:
         self.unet = unet
         self.vae_decoder = vae_decoder
         self._vae_encoder = vae_encoder
-        unet_extras, vae_extras = _extras(unet), _extras(vae_decoder)
-        self.pipeline = pipeline or unet_extras.get("pipeline") or (
+        unet_meta, vae_meta = _metadata(unet, UNetMetadata), _metadata(vae_decoder, VaeMetadata)
+        self.pipeline = pipeline or unet_meta.pipeline or (
             "sdxl" if "text_embeds" in unet.spec.input_names else "sd")
         if self.pipeline not in PIPELINES:
             raise InvalidArgumentError("pipeline", self.pipeline, PIPELINES)
-        self.scheduler_config = dict(scheduler_config or unet_extras.get("scheduler") or {})
+        self.scheduler_config = dict(scheduler_config or copy.deepcopy(unet_meta.scheduler) or {})
         if not self.scheduler_config:
             raise InvalidArgumentError("scheduler_config", None, reason="the unet engine carries none: pass "
                                        "a diffusers scheduler config (scheduler_config.json as a dict)")
-        factor = scaling_factor if scaling_factor is not None else vae_extras.get("scaling_factor")
+        factor = scaling_factor if scaling_factor is not None else vae_meta.scaling_factor
         if factor is None:
             raise InvalidArgumentError("scaling_factor", None, reason="the vae-decoder engine carries none: pass "
                                        "the VAE's scaling_factor (0.18215 for SD 1.x, 0.13025 for SDXL)")
         self.scaling_factor = float(factor)
         self.force_zeros_for_empty_prompt = bool(
             force_zeros_for_empty_prompt if force_zeros_for_empty_prompt is not None
-            else unet_extras.get("force_zeros_for_empty_prompt", self.pipeline == "sdxl"))
+            else unet_meta.zeros_for_empty_prompt(self.pipeline))
         encoders = [(e, tok if tok is not None else getattr(e, "tokenizer", None))
                     for e, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)) if e is not None]
         if self.pipeline == "sd" and text_encoder_2 is not None:
@@ -156,7 +157,8 @@ class Generator:
 
     # --- checks ----------------------------------------------------------------------------------
 
-    def _check_size(self, height: int, width: int, engines: Sequence[Any]) -> None:
+    def check_size(self, height: int, width: int, engines: Sequence[Any]) -> None:
+        """Raise a one-line error unless every engine of ``engines`` takes (height, width) images."""
         for engine in engines:
             engine.spec.check_dims({"height": height, "width": width})
             if getattr(engine, "strict_profile", False):
@@ -166,7 +168,9 @@ class Generator:
                         raise InvalidArgumentError(name, size, f"{rng.min} to {rng.max} (the "
                                                    f"{engine.spec.component} engine's profile)")
 
-    def _size(self, cfg: GenerateConfig, init_images: list | None) -> tuple[int, int]:
+    def image_size(self, cfg: GenerateConfig, init_images: list | None = None) -> tuple[int, int]:
+        """(height, width) of a request: ``cfg``'s, else (image-to-image) the first input image's rounded
+        down to what the models accept, else the UNet profile's opt."""
         height, width = cfg.height, cfg.width
         if init_images is not None:
             # diffusers' img2img takes the image's size, rounded down to what the models accept.
@@ -205,16 +209,18 @@ class Generator:
         init_images = imaging.load_images(image, len(prompts)) if image is not None else None
         if init_images is not None and self.vae_encoder is None:
             raise InvalidArgumentError("image", "an image", reason="this generator has no vae-encoder engine")
-        height, width = self._size(cfg, init_images)
-        self._check_size(height, width, [self.unet, self.vae_decoder] +
-                         ([self.vae_encoder] if init_images is not None else []))
+        height, width = self.image_size(cfg, init_images)
+        self.check_size(height, width, [self.unet, self.vae_decoder] +
+                        ([self.vae_encoder] if init_images is not None else []))
 
         # Prompt-major rows, as diffusers orders num_images_per_prompt: prompt 0's images first.
         prompt_indices = [p for p in range(len(prompts)) for _ in range(per_prompt)]
         image_seeds = [seeds[p] + j for p in range(len(prompts)) for j in range(per_prompt)]
+        states = [stepping.prepare(self, prompt, cfg, seed=seeds[p], size=(height, width), images=per_prompt,
+                                   image=init_images[p] if init_images is not None else None)
+                  for p, prompt in enumerate(prompts)]
         with torch.inference_mode():
-            latents, decoded, timings = self._run(prompts, image_seeds, per_prompt, cfg, init_images, height, width,
-                                                  progress)
+            latents, decoded, timings = self._run(states, cfg, progress)
         scores = rank_values = None
         if best_of:
             t0 = time.perf_counter()
@@ -234,65 +240,48 @@ class Generator:
 
     __call__ = generate
 
-    def _run(self, prompts: list[str], image_seeds: list[int], per_prompt: int, cfg: GenerateConfig,
-             init_images: list | None, height: int, width: int, progress: bool):
-        """The diffusers loop. Returns (latents, decoded images or None, stage timings in ms)."""
-        device = getattr(self.unet, "device", None)
-        device = device if isinstance(device, torch.device) else torch.device("cpu")
+    def _run(self, states: list[stepping.SampleState], cfg: GenerateConfig, progress: bool):
+        """The stepping machinery from the first step to the last, all states in every UNet call.
+
+        Returns (latents, decoded images or None, stage timings in ms).
+        """
         timings: dict[str, Any] = {}
-        # One CPU generator per image: its noise never depends on the batch (diffusers draws the same way).
-        generators = [torch.Generator().manual_seed(s) for s in image_seeds]
-        n = len(generators)
-
-        # 1. Prompts and negatives -> conditioning rows (unconditional first when guided).
+        timings["text_encoding_ms"] = stepping.encode_prompts(self, states)
+        stepping.init_latents(self, states)
+        if states[0].image is not None:
+            timings["vae_encode_ms"] = states[0].vae_encode_ms
         t0 = time.perf_counter()
-        guided = cfg.guidance_scale > 1.0
-        zero_negative = self.pipeline == "sdxl" and self.force_zeros_for_empty_prompt and cfg.negative_prompt is None
-        cond = build_conditioning(self.prompt_encoder, prompts, [per_prompt] * len(prompts),
-                                  negative_prompt=cfg.negative_prompt, guided=guided, zero_negative=zero_negative,
-                                  height=height, width=width)
-        timings["text_encoding_ms"] = _ms(t0)
-
-        # 2. Timesteps and initial latents.
-        scheduler = make_scheduler(cfg.scheduler, self.scheduler_config)
-        set_timesteps(scheduler, cfg.steps, device)
-        shape = (n, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
-        if init_images is None:
-            timesteps = scheduler.timesteps
-            latents = per_sample_noise(shape, generators, device) * scheduler.init_noise_sigma
-        else:
-            t0 = time.perf_counter()
-            timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength)
-            # One image given for every prompt is encoded once (by identity, not by content).
-            slots: dict[int, int] = {}
-            distinct: list = []
-            for img in init_images:
-                if id(img) not in slots:
-                    slots[id(img)] = len(distinct)
-                    distinct.append(img)
-            pixels = imaging.to_pixels(distinct, height, width)  # (distinct, 3, H, W) in [-1, 1]
-            sources = [slots[id(init_images[p])] for p in range(len(prompts)) for _ in range(per_prompt)]
-            latents = encode_images(self.vae_encoder, pixels, sources, generators, self.scaling_factor, device)
-            timings["vae_encode_ms"] = _ms(t0)
-            if len(timesteps):  # strength 0 (or too few steps to run one): the encoded image as it is
-                noise = per_sample_noise(shape, generators, device)
-                latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(n))
-
-        # 3. Denoise: one weight per image, so requests with different guidance could share the batch.
-        guidance = torch.full((n, 1, 1, 1), float(cfg.guidance_scale), device=device)
-        t0 = time.perf_counter()
-        latents, step_ms = denoise(self.unet, scheduler, latents, timesteps, cond, guidance, generators,
-                                   eta=cfg.eta, progress=progress)
+        stepping.denoise_loop(self.unet, states, progress=progress)
         timings["denoising_ms"] = _ms(t0)
-        timings["denoising_step_ms"] = tuple(step_ms)
-
-        # 4. Decode (diffusers decodes latents / scaling_factor).
+        timings["denoising_step_ms"] = tuple(states[0].step_ms)
+        latents = torch.cat([s.latents for s in states])  # type: ignore[misc]
         decoded = None
         if cfg.output_type != "latent":
-            t0 = time.perf_counter()
-            decoded = run_chunked(self.vae_decoder, {"latent": latents / self.scaling_factor})["image"]
-            timings["vae_decode_ms"] = _ms(t0)
+            decoded = torch.cat(stepping.decode(self, states))
+            timings["vae_decode_ms"] = states[0].vae_decode_ms
         return latents, decoded, timings
+
+    def torch_modules(self) -> dict[str, torch.nn.Module | None]:
+        """The PyTorch modules this generator's engines run, by component name (``unet``,
+        ``vae_decoder``, ``text_encoder``, ``text_encoder_2``, ``vae_encoder``). A VAE encoder given
+        lazily and not built yet maps to None (listing does not build it). Engines that run no
+        PyTorch module (onnxruntime, TensorRT) contribute nothing; an engine running several modules
+        gives ``name.key`` entries."""
+        engines = {"unet": self.unet, "vae_decoder": self.vae_decoder, "text_encoder": self.text_encoder,
+                   "text_encoder_2": self.text_encoder_2, "vae_encoder": self._vae_encoder}
+        out: dict[str, torch.nn.Module | None] = {}
+        for name, engine in engines.items():
+            if engine is None:
+                continue
+            if not hasattr(engine, "spec"):  # a lazily given encoder: built on first image-to-image use
+                out[name] = None
+                continue
+            modules = dict(getattr(engine, "torch_modules", lambda: {})())
+            if len(modules) == 1:
+                out[name] = next(iter(modules.values()))
+            else:
+                out.update({f"{name}.{key}": module for key, module in modules.items()})
+        return out
 
     def close(self) -> None:
         """Release the engines' backend resources."""
@@ -307,8 +296,11 @@ class Generator:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _extras(engine: Any) -> dict[str, Any]:
-    return dict(getattr(engine, "extras", None) or {})
+def _metadata(engine: Any, kind: type[_M]) -> _M:
+    """``engine.metadata`` when it is of ``kind``, else ``kind``'s empty metadata (nothing recorded: an
+    engine-like object without metadata, or an engine of a custom component name)."""
+    metadata = getattr(engine, "metadata", None)
+    return metadata if isinstance(metadata, kind) else kind()
 
 
 def _check_prompts(prompts: Any) -> list[str]:

@@ -1,4 +1,5 @@
-"""The denoising loop over a UNet engine, with diffusers' own schedulers (no sampler is re-implemented).
+"""Schedulers and noise for the denoising loop (:mod:`fastgen.pipelines.stepping`): diffusers' own
+schedulers, no sampler re-implemented.
 
 Randomness is per image: each image has its own ``torch.Generator`` (on the CPU, as diffusers draws
 with CPU generators and then moves the noise), which draws, in this order, its VAE posterior sample
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from fastgen._progress import steps as progress_steps
 from fastgen.errors import InvalidArgumentError
-from fastgen.pipelines.conditioning import Conditioning, run_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -96,47 +94,3 @@ def img2img_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tens
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps
-
-
-def encode_images(vae_encoder: Any, pixels: torch.Tensor, sources: Sequence[int],
-                  generators: list[torch.Generator], scaling_factor: float, device: torch.device) -> torch.Tensor:
-    """Posterior samples ``scaling_factor * (mean + exp(logvar / 2) * noise)``, one per image.
-
-    ``pixels`` (distinct images, 3, H, W) in [-1, 1]; image i encodes ``pixels[sources[i]]`` with
-    noise from ``generators[i]``. Each distinct image goes through the encoder once.
-    """
-    out = run_chunked(vae_encoder, {"image": pixels})
-    index = torch.tensor(list(sources), device=out["latent_mean"].device)
-    mean = out["latent_mean"][index].to(device)  # (images, C, h, w)
-    logvar = out["latent_logvar"][index].to(device)
-    noise = per_sample_noise(mean.shape, generators, device)
-    return scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
-
-
-def denoise(unet: Any, scheduler: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-            guidance: torch.Tensor, generators: list[torch.Generator], *, eta: float = 0.0,
-            progress: bool = False) -> tuple[torch.Tensor, list[float]]:
-    """Run the UNet and the scheduler over ``timesteps``; returns the final latents and each step's ms.
-
-    latents (images, C, h, w) float32; guidance (images, 1, 1, 1): one weight per image, so requests
-    with different guidance can share a batch.
-    """
-    extra = step_kwargs(scheduler, eta=eta, generators=generators)
-    step_ms: list[float] = []
-    total = len(timesteps)
-    with progress_steps("denoising", total, enabled=progress) as bar:
-        for i, t in enumerate(timesteps):
-            bar.advance(f"step {i + 1}/{total}")
-            start = time.perf_counter()
-            # One UNet call for both halves of classifier-free guidance: (2 * images, C, h, w).
-            model_input = torch.cat([latents, latents]) if cond.guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            timestep = t.reshape(1).to(torch.float32).repeat(model_input.shape[0])  # (rows,)
-            noise_pred = run_chunked(unet, {"sample": model_input, "timestep": timestep,
-                                            **cond.feeds()})["noise_pred"].to(latents.device)
-            if cond.guided:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-            step_ms.append((time.perf_counter() - start) * 1e3)
-    return latents, step_ms

@@ -1,14 +1,17 @@
 """``fastgen.Scorer``: image, text and video-frame classification on one classifier engine.
 
-Images (see :mod:`fastgen.pipelines.imageio` for the accepted kinds) are converted to RGB, resized
-to the engine's image size with PIL, stacked into a uint8 (N, H, W, C) batch and normalised with
-:func:`fastgen.ops.normalize_nchw` (``(x / 255 - mean) / std``; the C++ op when it is built).
-Texts are tokenized with the engine's tokenizer, sorted by length so that each batch pads only to
-its own longest text (the attention mask makes the padding invisible to the model), and returned
-in the caller's order. Videos are sampled by :mod:`fastgen.pipelines.video` and their frames
-scored as images; the result holds the mean and max probability of every label over the frames.
+Inputs become engine feeds through the scorer's preprocessor (:mod:`fastgen.pipelines.preprocess`,
+shared with ``fastgen.Runtime``): images (see :mod:`fastgen.pipelines.classifier_images` for the
+accepted kinds) are converted to RGB, resized to the engine's image size with PIL, stacked into a
+uint8 (N, H, W, C) batch and normalised with :func:`fastgen.ops.normalize_nchw` (``(x / 255 - mean)
+/ std``; the C++ op when it is built). Texts are tokenized with the engine's tokenizer, sorted by
+length so that each batch pads only to its own longest text (the attention mask makes the padding
+invisible to the model), and returned in the caller's order. Videos are sampled by
+:mod:`fastgen.pipelines.video` and their frames scored as images; the result holds the mean and max
+probability of every label over the frames.
 
-Probabilities are the softmax of the logits (``multi_label``: the sigmoid of each logit).
+Probabilities are the softmax of the logits (``multi_label``: the sigmoid of each logit), computed
+in float32 with numpy by :meth:`Scorer.scores`, the one way logits become scores.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 
 from fastgen.engines.base import Engine
 from fastgen.errors import InvalidArgumentError, UnsupportedError, check_choice
+from fastgen.models.metadata import ImageClassifierMetadata, TextClassifierMetadata
 from fastgen.models.spec import parse_dim
-from fastgen.pipelines import imageio
+from fastgen.pipelines.preprocess import ImagePreprocessor, TextPreprocessor, positive_int
 from fastgen.pipelines.video import sample_video
 
 logger = logging.getLogger(__name__)
@@ -36,9 +40,6 @@ Kind = Literal["image", "text"]
 KINDS = ("image", "text")
 #: engine component -> default kind
 COMPONENT_KINDS = {"classifier": "image", "text-classifier": "text"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -89,21 +90,6 @@ class VideoScore:
                 "total_frames": self.total_frames}
 
 
-def _positive_int(argument: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidArgumentError(argument, value, "integers >= 1")
-    return int(value)
-
-
-def _dim_size(engine: Engine, entry: Any, which: str = "opt") -> int | None:
-    """A spec shape entry's size: the int, or the profile's value for a symbol (None if unknown)."""
-    parsed = parse_dim(entry)
-    if parsed is None:
-        return int(entry)
-    rng = engine.spec.profile.dims.get(parsed[0])
-    return None if rng is None else rng.at(which) // parsed[1]  # type: ignore[arg-type]
-
-
 @contextlib.contextmanager
 def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[], None]]:
     """A transient rich bar on stderr over ``total`` batches (nothing when disabled or one batch)."""
@@ -123,14 +109,18 @@ class Scorer:
 
     ``kind``: ``image`` or ``text`` (default: from the engine's component, ``classifier`` or
     ``text-classifier``, else from its inputs). ``labels``: names in logit order (default: the
-    engine's ``labels`` extra, else ``label_0``...). ``tokenizer`` (text): default the engine's.
+    engine's ``metadata.labels``, else ``label_0``...). ``tokenizer`` (text): default the engine's.
     ``image_size`` (int or (height, width)), ``mean``, ``std``, ``resample`` (PIL code or name) and
     ``center_crop`` (shorter side resize + centre crop instead of a direct resize): default the
-    engine's extras (``image_size``, ``mean``, ``std``, ``resample``, ``center_crop``), then the
+    engine's metadata (:class:`~fastgen.models.metadata.ImageClassifierMetadata`), then the
     engine's input shape, ImageNet statistics, bilinear and no crop. ``max_length`` (text): default
-    the ``max_length`` extra, capped by the engine's sequence range. ``batch_size``: default the
+    the metadata's ``max_length``, capped by the engine's sequence range. ``batch_size``: default the
     engine profile's opt batch, at most its max. ``multi_label``: sigmoid instead of softmax.
     ``top_k``: how many labels ``Score.top`` lists. ``progress``: a progress bar over batches.
+
+    The steps are public for callers that batch on their own (``fastgen.Runtime``):
+    ``scorer.text_preprocessor`` / ``scorer.image_preprocessor`` turn inputs into engine feeds,
+    :meth:`logits` runs one batch of feeds, :meth:`scores` turns logits into :class:`Score` objects.
     """
 
     def __init__(self, engine: Engine, *, kind: Kind | None = None, labels: Sequence[str] | None = None,
@@ -142,12 +132,12 @@ class Scorer:
         if not isinstance(engine, Engine):
             raise InvalidArgumentError("engine", type(engine).__name__, "a fastgen Engine (fastgen.build / load_engine)")
         self.engine = engine
-        self.extras = dict(engine.extras)
+        metadata = engine.metadata
         spec = engine.spec
         self.kind: Kind = kind or self._infer_kind()
         check_choice("kind", self.kind, KINDS)
         self.multi_label = bool(multi_label)
-        self.top_k = _positive_int("top_k", top_k)
+        self.top_k = positive_int("top_k", top_k)
         self.progress = progress
         self.output_name = "logits" if "logits" in spec.output_names else spec.output_names[0]
         out_spec = spec.outputs[spec.output_names.index(self.output_name)]
@@ -155,11 +145,24 @@ class Scorer:
             raise UnsupportedError(f"engine output {self.output_name!r} has shape {out_spec.shape}; "
                                    "a classifier's logits are (batch, num_labels)")
         self._num_labels = out_spec.shape[1] if isinstance(out_spec.shape[1], int) else None
-        self._labels = self._check_labels(labels if labels is not None else self.extras.get("labels"))
+        recorded = (metadata.labels if isinstance(metadata, (ImageClassifierMetadata, TextClassifierMetadata))
+                    else None)
+        self._labels = self._check_labels(labels if labels is not None else recorded)
+        self.text_preprocessor: TextPreprocessor | None = None
+        """Texts -> engine feeds (a text scorer; None for an image one)."""
+        self.image_preprocessor: ImagePreprocessor | None = None
+        """Images -> engine feeds (an image scorer; None for a text one)."""
         if self.kind == "image":
-            self._setup_image(image_size, mean, std, resample, center_crop)
+            reason = ImagePreprocessor.unsupported(engine)
+            if reason is not None:
+                raise InvalidArgumentError("kind", "image", KINDS, reason=reason)
+            self.image_preprocessor = ImagePreprocessor(engine, image_size=image_size, mean=mean, std=std,
+                                                        resample=resample, center_crop=center_crop)
         else:
-            self._setup_text(tokenizer, max_length)
+            reason = TextPreprocessor.unsupported(engine)
+            if reason is not None:
+                raise InvalidArgumentError("kind", "text", KINDS, reason=reason)
+            self.text_preprocessor = TextPreprocessor(engine, tokenizer=tokenizer, max_length=max_length)
         self._setup_batch(batch_size)
 
     # --- construction --------------------------------------------------------------------------
@@ -222,60 +225,6 @@ class Scorer:
             raise InvalidArgumentError("labels", labels, reason="names must be unique")
         return labels
 
-    def _setup_image(self, image_size: Any, mean: Any, std: Any, resample: Any, center_crop: Any) -> None:
-        spec = self.engine.spec
-        if len(spec.inputs) != 1 or len(spec.inputs[0].shape) != 4 or not spec.inputs[0].dtype.startswith(("float", "bfloat")):
-            raise InvalidArgumentError("kind", "image", KINDS, reason=f"engine inputs {spec.input_names} are not "
-                                       "one (batch, channels, height, width) float tensor")
-        self.input_name = spec.inputs[0].name
-        _, c, h, w = spec.inputs[0].shape
-        self.channels = _dim_size(self.engine, c) or 3
-        if self.channels not in (1, 3):
-            raise UnsupportedError(f"image classifiers with {self.channels} input channels (supported: 1, 3)")
-        size = image_size if image_size is not None else self.extras.get("image_size")
-        if size is None:
-            size = (_dim_size(self.engine, h), _dim_size(self.engine, w))
-            if None in size:
-                raise InvalidArgumentError("image_size", None, reason="the engine states no image size: pass one")
-        if isinstance(size, (int, np.integer)):
-            size = (size, size)
-        if (isinstance(size, str) or not isinstance(size, Sequence) or len(size) != 2
-                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in size)):
-            raise InvalidArgumentError("image_size", image_size, "an int >= 1 or (height, width)")
-        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
-        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if self.channels == 3 else ((0.5,), (0.5,))
-        self.mean = tuple(float(v) for v in (mean if mean is not None else self.extras.get("mean", default_mean)))
-        self.std = tuple(float(v) for v in (std if std is not None else self.extras.get("std", default_std)))
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != self.channels or (name == "std" and 0.0 in values):
-                raise InvalidArgumentError(name, list(values), f"{self.channels} floats, one per channel"
-                                           + (", non-zero" if name == "std" else ""))
-        self.resample = imageio.resample_code(resample if resample is not None else self.extras.get("resample", 2))
-        self.center_crop = bool(center_crop if center_crop is not None else self.extras.get("center_crop", False))
-
-    def _setup_text(self, tokenizer: Any, max_length: int | None) -> None:
-        spec = self.engine.spec
-        names = spec.input_names
-        unknown = [n for n in names if n not in _TOKEN_INPUTS]
-        if "input_ids" not in names or unknown:
-            raise InvalidArgumentError("kind", "text", KINDS, reason=f"engine inputs {names} are not token inputs "
-                                       f"({', '.join(_TOKEN_INPUTS)})")
-        self.tokenizer = tokenizer if tokenizer is not None else self.engine.tokenizer
-        if self.tokenizer is None:
-            raise InvalidArgumentError("tokenizer", None, reason="this text engine has no saved tokenizer: pass one")
-        seq_entry = spec.inputs[names.index("input_ids")].shape[1]
-        self._static_seq = seq_entry if isinstance(seq_entry, int) else None
-        seq_max = _dim_size(self.engine, seq_entry, "max")
-        self._seq_min = _dim_size(self.engine, seq_entry, "min") or 1
-        limit = max_length if max_length is not None else self.extras.get("max_length")
-        if limit is None:
-            model_max = getattr(self.tokenizer, "model_max_length", None)
-            limit = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
-        if limit is None:
-            limit = seq_max or 512
-        limit = _positive_int("max_length", limit)
-        self.max_length = min(limit, seq_max) if seq_max else limit
-
     def _setup_batch(self, batch_size: int | None) -> None:
         first = self.engine.spec.inputs[0].shape[0]
         if isinstance(first, int):  # a graph with a fixed batch: short batches are padded up to it
@@ -291,12 +240,62 @@ class Scorer:
     def _check_batch(self, batch_size: int | None, default: int | None = None) -> int:
         if batch_size is None:
             return default if default is not None else self.batch_size
-        value = _positive_int("batch_size", batch_size)
+        value = positive_int("batch_size", batch_size)
         if value > self._max_batch:
             raise InvalidArgumentError("batch_size", value, f"1 to {self._max_batch} (this engine's batch profile)")
         return value
 
     # --- properties ----------------------------------------------------------------------------
+
+    def _text(self) -> TextPreprocessor:
+        if self.text_preprocessor is None:
+            raise AttributeError(f"an {self.kind} scorer has no text settings")
+        return self.text_preprocessor
+
+    def _image(self) -> ImagePreprocessor:
+        if self.image_preprocessor is None:
+            raise AttributeError(f"a {self.kind} scorer has no image settings")
+        return self.image_preprocessor
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text preprocessor's tokenizer (text scorers)."""
+        return self._text().tokenizer
+
+    @property
+    def max_length(self) -> int:
+        """Texts are truncated at this many tokens (text scorers)."""
+        return self._text().max_length
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) images are resized to (image scorers)."""
+        return self._image().size
+
+    @property
+    def channels(self) -> int:
+        """Channels of the engine's pixel input, 1 or 3 (image scorers)."""
+        return self._image().channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the normalisation (image scorers)."""
+        return self._image().mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation of the normalisation (image scorers)."""
+        return self._image().std
+
+    @property
+    def resample(self) -> int:
+        """PIL's resampling filter code (image scorers)."""
+        return self._image().resample
+
+    @property
+    def center_crop(self) -> bool:
+        """Whether images are resized on their shorter side and centre-cropped (image scorers)."""
+        return self._image().center_crop
 
     @property
     def labels(self) -> list[str]:
@@ -312,8 +311,10 @@ class Scorer:
 
     # --- running -------------------------------------------------------------------------------
 
-    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (n, num_labels) float32 on the CPU for one batch, padded up to the engine's minimum."""
+    def logits(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One engine call over ready engine inputs (batch first, from this scorer's preprocessor):
+        the (n, num_labels) float32 logits on the CPU. A batch under the engine's minimum is padded up
+        to it (its last row repeated) and the extra rows dropped."""
         n = next(iter(feeds.values())).shape[0]
         if n < self._min_batch:  # repeat the last row; its results are dropped below
             feeds = {k: torch.cat([v, v[-1:].expand(self._min_batch - n, *v.shape[1:])]) for k, v in feeds.items()}
@@ -323,25 +324,40 @@ class Scorer:
                                    f"batch of {max(n, self._min_batch)}; expected (batch, num_labels)")
         return logits[:n].float().cpu()
 
-    def scores_from_logits(self, logits: torch.Tensor) -> tuple[list[Score], torch.Tensor]:
-        """(one :class:`Score` per row, the (n, num_labels) float32 probabilities) of a logits batch."""
-        logits = logits.float().cpu()  # (n, num_labels)
-        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
-        return self._make_scores(logits.detach().numpy(), probs.detach().numpy()), probs
+    def scores(self, logits: torch.Tensor | np.ndarray) -> list[Score]:
+        """One :class:`Score` per row of a (n, num_labels) logits batch (:meth:`logits`)."""
+        return self._scores(logits)[0]
 
-    def _make_scores(self, logits: np.ndarray, probs: np.ndarray) -> list[Score]:
-        """One Score per row of (n, num_labels) float32 logits and probabilities. The top-k is one
-        stable argsort per batch (ties keep label order), not a sort per row: on a busy device thread
-        building scores was a tenth of a small classifier's batch time."""
+    def _scores(self, logits: torch.Tensor | np.ndarray) -> tuple[list[Score], np.ndarray]:
+        """(one Score per row, the (n, num_labels) float32 probabilities) of a logits batch.
+
+        The probabilities are computed with numpy in float32: on a busy CPU, PyTorch's softmax over a
+        batch can wait milliseconds for its intra-op threads (5 to 12 ms per call measured on a loaded
+        2-core machine), longer than the engine call of a small classifier.
+        """
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().float().cpu().numpy()
+        logits = np.asarray(logits, dtype=np.float32)  # (n, num_labels)
+        if self.multi_label:
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs = e / e.sum(axis=-1, keepdims=True)
+        probs = probs.astype(np.float32)
         labels = self.labels
         if logits.shape[0] and logits.shape[1] != len(labels):
             raise InvalidArgumentError("labels", f"{len(labels)} labels", f"{logits.shape[1]} (the engine's logits)")
-        k = min(self.top_k, len(labels))
-        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k].tolist()  # (n, k)
         out = []
-        for row_logits, row_probs, row_top in zip(logits.tolist(), probs.tolist(), order):
+        for row_logits, row_probs, row_top in zip(logits.tolist(), probs.tolist(), self._top(probs)):
             out.append(Score(dict(zip(labels, row_probs)), [(labels[j], row_probs[j]) for j in row_top], row_logits))
-        return out
+        return out, probs
+
+    def _top(self, probs: np.ndarray) -> list[list[int]]:
+        """The ``top_k`` label indices of each row of (n, num_labels) probabilities, most probable
+        first, ties in label order. One stable argsort per batch, not a sort per row: on a busy device
+        thread building scores was a tenth of a small classifier's batch time."""
+        k = min(self.top_k, probs.shape[-1])
+        return np.argsort(-probs, axis=-1, kind="stable")[:, :k].tolist()  # (n, k)
 
     def _require(self, kind: Kind, what: str, value: Any) -> None:
         if self.kind != kind:
@@ -350,65 +366,32 @@ class Scorer:
                                        f"{self.kind} classifier; pass {self.kind}s")
 
     def preprocess_images(self, images: Any) -> torch.Tensor:
-        """Images -> the engine's pixel input: (N, C, H, W) float32, ``(x / 255 - mean) / std``."""
-        from fastgen.ops import normalize_nchw
-
+        """Images -> the engine's pixel input: (N, C, H, W) float32 on the CPU, ``(x / 255 - mean) / std``."""
         self._require("image", "images", images)
-        items = imageio.flatten_images(images)
-        pixels = imageio.images_to_uint8(items, self.image_size, channels=self.channels, resample=self.resample,
-                                         center_crop=self.center_crop)  # (N, H, W, C) uint8
-        return normalize_nchw(pixels, self.mean, self.std)
+        return self._image()(images)
 
     def _image_probs(self, items: list[Any], batch_size: int | None) -> tuple[list[Score], torch.Tensor]:
         bs = self._check_batch(batch_size)
+        prep = self._image()
         scores: list[Score] = []
-        probs: list[torch.Tensor] = []
+        probs: list[np.ndarray] = []
         with _progress(-(-len(items) // bs), "scoring images", self.progress) as advance:
             for start in range(0, len(items), bs):
-                batch_scores, batch_probs = self._image_batch(items[start:start + bs])
+                pixels = prep.to_uint8(items[start:start + bs])  # (n, H, W, C) uint8
+                batch_scores, batch_probs = self._scores(self.logits(prep.feeds(pixels)))
                 scores += batch_scores
                 probs.append(batch_probs)
                 advance()
-        return scores, (torch.cat(probs) if probs else torch.empty(0, len(self.labels)))
-
-    def _image_batch(self, items: list[Any]) -> tuple[list[Score], torch.Tensor]:
-        """One engine call over ``items`` (images): scores and (n, num_labels) probabilities."""
-        from fastgen.ops import normalize_nchw
-
-        pixels = imageio.images_to_uint8(items, self.image_size, channels=self.channels,
-                                         resample=self.resample, center_crop=self.center_crop)
-        # uint8 travels to the device (4x fewer bytes than floats); normalising there is one pass
-        pixels = pixels.to(self.engine.device)  # (n, H, W, C) uint8
-        x = normalize_nchw(pixels, self.mean, self.std, out_dtype=self.engine.float_dtype)  # (n, C, H, W)
-        return self.scores_from_logits(self._run({self.input_name: x}))
+        return scores, (torch.from_numpy(np.concatenate(probs)) if probs else torch.empty(0, len(self.labels)))
 
     def score_images(self, images: Any, *, batch_size: int | None = None) -> list[Score]:
-        """One :class:`Score` per image (see :mod:`fastgen.pipelines.imageio` for accepted kinds).
+        """One :class:`Score` per image (see :mod:`fastgen.pipelines.classifier_images` for accepted kinds).
 
         A single image, a 4-D batch array / tensor, or a list of images; always returns a list.
         Unreadable files raise :class:`InvalidArgumentError` naming the file.
         """
         self._require("image", "images", images)
-        return self._image_probs(imageio.flatten_images(images), batch_size)[0]
-
-    def _text_feeds(self, texts: list[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
-        if self._static_seq is not None:  # a fixed-length graph: pad every text to it
-            padding: Any = "max_length"
-            length = self._static_seq
-        elif pad_to is not None:  # a length bucket's edge (fastgen.Runtime): one shape per bucket
-            padding, length = "max_length", min(int(pad_to), self.max_length)
-        else:
-            padding, length = "longest", self.max_length
-        if getattr(self.tokenizer, "pad_token", None) is None:
-            padding = False  # batches of one (see score_texts): nothing to pad
-        enc = self.tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors="np",
-                             return_attention_mask=True,
-                             return_token_type_ids="token_type_ids" in self.engine.spec.input_names)
-        if enc["input_ids"].shape[1] < self._seq_min:  # a strict engine's shortest sequence
-            enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self._seq_min,
-                                 return_tensors="np", return_attention_mask=True,
-                                 return_token_type_ids="token_type_ids" in self.engine.spec.input_names)
-        return {n: torch.from_numpy(np.asarray(enc[n], dtype=np.int64)) for n in self.engine.spec.input_names}
+        return self._image_probs(self._image().flatten(images), batch_size)[0]
 
     def score_texts(self, texts: str | Sequence[str], *, batch_size: int | None = None) -> list[Score]:
         """One :class:`Score` per text, in order; a single string gives a list of one.
@@ -423,56 +406,20 @@ class Scorer:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise InvalidArgumentError(f"texts[{i}]", type(t).__name__, "str")
+        prep = self._text()
         bs = self._check_batch(batch_size)
-        if getattr(self.tokenizer, "pad_token", None) is None:
+        if not prep.can_pad:
             bs = 1  # a tokenizer without a pad token cannot batch texts of different lengths
-        lengths = [len(ids) for ids in self.tokenizer(items, truncation=True, max_length=self.max_length)["input_ids"]]
+        lengths = prep.lengths(items)
         order = sorted(range(len(items)), key=lengths.__getitem__)  # stable
         results: list[Score | None] = [None] * len(items)
         with _progress(-(-len(items) // bs), "scoring texts", self.progress) as advance:
             for start in range(0, len(items), bs):
                 chunk = order[start:start + bs]
-                scores, _ = self.scores_from_logits(self._run(self._text_feeds([items[i] for i in chunk])))
-                for i, s in zip(chunk, scores):
+                for i, s in zip(chunk, self.scores(self.logits(prep.feeds([items[i] for i in chunk])))):
                     results[i] = s
                 advance()
         return results  # type: ignore[return-value]
-
-    def score_batch(self, items: Sequence[Any], *, pad_to: int | None = None) -> list[Score]:
-        """One engine call over ``items`` (texts or images, by this scorer's kind), for callers that batch.
-
-        No splitting into ``batch_size`` batches and no reordering: ``len(items)`` must fit the
-        engine's batch profile. Texts are padded to ``pad_to`` tokens (at most ``max_length``; it
-        must hold the longest of them) or, by default, to the longest; images as :meth:`score_images`.
-        """
-        items = list(items)
-        if not items:
-            return []
-        if self.kind == "text":
-            for i, t in enumerate(items):
-                if not isinstance(t, str):
-                    raise InvalidArgumentError(f"texts[{i}]", type(t).__name__, "str")
-            return self.scores_from_logits(self._run(self._text_feeds(items, pad_to)))[0]
-        self._require("image", "images", items)
-        return self._image_batch(imageio.flatten_images(items))[0]
-
-    def score_feeds(self, feeds: dict[str, torch.Tensor]) -> list[Score]:
-        """One engine call over ready engine inputs (batch first), for callers that prepare their own
-        (``fastgen.Runtime`` pads texts it tokenized at submission): padded up to the engine's
-        minimum batch, logits checked, one :class:`Score` per row.
-
-        The probabilities are computed with numpy (float32; equal to :meth:`scores_from_logits` to
-        about 1e-7): on a busy CPU, PyTorch's softmax over a batch can wait milliseconds for its
-        intra-op threads (5 to 12 ms per call measured on a loaded 2-core machine), longer than the
-        engine call of a small classifier.
-        """
-        logits = self._run(dict(feeds)).numpy()  # (n, num_labels) float32
-        if self.multi_label:
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            probs = e / e.sum(axis=-1, keepdims=True)
-        return self._make_scores(logits, probs.astype(np.float32))
 
     def score_video(self, video: Any, *, frames: int = 8, batch_size: int | None = None) -> VideoScore:
         """Score ``frames`` frames sampled uniformly over ``video`` and aggregate them per label.
@@ -485,9 +432,11 @@ class Scorer:
         sampled = sample_video(video, frames)
         scores, probs = self._image_probs(sampled.frames, batch_size)  # probs: (K, num_labels) float32
         labels = self.labels
-        mean = probs.double().mean(dim=0).tolist()
+        mean = probs.double().mean(dim=0)  # (num_labels,) float64
         peak = probs.max(dim=0).values.tolist()
-        top = sorted(zip(labels, mean), key=lambda lp: -lp[1])[:min(self.top_k, len(labels))]
+        (order,) = self._top(mean[None].numpy())
+        mean = mean.tolist()
+        top = [(labels[j], mean[j]) for j in order]
         return VideoScore(dict(zip(labels, mean)), dict(zip(labels, peak)), top, scores, sampled.indices,
                           sampled.timestamps, sampled.total)
 
@@ -496,6 +445,13 @@ class Scorer:
         if self.kind == "text":
             return self.score_texts(inputs, batch_size=batch_size)
         return self.score_images(inputs, batch_size=batch_size)
+
+    def torch_modules(self) -> dict[str, torch.nn.Module]:
+        """The PyTorch modules that run this scorer's classifier, by component name, as its engine
+        lists them (:meth:`Engine.torch_modules`): ``{"classifier": module}`` on the torch backend,
+        empty where the engine runs none (onnxruntime, TensorRT). For tools that work on modules,
+        such as ``fastgen.optimize``: changing them in place changes the scores."""
+        return dict(self.engine.torch_modules())
 
     def close(self) -> None:
         self.engine.close()

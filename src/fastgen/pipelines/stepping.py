@@ -1,24 +1,29 @@
-"""Step-level generation: many requests, each with its own scheduler, advanced one denoising step at a time.
+"""The denoising loop of every generation path, one step at a time over many requests.
 
-:class:`~fastgen.pipelines.generator.Generator` runs one batch from its first step to its last. Here
-each request is a :class:`SampleState` that holds everything :meth:`Generator.generate` keeps for
-one prompt (its own diffusers scheduler instance, timesteps and position in them, its CPU
-``torch.Generator`` per image seeded ``seed + j``, its guidance weight, conditioning rows and
-latents), so requests of one image size can share UNet calls while joining and leaving at any step
-boundary (continuous batching, :mod:`fastgen.runtime`):
+Each request is a :class:`SampleState` that holds everything one prompt needs (its own diffusers
+scheduler instance, timesteps and position in them, its CPU ``torch.Generator`` per image seeded
+``seed + j``, its guidance weight, conditioning rows and latents), so requests of one image size
+can share UNet calls while joining and leaving at any step boundary. :meth:`Generator.generate
+<fastgen.pipelines.generator.Generator.generate>` drives one batch of states from the first step to
+the last (:func:`denoise_loop`); the runtime (:mod:`fastgen.runtime`) drives them step by step
+(continuous batching); UNet calibration (:mod:`fastgen.pipelines.calibration`) runs the same loop
+over a torch module:
 
-- :func:`prepare`: checks and per-request state (no model call);
+- :func:`prepare`: checks and per-request state (no model call), text-to-image or image-to-image;
 - :func:`encode_prompts`: one text-encoder call for the prompts and negatives of many new requests;
-- :func:`init_latents`: each request's initial noise, drawn from its own generators;
-- :func:`denoise_step`: ONE UNet call over all rows of the given requests, each row with its own
-  timestep (per-sample timesteps) and each request with its own guidance weight, then each
-  request's scheduler steps on its slice;
+- :func:`init_latents`: each request's initial latents from its own generators: noise, or (image-to-
+  image) one VAE-encoder call for the distinct input images, a posterior sample, then noise added;
+- :func:`denoise_step` / :func:`unet_step`: ONE UNet call over all rows of the given requests, each
+  row with its own timestep and each request with its own guidance weight
+  (:func:`combine_guidance`), then each request's scheduler steps on its slice;
 - :func:`decode`: one VAE-decoder call for the finished requests.
 
-The arithmetic is :mod:`fastgen.pipelines.sampling`'s, row for row, and the random draws come from
-the request's own generators in the same order, so a request gives what ``Generator.generate`` gives
-for it alone with the same seed, whatever else shares its UNet calls (equal to floating-point
-rounding: a batched matrix product may round differently from a smaller one).
+Rows are laid out as diffusers lays out one batch: every guided request's unconditional rows first,
+then every request's conditional rows, so a batch of states gives what diffusers gives for the same
+prompts in one call. Per-image randomness comes from the image's own generator only, in this order:
+its VAE posterior sample (image-to-image), its initial noise, then whatever the scheduler's steps
+draw; so a request gives the same images whatever else shares its UNet calls (equal to
+floating-point rounding: a batched matrix product may round differently from a smaller one).
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ from typing import Any
 
 import torch
 
+from fastgen.core.progress import steps as progress_steps
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.pipelines.conditioning import (
-    Conditioning,
-    assemble_conditioning,
-    conditioning_texts,
-    run_chunked,
-)
+from fastgen.pipelines import vae_images
+from fastgen.pipelines.conditioning import Conditioning, assemble_conditioning
 from fastgen.pipelines.config import MAX_SEED, GenerateConfig
-from fastgen.pipelines.sampling import make_scheduler, per_sample_noise, set_timesteps, step_kwargs
+from fastgen.pipelines.engine_calls import run_chunked
+from fastgen.pipelines.sampling import (
+    img2img_timesteps,
+    make_scheduler,
+    per_sample_noise,
+    set_timesteps,
+    step_kwargs,
+)
 
 
 @dataclass(eq=False)
@@ -73,6 +82,10 @@ class SampleState:
     """Wall time of each UNet call this request took part in (the whole batched call)."""
     text_encoding_ms: float = 0.0
     vae_decode_ms: float = 0.0
+    image: Any = None
+    """Image-to-image: the input image (an RGB PIL image) every image of the request starts from."""
+    vae_encode_ms: float = 0.0
+    """Image-to-image: wall time of the VAE-encoder call that encoded the input image."""
 
     @property
     def images(self) -> int:
@@ -98,15 +111,19 @@ def _device(generator: Any) -> torch.device:
 
 
 def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *, seed: int | None = None,
-            image: Any = None) -> SampleState:
-    """Check one text-to-image request and make its state (scheduler, timesteps, generators); no model call.
+            image: Any = None, size: tuple[int, int] | None = None, images: int | None = None) -> SampleState:
+    """Check one request and make its state (scheduler, timesteps, generators); no model call.
 
-    ``seed``: overrides ``config.seed``; neither: a random seed, reported in ``state.seeds``. Raises
-    what :meth:`Generator.generate` raises for the same arguments (bad size, unknown scheduler, a
-    step count the scheduler refuses).
+    ``seed``: overrides ``config.seed``; neither: a random seed, reported in ``state.seeds``.
+    ``image``: image-to-image from this decoded RGB PIL image (``vae_images.load_image`` reads
+    paths and arrays); the schedule is the last ``strength`` part of ``config.steps``. ``size``:
+    (height, width), instead of :meth:`Generator.image_size`'s choice. ``images``: how many images
+    (default ``config.num_images_per_prompt``). Raises what :meth:`Generator.generate` raises for the
+    same arguments (bad size, unknown scheduler, a step count the scheduler refuses).
     """
-    if image is not None:
-        raise UnsupportedError("step-level generation is text-to-image only; use Generator.generate for img2img")
+    if image is not None and not _is_pil(image):
+        raise UnsupportedError(f"step-level image-to-image takes a decoded PIL image, not {type(image).__name__}: "
+                               "read it with fastgen.pipelines.vae_images.load_image, or use Generator.generate")
     if not isinstance(prompt, str):
         raise InvalidArgumentError("prompt", prompt, "strings (the empty string is allowed)")
     cfg = config or GenerateConfig()
@@ -115,39 +132,62 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
         base = secrets.randbelow(2**31)  # as Generator.generate draws an unseeded prompt's seed
     elif isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= MAX_SEED:
         raise InvalidArgumentError("seed", base, f"integers from 0 to {MAX_SEED}")
-    height, width = generator._size(cfg, None)
-    generator._check_size(height, width, [generator.unet, generator.vae_decoder])
+    engines = [generator.unet, generator.vae_decoder]
+    if image is not None:
+        if generator.vae_encoder is None:
+            raise InvalidArgumentError("image", "an image", reason="this generator has no vae-encoder engine")
+        engines.append(generator.vae_encoder)
+    height, width = size if size is not None else generator.image_size(cfg, [image] if image is not None else None)
+    generator.check_size(height, width, engines)
     scheduler = make_scheduler(cfg.scheduler, generator.scheduler_config)
     set_timesteps(scheduler, cfg.steps, _device(generator))
-    seeds = [base + j for j in range(cfg.num_images_per_prompt)]
+    timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength) if image is not None else scheduler.timesteps
+    count = cfg.num_images_per_prompt if images is None else images
+    seeds = [base + j for j in range(count)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     guided = cfg.guidance_scale > 1.0
     zero_negative = (generator.pipeline == "sdxl" and generator.force_zeros_for_empty_prompt
                      and cfg.negative_prompt is None)
     guidance = torch.full((len(seeds), 1, 1, 1), float(cfg.guidance_scale), device=_device(generator))
     return SampleState(prompt=prompt, config=cfg, seeds=seeds, height=height, width=width, scheduler=scheduler,
-                       timesteps=scheduler.timesteps, generators=generators, guided=guided, guidance=guidance,
-                       extra=step_kwargs(scheduler, eta=cfg.eta, generators=generators), zero_negative=zero_negative)
+                       timesteps=timesteps, generators=generators, guided=guided, guidance=guidance,
+                       extra=step_kwargs(scheduler, eta=cfg.eta, generators=generators), zero_negative=zero_negative,
+                       image=image)
+
+
+def _is_pil(image: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(image, Image.Image)
+
+
+def _negative(state: SampleState) -> str | None:
+    """The text of the state's unconditional rows, None when it has none (unguided, or zeroed)."""
+    if not state.guided or state.zero_negative:
+        return None
+    return state.config.negative_prompt if state.config.negative_prompt is not None else ""
 
 
 def encode_prompts(generator: Any, states: Sequence[SampleState]) -> float:
     """Conditioning rows of every state from ONE text-encoder call (each distinct text encoded once).
 
+    The texts are every state's prompt, then the negatives, as diffusers batches one call's.
     Returns the call's wall time in ms (also stored in each state's ``text_encoding_ms``).
     """
     start = time.perf_counter()
-    texts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for s in states:
-        own = conditioning_texts([s.prompt], negative_prompt=s.config.negative_prompt, guided=s.guided,
-                                 zero_negative=s.zero_negative)
-        spans.append((len(texts), len(own)))
-        texts += own
+    negatives = [_negative(s) for s in states]
+    texts = [s.prompt for s in states] + [n for n in negatives if n is not None]
     hidden, pooled = generator.prompt_encoder.encode(texts)  # (texts, seq, dim), (texts, pooled) or None
     sdxl = generator.pipeline == "sdxl"
-    for s, (first, count) in zip(states, spans):
-        own_pooled = pooled[first:first + count] if pooled is not None else None
-        s.cond = assemble_conditioning(hidden[first:first + count], own_pooled, [s.images], guided=s.guided,
+    next_negative = len(states)
+    for i, (s, negative) in enumerate(zip(states, negatives)):
+        rows = [i]
+        if negative is not None:
+            rows.append(next_negative)
+            next_negative += 1
+        index = torch.tensor(rows, device=hidden.device)
+        own_pooled = pooled[index.to(pooled.device)] if pooled is not None else None
+        s.cond = assemble_conditioning(hidden[index], own_pooled, [s.images], guided=s.guided,
                                        zero_negative=s.zero_negative, sdxl=sdxl, height=s.height, width=s.width)
     ms = (time.perf_counter() - start) * 1e3
     for s in states:
@@ -156,25 +196,134 @@ def encode_prompts(generator: Any, states: Sequence[SampleState]) -> float:
 
 
 def init_latents(generator: Any, states: Sequence[SampleState]) -> None:
-    """Initial noise of each state from its own generators, times its scheduler's ``init_noise_sigma``."""
+    """Each state's initial latents from its own generators.
+
+    Text-to-image: noise times the scheduler's ``init_noise_sigma``. Image-to-image: ONE VAE-encoder
+    call for the distinct input images of all the states (by identity), each image's posterior sample
+    ``scaling_factor * (mean + exp(logvar / 2) * noise)``, then noise added at the first timestep.
+    """
     device = _device(generator)
     for s in states:
-        shape = (s.images, generator.latent_channels, s.height // generator.latent_factor,
-                 s.width // generator.latent_factor)
-        s.latents = per_sample_noise(shape, s.generators, device) * s.scheduler.init_noise_sigma
+        if s.image is None:
+            s.latents = per_sample_noise(_latent_shape(generator, s), s.generators, device) * s.scheduler.init_noise_sigma
+    from_images = [s for s in states if s.image is not None]
+    if from_images:
+        _encode_images(generator, from_images, device)
+
+
+def _latent_shape(generator: Any, s: SampleState) -> tuple[int, int, int, int]:
+    return (s.images, generator.latent_channels, s.height // generator.latent_factor,
+            s.width // generator.latent_factor)
+
+
+def _encode_images(generator: Any, states: Sequence[SampleState], device: torch.device) -> None:
+    start = time.perf_counter()
+    slots: dict[int, int] = {}
+    distinct: list = []
+    for s in states:
+        if id(s.image) not in slots:
+            slots[id(s.image)] = len(distinct)
+            distinct.append(s.image)
+    sizes = {(s.height, s.width) for s in states}
+    if len(sizes) != 1:
+        raise InvalidArgumentError("states", sorted(sizes), reason="one VAE-encoder call takes one image size")
+    height, width = sizes.pop()
+    pixels = vae_images.to_pixels(distinct, height, width)  # (distinct, 3, H, W) in [-1, 1]
+    out = run_chunked(generator.vae_encoder, {"image": pixels})
+    for s in states:
+        index = torch.full((s.images,), slots[id(s.image)], device=out["latent_mean"].device)
+        mean = out["latent_mean"][index].to(device)  # (images, C, h, w)
+        logvar = out["latent_logvar"][index].to(device)
+        noise = per_sample_noise(mean.shape, s.generators, device)
+        s.latents = generator.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+    for s in states:
+        if len(s.timesteps):  # strength 0 (or too few steps to run one): the encoded image as it is
+            noise = per_sample_noise(_latent_shape(generator, s), s.generators, device)
+            s.latents = s.scheduler.add_noise(s.latents, noise, s.timesteps[:1].repeat(s.images))
+    ms = (time.perf_counter() - start) * 1e3
+    for s in states:
+        s.vae_encode_ms = ms
+
+
+def combine_guidance(noise_uncond: torch.Tensor, noise_text: torch.Tensor,
+                     guidance: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + guidance * (text - uncond)``, the one place it is computed.
+
+    ``noise_uncond`` / ``noise_text``: (images, C, h, w); ``guidance``: a float or (images, 1, 1, 1).
+    """
+    return noise_uncond + guidance * (noise_text - noise_uncond)
+
+
+def _layout(states: Sequence[SampleState]) -> list[tuple[int | None, int]]:
+    """Per state, the first UNet row of its unconditional block (None when unguided) and of its
+    conditional block: all unconditional blocks first, then all conditional ones, in state order."""
+    uncond_rows = sum(s.images for s in states if s.guided)
+    out: list[tuple[int | None, int]] = []
+    uncond = cond = 0
+    for s in states:
+        out.append((uncond if s.guided else None, uncond_rows + cond))
+        uncond += s.images if s.guided else 0
+        cond += s.images
+    return out
+
+
+def _arrange(states: Sequence[SampleState], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each state's rows (its unconditional half first when guided) in the :func:`_layout` order."""
+    uncond = [p[:s.images] for s, p in zip(states, parts) if s.guided]
+    cond = [p[s.images:] if s.guided else p for s, p in zip(states, parts)]
+    return torch.cat(uncond + cond)
 
 
 def _feeds(states: Sequence[SampleState], cache: dict | None) -> dict[str, torch.Tensor]:
-    """The conditioning inputs of a batch: each state's rows in turn (its unconditional rows first)."""
+    """The conditioning inputs of a batch in the :func:`_layout` order."""
     key = tuple(id(s) for s in states)
     if cache is not None and cache.get("key") == key:
         return cache["feeds"]
     parts = [s.cond.feeds() for s in states]  # type: ignore[union-attr]
-    feeds = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    feeds = {name: _arrange(states, [p[name] for p in parts]) for name in parts[0]}
     if cache is not None:  # reused while the batch's membership stays the same
         cache.clear()
         cache.update(key=key, feeds=feeds, states=list(states))
     return feeds
+
+
+def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | None = None) -> list:
+    """:func:`denoise_step` over ``unet``: any engine or callable mapping the UNet feeds (``sample``,
+    ``timestep``, the conditioning) to ``{"noise_pred": ...}``."""
+    if not states:
+        return []
+    sizes = {(s.height, s.width) for s in states}
+    if len(sizes) != 1:
+        raise InvalidArgumentError("states", sorted(sizes), reason="one UNet call takes one image size")
+    start = time.perf_counter()
+    inputs, timesteps = [], []
+    for s in states:
+        t = s.timesteps[s.index]
+        # Both halves of guidance: scale_model_input on (2 * images, C, h, w), as diffusers does.
+        model_input = torch.cat([s.latents, s.latents]) if s.guided else s.latents
+        inputs.append(s.scheduler.scale_model_input(model_input, t))
+        timesteps.append(t.reshape(1).to(torch.float32).expand(model_input.shape[0]))  # (rows,)
+    sample = _arrange(states, inputs)  # (rows, C, h, w)
+    timestep = _arrange(states, timesteps)  # (rows,): per-sample timesteps
+    noise_pred = run_chunked(unet, {"sample": sample, "timestep": timestep,
+                                    **_feeds(states, feeds_cache)})["noise_pred"]
+    errors: list = []
+    for s, (uncond_row, cond_row) in zip(states, _layout(states)):
+        own = noise_pred[cond_row:cond_row + s.images].to(s.latents.device)
+        try:
+            if uncond_row is not None:
+                own = combine_guidance(noise_pred[uncond_row:uncond_row + s.images].to(s.latents.device), own,
+                                       s.guidance)
+            s.latents = s.scheduler.step(own, s.timesteps[s.index], s.latents, **s.extra, return_dict=False)[0]
+            s.index += 1
+            errors.append(None)
+        except Exception as exc:  # one request's scheduler failing must not fail the batch
+            errors.append(exc)
+    ms = (time.perf_counter() - start) * 1e3
+    for s, err in zip(states, errors):
+        if err is None:
+            s.step_ms.append(ms)
+    return errors
 
 
 def denoise_step(generator: Any, states: Sequence[SampleState], *, feeds_cache: dict | None = None) -> list:
@@ -186,42 +335,21 @@ def denoise_step(generator: Any, states: Sequence[SampleState], *, feeds_cache: 
     left as it was; the others advanced). An exception of the UNet call itself propagates, with no
     state changed, so a caller may retry a smaller batch.
     """
-    if not states:
-        return []
-    sizes = {(s.height, s.width) for s in states}
-    if len(sizes) != 1:
-        raise InvalidArgumentError("states", sorted(sizes), reason="one UNet call takes one image size")
-    start = time.perf_counter()
-    inputs, timesteps = [], []
-    for s in states:
-        t = s.timesteps[s.index]
-        # Both halves of guidance, as the solo loop: scale_model_input on (2 * images, C, h, w).
-        model_input = torch.cat([s.latents, s.latents]) if s.guided else s.latents
-        inputs.append(s.scheduler.scale_model_input(model_input, t))
-        timesteps.append(t.reshape(1).to(torch.float32).expand(model_input.shape[0]))  # (rows,)
-    sample = torch.cat(inputs)  # (rows, C, h, w)
-    timestep = torch.cat(timesteps)  # (rows,): per-sample timesteps
-    noise_pred = run_chunked(generator.unet, {"sample": sample, "timestep": timestep,
-                                              **_feeds(states, feeds_cache)})["noise_pred"]
-    errors: list = []
-    offset = 0
-    for s in states:
-        own = noise_pred[offset:offset + s.rows].to(s.latents.device)
-        offset += s.rows
-        try:
-            if s.guided:
-                noise_uncond, noise_text = own.chunk(2)
-                own = noise_uncond + s.guidance * (noise_text - noise_uncond)
-            s.latents = s.scheduler.step(own, s.timesteps[s.index], s.latents, **s.extra, return_dict=False)[0]
-            s.index += 1
-            errors.append(None)
-        except Exception as exc:  # one request's scheduler failing must not fail the batch
-            errors.append(exc)
-    ms = (time.perf_counter() - start) * 1e3
-    for s, err in zip(states, errors):
-        if err is None:
-            s.step_ms.append(ms)
-    return errors
+    return unet_step(generator.unet, states, feeds_cache=feeds_cache)
+
+
+def denoise_loop(unet: Any, states: Sequence[SampleState], *, progress: bool = False) -> None:
+    """Step all ``states`` together until every one is done (one UNet call per step); the first
+    scheduler error is raised. ``progress``: a progress bar over the longest schedule."""
+    total = max((s.total_steps - s.index for s in states), default=0)
+    cache: dict = {}
+    with progress_steps("denoising", total, enabled=progress) as bar:
+        for i in range(total):
+            bar.advance(f"step {i + 1}/{total}")
+            active = [s for s in states if not s.done]
+            error = next((e for e in unet_step(unet, active, feeds_cache=cache) if e is not None), None)
+            if error is not None:
+                raise error
 
 
 def decode(generator: Any, states: Sequence[SampleState]) -> list[torch.Tensor]:
@@ -241,4 +369,5 @@ def decode(generator: Any, states: Sequence[SampleState]) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["SampleState", "decode", "denoise_step", "encode_prompts", "init_latents", "prepare"]
+__all__ = ["SampleState", "combine_guidance", "decode", "denoise_loop", "denoise_step", "encode_prompts",
+           "init_latents", "prepare", "unet_step"]

@@ -12,14 +12,14 @@
 SmoothQuant and static activation scales need statistics first:
 ``fastgen.calibrate(comp.module, forward_loop)`` then ``quantize_(..., Int8DynamicConfig(smoothquant=True))``.
 ``sensitivity(module, inputs, config)`` ranks layers by the output SQNR when each alone is quantized;
-``fastgen.quant.report`` measures whole-model accuracy. Importing this package does not import torch.
+(Whole-model accuracy is measured by ``benchmarks/quant_accuracy.py``.) Importing this package does not import torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastgen._lazy import lazy_getattr
+from fastgen.core.lazy import lazy_getattr
 from fastgen.quant.config import (
     CONFIG_TYPES,
     DEFAULT_SKIP,

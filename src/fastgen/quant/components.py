@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fastgen.core import plugins
 from fastgen.quant.api import quantization_recipe, quantize_, quantized_layers
 from fastgen.quant.calibration import AMAX_ATTR, ForwardLoop, calibrate
 from fastgen.quant.config import QuantConfig
@@ -26,23 +27,26 @@ SYNTHETIC_SEEDS = (9001, 9002, 9003, 9004)
 def synthetic_calibration(component: Any) -> list[tuple[torch.Tensor, ...]]:
     """Calibration batches from the component's own spec: random inputs at the profile's opt shape.
 
-    What a build falls back to when no ``calibration`` is given. For SD 1.x UNets the statistics come
-    from short denoising loops (``fastgen.quant.report.unet_calibration_loop``), which reach the
-    activation ranges of real sampling far better than random latents do; everything else gets
-    spec-shaped random inputs. Either way these are not the user's data: static scales calibrated on
-    them are a starting point, not a tuned model.
+    What a build falls back to when no ``calibration`` is given and no registered calibration source
+    knows the component (:func:`default_calibration`). These are not the user's data: static scales
+    calibrated on them are a starting point, not a tuned model.
     """
     return [tuple(component.spec.sample_inputs("opt", seed=s).values()) for s in SYNTHETIC_SEEDS]
 
 
-def _default_loop(component: Any) -> ForwardLoop:
-    names = component.spec.input_names
-    if component.name == "unet" and tuple(names) == ("sample", "timestep", "encoder_hidden_states") \
-            and "scheduler" in component.extras:
-        from fastgen.quant.report import unet_calibration_loop
+def default_calibration(component: Any) -> ForwardLoop:
+    """The calibration of ``component`` when the caller gives none: the first registered calibration
+    source (``fastgen.core.plugins`` group ``calibration``: ``source(component) -> forward loop or
+    None``) that knows the component, else :func:`synthetic_calibration`.
 
-        dims = component.spec.profile.dims
-        return unet_calibration_loop(component, height=dims["height"].opt, width=dims["width"].opt, steps=5)
+    The pipelines register one for SD 1.x UNets (``fastgen.pipelines.calibration``): short denoising
+    loops, which reach the activation ranges of real sampling far better than random latents do.
+    """
+    for name, target in plugins.entries("calibration").items():
+        loop = plugins.load(target)(component)
+        if loop is not None:
+            logger.info("%s: default calibration from the %r source", component.name, name)
+            return loop
     return synthetic_calibration(component)
 
 
@@ -51,14 +55,14 @@ def quantize_component(component: Any, config: QuantConfig, *, calibration: Forw
     """``component`` with its model quantized by ``config`` (``DEFAULT_SKIP`` unless the config says
     otherwise); a deep copy unless ``inplace``. Calibrates first when the config needs statistics:
     on ``calibration`` (a forward loop or an iterable of input batches for ``component.module``),
-    else on :func:`synthetic_calibration` (logged as a warning)."""
+    else on :func:`default_calibration` (logged as a warning)."""
     comp = component if inplace else copy.deepcopy(component)
     seen = None
     if config.needs_calibration:
         if calibration is None:
             logger.warning("%s: %s calibrates on synthetic inputs; pass calibration= (your own batches or a "
                            "forward loop) for scales that fit real data", comp.name, config.describe())
-            calibration = _default_loop(comp)
+            calibration = default_calibration(comp)
         calibrate(comp.module, calibration)
 
         def seen(layer: torch.nn.Module, name: str) -> bool:

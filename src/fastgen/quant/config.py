@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 #: Module-name patterns (``fnmatch``, matched against the qualified name inside the module given to
@@ -147,7 +147,7 @@ class QuantConfig(ConfigMixin):
 
     def cache_key(self) -> str:
         # to_dict() already names the class and carries the version.
-        from fastgen._config import sha256_json
+        from fastgen.core.config import sha256_json
 
         return sha256_json(self.to_dict())
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgen._progress import steps
+from fastgen.core.progress import steps
 from fastgen.errors import InvalidArgumentError
 from fastgen.quant.calibration import AMAX_ATTR, calibration_layers
 from fastgen.quant.config import QuantConfig, check_config

@@ -85,12 +85,12 @@ class QuantLinear(nn.Module):
     """``nn.Linear`` with quantized weights (and, for W8A8/fp8 configs, quantized activations)."""
 
     # Buffers whose dtype is part of the format: ``_apply`` moves them but never converts them.
-    _FIXED_DTYPE = ("qweight", "weight_scale", "smooth", "input_scale")
+    FIXED_DTYPE = ("qweight", "weight_scale", "smooth", "input_scale")
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, *, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        from fastgen.ops.quant import _fp8_dtype
+        from fastgen.ops.quant import fp8_dtype
 
         self.in_features = in_features
         self.out_features = out_features
@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
             qweight = torch.zeros(n, k // 2, dtype=torch.uint8, device=device)  # (N, K // 2) packed
             scale = torch.ones(n, k // g, dtype=torch.float32, device=device)  # (N, K // group)
         else:
-            qdtype = _fp8_dtype() if config.weight_dtype == "fp8" else torch.int8
+            qdtype = fp8_dtype() if config.weight_dtype == "fp8" else torch.int8
             qweight = torch.zeros(n, k, dtype=qdtype, device=device)  # (N, K)
             scale = torch.ones(n, dtype=torch.float32, device=device)  # (N,)
         self.register_buffer("qweight", qweight)
@@ -194,7 +194,7 @@ class QuantLinear(nn.Module):
 
     # -- nn.Module plumbing -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        fixed = {name: self._buffers[name] for name in self._FIXED_DTYPE if self._buffers.get(name) is not None}
+        fixed = {name: self._buffers[name] for name in self.FIXED_DTYPE if self._buffers.get(name) is not None}
         probe = fn(torch.zeros((), dtype=self.float_dtype, device=self.qweight.device))
         out = super()._apply(fn, recurse)
         for name, old in fixed.items():

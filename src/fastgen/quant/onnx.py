@@ -229,27 +229,16 @@ INT8_KERNELS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"
                 "MatMulNBits", "ConvInteger", "QLinearConv", "QGemm")
 
 
-#: ONNX Runtime session entries under which it computes what a quantized graph states:
-#: ``session.qdq_matmulnbits_accuracy_level`` 1 keeps weight-only MatMulNBits in fp32 (the default,
-#: 4, quantizes the activations to int8 too); ``session.x64quantprecision`` 1 turns U8S8 GEMMs into
-#: U8U8 on x86 CPUs without VNNI, whose U8S8 kernel saturates (measured on AVX2 with onnxruntime
-#: 1.32: the static QDQ text classifier's top-1 agreement falls from 100% to 98.4% without it).
-EXACT_SESSION_ENTRIES = {"session.qdq_matmulnbits_accuracy_level": "1", "session.x64quantprecision": "1"}
-
-
 def exact_session_options(**entries: str):
-    """CPU ``SessionOptions`` under which ONNX Runtime computes what the QDQ graph says.
+    """CPU ``SessionOptions`` under which ONNX Runtime computes what the QDQ graph says
+    (``fastgen.core.ort.EXACT_QUANT_ENTRIES``), with further session config ``entries``.
 
     ``session.qdq_matmulnbits_accuracy_level`` 1: the MatMulNBits that weight-only DequantizeLinear ->
     MatMul becomes computes in fp32 (ORT's default, 4, also quantizes the activations to int8).
     """
-    import onnxruntime as ort
+    from fastgen.core.ort import session_options
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    for key, value in {**EXACT_SESSION_ENTRIES, **entries}.items():
-        opts.add_session_config_entry(key, value)
-    return opts
+    return session_options(exact_quant=True, entries=entries)
 
 
 def ort_optimized_ops(onnx_path, options=None) -> dict[str, int]:
@@ -260,11 +249,12 @@ def ort_optimized_ops(onnx_path, options=None) -> dict[str, int]:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
+
+    from fastgen.core.ort import cpu_session
 
     opts = options or exact_session_options()
     with tempfile.TemporaryDirectory(prefix="fastgen-ortopt-") as tmp:
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        cpu_session(onnx_path, opts)
         graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
         return dict(collections.Counter(n.op_type for n in graph.node))

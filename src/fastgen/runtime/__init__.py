@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastgen._lazy import lazy_getattr
+from fastgen.core.lazy import lazy_getattr
 
 _LAZY = {
     "Runtime": "fastgen.runtime.runtime",
@@ -22,9 +22,9 @@ _LAZY = {
     "DeadlineExceededError": "fastgen.runtime.requests",
     "ShutdownError": "fastgen.runtime.requests",
     "OutOfMemoryError": "fastgen.runtime.requests",
-    "Scheduler": "fastgen.runtime.scheduler",
-    "LatencyProfile": "fastgen.runtime.tuning",
-    "TuningChoice": "fastgen.runtime.tuning",
+    "RequestScheduler": "fastgen.runtime.request_scheduler",
+    "LatencyProfile": "fastgen.runtime.batch_tuning",
+    "TuningChoice": "fastgen.runtime.batch_tuning",
 }
 
 __all__ = list(_LAZY)
@@ -37,7 +37,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fastgen.runtime.batch_tuning import LatencyProfile, TuningChoice
     from fastgen.runtime.config import RuntimeConfig
+    from fastgen.runtime.request_scheduler import RequestScheduler
     from fastgen.runtime.requests import (
         DeadlineExceededError,
         GenerateRequest,
@@ -50,5 +52,3 @@ if TYPE_CHECKING:  # pragma: no cover
         ShutdownError,
     )
     from fastgen.runtime.runtime import Runtime
-    from fastgen.runtime.scheduler import Scheduler
-    from fastgen.runtime.tuning import LatencyProfile, TuningChoice

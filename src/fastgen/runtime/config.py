@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastgen._config import ConfigMixin
+from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 GenerationBatching = Literal["step", "request"]

@@ -10,8 +10,9 @@ One :meth:`GenerationExecutor.run` is one denoising step of one shape bucket (im
 3. the requests whose last step this was are decoded in ONE VAE-decoder call and leave.
 
 Failures stay with their request: a call that raises is retried in halves down to the request
-that causes it (:func:`fastgen.runtime.worker.isolate`); running out of device memory also lowers
-the bucket's row limit, and the step is then run in chunks under it.
+that causes it (:func:`fastgen.runtime.execution.isolate`); running out of device memory also lowers
+the bucket's row limit, and the step is then run in chunks under it. What a step measured (its
+time, a lower row limit) goes back to the worker in the step's :class:`~fastgen.runtime.execution.Outcomes`.
 """
 
 from __future__ import annotations
@@ -23,26 +24,20 @@ from typing import Any
 import torch
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.pipelines import images as imaging
 from fastgen.pipelines import stepping
+from fastgen.pipelines import vae_images as imaging
 from fastgen.pipelines.config import GenerateConfig, GenerationResult, Latencies
+from fastgen.runtime.execution import Outcome, Outcomes, isolate
+from fastgen.runtime.request_scheduler import Decision, Job
 from fastgen.runtime.requests import GenerateRequest, RequestStatus
-from fastgen.runtime.scheduler import GENERATE, Decision, Job
-from fastgen.runtime.worker import Outcome, isolate
 
 
 class GenerationExecutor:
     """Runs generation steps for a :class:`~fastgen.Generator`; ``clock`` is the scheduler's."""
 
-    def __init__(self, generator: Any, *, clock: Callable[[], float] = time.monotonic,
-                 on_oom: Callable[[str, Any, int], None] | None = None,
-                 on_step: Callable[[tuple[str, Hashable], int, int, float], None] | None = None) -> None:
+    def __init__(self, generator: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.generator = generator
         self.clock = clock
-        self.on_oom = on_oom
-        self.on_step = on_step
-        """Told ``(queue, rows, requests, seconds)`` of each whole step's UNet calls (the scheduler
-        shares the device between shape buckets by what their steps cost)."""
         self._feeds_cache: dict = {}
         self._row_cap: dict[Hashable, int] = {}
 
@@ -61,11 +56,14 @@ class GenerationExecutor:
 
     # --- one step --------------------------------------------------------------------------------
 
-    def run(self, decision: Decision) -> list[Outcome]:
-        """One step of ``decision.queue``'s active set; returns the requests that ended at it."""
+    def run(self, decision: Decision) -> Outcomes:
+        """One step of ``decision.queue``'s active set: the requests that ended at it, the step's time
+        (when it ran whole) and, after an out-of-memory error, the bucket's new row limit."""
         bucket = decision.queue[1]  # type: ignore[index]
         ended: list[Outcome] = []
         failed: set[int] = set()
+        row_caps: list[int] = []  # set by out-of-memory errors during this step, lowest last
+        step: tuple[int, int, float] | None = None
 
         def fail(job: Job, error: BaseException) -> None:
             failed.add(job.id)
@@ -79,12 +77,13 @@ class GenerationExecutor:
             active = [j for j in decision.jobs if j.id not in failed]
             start = time.perf_counter()
             for chunk in self._chunks(bucket, active):
-                results = isolate(self._step, chunk, what="UNet step", on_oom=lambda group: self._oom(bucket, group))
+                results = isolate(self._step, chunk, what="UNet step",
+                                  on_oom=lambda group: row_caps.append(self._oom(bucket, group)))
                 for job, ok, value in results:
                     if not ok or value is not None:  # the call failed, or this request's scheduler step did
                         fail(job, value)
-            if self.on_step is not None and active and not failed:  # retried halves would skew the fit
-                self.on_step(decision.queue, sum(j.rows for j in active), len(active), time.perf_counter() - start)
+            if active and not failed:  # retried halves would skew the fit
+                step = (sum(j.rows for j in active), len(active), time.perf_counter() - start)
             finished = [j for j in active if j.id not in failed and j.payload.data.done]
             to_decode = [j for j in finished if j.payload.data.config.output_type != "latent"]
             decoded: dict[int, torch.Tensor] = {}
@@ -100,7 +99,7 @@ class GenerationExecutor:
                     ended.append(Outcome(job, RequestStatus.SUCCEEDED, self._result(job, decoded.get(job.id))))
                 except Exception as exc:  # output conversion of this request alone
                     fail(job, exc)
-        return ended
+        return Outcomes(ended, max_batch=row_caps[-1] if row_caps else None, step=step)
 
     def _encode(self, jobs: list[Job]) -> list[None]:
         states = [j.payload.data for j in jobs]
@@ -129,13 +128,13 @@ class GenerationExecutor:
             rows += job.rows
         return chunks
 
-    def _oom(self, bucket: Hashable, group: list[Job]) -> None:
+    def _oom(self, bucket: Hashable, group: list[Job]) -> int:
+        """``group`` ran out of memory: lower and return the bucket's row cap."""
         # r rows did not fit: halve (a group is split in two next), or, for one request, just below it.
         rows = sum(j.rows for j in group)
         cap = max(1, rows // 2 if len(group) > 1 else rows - 1)
         self._row_cap[bucket] = min(self._row_cap.get(bucket, cap), cap)
-        if self.on_oom is not None:
-            self.on_oom(GENERATE, bucket, self._row_cap[bucket])
+        return self._row_cap[bucket]
 
     def drop(self, jobs: list[Job]) -> None:
         """Requests that left without finishing (cancelled, expired): release their batch's cached inputs."""

@@ -3,7 +3,7 @@
 Each series is a :class:`Histogram`: cumulative bucket counts, sum and count for the Prometheus
 text exposition format (``runtime.metrics_text()``), and a window of the most recent samples for
 the p50 / p95 / p99 that ``runtime.stats()`` reports. Batch timings also feed a
-:class:`~fastgen.runtime.tuning.LatencyProfile` per (engine, bucket, batch size) for auto-tuning.
+:class:`~fastgen.runtime.batch_tuning.LatencyProfile` per (engine, bucket, batch size) for auto-tuning.
 Thread-safe (one lock); nothing here imports torch.
 """
 
@@ -16,21 +16,14 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
-from fastgen.runtime.tuning import LatencyProfile
+from fastgen.core.stats import percentile
+from fastgen.runtime.batch_tuning import LatencyProfile
 
 #: Seconds: 100 us to 2 min, roughly x2.5 apart.
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0)
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in [0, 100]) of an ascending list; None when empty."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 class Histogram:
@@ -219,4 +212,4 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-__all__ = ["Histogram", "Metrics", "bucket_label", "percentile"]
+__all__ = ["Histogram", "Metrics", "bucket_label"]

@@ -1,6 +1,6 @@
 """The scheduler's data: jobs (its view of a request), limits, decisions, and one queue per (kind, bucket).
 
-Pure Python (no torch); :mod:`fastgen.runtime.scheduler` holds the logic.
+Pure Python (no torch); :mod:`fastgen.runtime.request_scheduler` holds the logic.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Job:
     bucket: Hashable
     priority: int = 0
     arrival: float | None = None
-    """Submission time on the scheduler's clock (set by :meth:`Scheduler.submit` when None)."""
+    """Submission time on the scheduler's clock (set by :meth:`RequestScheduler.submit` when None)."""
     deadline: float | None = None
     """Absolute time on the scheduler's clock; None: never expires."""
     rows: int = 1
@@ -64,7 +64,7 @@ class Decision:
     """What the device loop does next. ``jobs`` empty and ``wait`` set: nothing is ready yet.
 
     The lists other than ``jobs`` are a shared empty tuple unless something is in them (fewer
-    allocations per decision: see :meth:`Scheduler.schedule`); read them, never append to them.
+    allocations per decision: see :meth:`RequestScheduler.schedule`); read them, never append to them.
     """
 
     kind: str | None = None
@@ -106,7 +106,7 @@ class BucketQueue:
         self.lim = lim  # cached: limits() walks two dicts, and every decision reads every queue's
         # Generation: ``step_s``, one request's step alone in this bucket (seconds), and ``eff_rows``,
         # the fewest rows per step that use the engine within 10% of its best rate per row, fitted to
-        # ``steps``, the recent (rows, requests, seconds) of this bucket's steps (Scheduler.observe_step).
+        # ``steps``, the recent (rows, requests, seconds) of this bucket's steps (RequestScheduler.observe_step).
         self.step_s: float | None = None
         self.eff_rows: int | None = None
         self.observed = 0

@@ -151,6 +151,11 @@ class RequestFuture(concurrent.futures.Future):
             return RequestStatus.CANCELLED
         return self._status
 
+    def mark_running(self) -> None:
+        """The request's batch or step has started (worker side): ``status`` says running. The future
+        stays pending (``cancel()`` still works; unlike ``set_running_or_notify_cancel``)."""
+        self._status = RequestStatus.RUNNING
+
     def _finish(self, status: RequestStatus, result: Any = None, error: BaseException | None = None) -> bool:
         """Resolve the future (worker side). False when it had been cancelled (the result is dropped) or
         already resolved (a shutdown that stopped waiting for the device loop failed it first)."""

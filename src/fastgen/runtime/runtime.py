@@ -10,7 +10,7 @@
 Scoring is batched request by request (dynamic batching in shape buckets under a count and a
 token / pixel budget), generation step by step (continuous batching: requests join and leave a
 shape bucket's UNet batch at every denoising step). One device thread runs everything
-(:mod:`fastgen.runtime.worker`); the decisions are :mod:`fastgen.runtime.scheduler`'s. Every
+(:mod:`fastgen.runtime.worker`); the decisions are :mod:`fastgen.runtime.request_scheduler`'s. Every
 accepted request ends with a status (:mod:`fastgen.runtime.requests`); ``shutdown`` finishes or
 fails all of them and joins the thread.
 """
@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.runtime.batch_tuning import CallCost, LatencyProfile, TuningChoice, choose, measure
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.metrics import Metrics, bucket_label
+from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
 from fastgen.runtime.requests import GenerateRequest, OverloadedError, RequestFuture, ScoreRequest
-from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
-from fastgen.runtime.tuning import CallCost, LatencyProfile, TuningChoice, choose, measure
 from fastgen.runtime.worker import Ticket, Worker
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _scorers(scorer: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in items:
         kind = getattr(s, "kind", None)
-        if kind not in ("text", "image") or not hasattr(s, "score_batch"):
+        if kind not in ("text", "image") or not hasattr(s, "logits"):
             raise InvalidArgumentError("scorer", type(s).__name__, "fastgen.Scorer instances")
         if kind in out:
             raise InvalidArgumentError("scorer", f"two {kind} scorers", "at most one text and one image scorer")
@@ -72,28 +72,28 @@ class Runtime:
         if generator is None and not scorers:
             raise InvalidArgumentError("generator", None, reason="a Runtime needs a Generator and/or a Scorer")
         self.clock = clock or time.monotonic
-        self.scheduler = Scheduler(self.config, clock=self.clock)
+        self.scheduler = RequestScheduler(self.config, clock=self.clock)
         self.metrics = Metrics()
         self.generator = generator
         self.scorers = scorers
         executors: dict[str, Any] = {}
         if generator is not None:
-            executors[GENERATE] = GenerationExecutor(generator, clock=self.clock, on_oom=self._lower_limit,
-                                                     on_step=self._observe_step)
+            executors[GENERATE] = GenerationExecutor(generator, clock=self.clock)
             batch = generator.unet.spec.profile.dims.get("batch")
             if batch is not None and batch.max < self.config.max_step_rows:
                 logger.warning("steps of up to %d UNet rows run as several calls of at most %d (the UNet engine's "
                                "batch profile): build it with profile batch=1:..:%d for one call per step",
                                self.config.max_step_rows, batch.max, self.config.max_step_rows)
-        if self.config.text_merge_tokens is not None:
-            self.scheduler.set_merge_cost("text", self.config.text_merge_tokens)
         for kind, s in scorers.items():
-            ex = executors[kind] = ScoringExecutor(s, kind, self.config, on_oom=self._lower_limit,
-                                                   on_merge_cost=self._set_merge_cost)
-            if ex.max_batch_cap is not None and ex.max_batch_cap < self.config.max_batch_size:
-                self.scheduler.set_limits(kind, max_batch=ex.max_batch_cap)
+            executors[kind] = ScoringExecutor(s, kind, self.config)
         self.executors = executors
         self._worker = Worker(self.scheduler, executors, self.metrics)
+        if self.config.text_merge_tokens is not None:
+            self._worker.set_merge_cost("text", self.config.text_merge_tokens)
+        for kind in scorers:
+            cap = executors[kind].max_batch_cap
+            if cap is not None and cap < self.config.max_batch_size:
+                self._worker.set_limits(kind, max_batch=cap)
         self._ids = itertools.count(1)
         self._started = False
         if start:
@@ -178,9 +178,7 @@ class Runtime:
     # --- observing -------------------------------------------------------------------------------
 
     def _gauges(self) -> dict[str, dict[str, float]]:
-        with self._worker.cond:
-            depths = self.scheduler.queue_depths()
-            active = len(self.scheduler.active())
+        depths, active = self._worker.queue_state()
         return {"queue_depth": {k: float(depths.get(k, 0)) for k in self.executors},
                 "active_requests": {GENERATE: float(active)} if GENERATE in self.executors else {},
                 "inflight_requests": {"": float(self._worker.inflight())}}
@@ -195,22 +193,6 @@ class Runtime:
     def metrics_text(self) -> str:
         """The metrics in the Prometheus text exposition format."""
         return self.metrics.prometheus(self._gauges())
-
-    def _lower_limit(self, kind: str, bucket: Any, max_batch: int) -> None:
-        with self._worker.cond:
-            current = self.scheduler.limits(kind, bucket).max_batch
-            if max_batch < current:
-                logger.warning("out of device memory: %s bucket %s now takes at most %d per batch", kind,
-                               bucket_label(bucket), max_batch)
-                self.scheduler.set_limits(kind, bucket, max_batch=max_batch)
-
-    def _observe_step(self, queue: Any, rows: int, requests: int, seconds: float) -> None:
-        with self._worker.cond:
-            self.scheduler.observe_step(queue, rows, requests, seconds)
-
-    def _set_merge_cost(self, kind: str, tokens: float) -> None:
-        with self._worker.cond:
-            self.scheduler.set_merge_cost(kind, tokens)
 
     # --- auto-tuning -----------------------------------------------------------------------------
 
@@ -239,12 +221,11 @@ class Runtime:
             choices[f"{kind}:{label}"] = choice
             if apply:
                 bucket = self._bucket_of(kind, label)
-                with self._worker.cond:
-                    if kind == GENERATE:
-                        self.scheduler.set_limits(kind, bucket, max_batch=choice.batch_size)
-                    else:
-                        self.scheduler.set_limits(kind, bucket, max_batch=choice.batch_size,
-                                                  max_wait_s=choice.max_wait_ms / 1e3)
+                if kind == GENERATE:
+                    self._worker.set_limits(kind, bucket, max_batch=choice.batch_size)
+                else:
+                    self._worker.set_limits(kind, bucket, max_batch=choice.batch_size,
+                                            max_wait_s=choice.max_wait_ms / 1e3)
         text = self.executors.get("text")
         if apply and getattr(text, "call_cost", None) is not None:
             cost = CallCost(cap=float(self.config.max_batch_tokens))
@@ -254,7 +235,7 @@ class Runtime:
                         cost.samples.append((int(label) * size, profile.quantile(engine, label, size, 50)))
             merge = cost.merge_units()
             if merge is not None:
-                self._set_merge_cost("text", merge)
+                self._worker.set_merge_cost("text", merge)
         return choices
 
     def _bucket_of(self, kind: str, label: str) -> Any:

@@ -1,14 +1,15 @@
-"""The device loop: one thread that asks the scheduler what to run, runs it, and reports back.
+"""The device loop: one thread that asks the request scheduler what to run, runs it, and reports back.
 
 Clients submit from any thread (or asyncio loop) under one condition variable; the loop takes the
 lock only to schedule and to record outcomes, never while a batch runs, so submissions and
-cancellations never wait for the device. Futures are resolved outside the lock.
+cancellations never wait for the device. Futures are resolved outside the lock. The worker is the
+only one that changes the scheduler once it runs, always under that lock and through the
+scheduler's methods: the executors return what a run measured
+(:class:`~fastgen.runtime.execution.Outcomes`) instead of calling back, and the runtime changes
+limits through the worker's methods (:meth:`Worker.set_limits`, :meth:`Worker.set_merge_cost`).
 
-Failure handling is here, shared by the executors (:func:`isolate`): a batch that raises is split
-in two and each half retried, down to single requests, so one bad request fails alone and the
-others still run; a device out-of-memory error is handled the same way (split and retry) and
-lowers the queue's batch limit, and a request that does not fit even alone fails with
-:class:`~fastgen.runtime.requests.OutOfMemoryError`.
+Failures are isolated by the executors (:func:`fastgen.runtime.execution.isolate`): one bad
+request fails alone; a device out-of-memory error also lowers the queue's batch limit.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fastgen.runtime.execution import Outcome, Outcomes
+from fastgen.runtime.metrics import bucket_label
+from fastgen.runtime.request_scheduler import GENERATE, Decision, Job, Limits, RequestScheduler
 from fastgen.runtime.requests import (
     DeadlineExceededError,
-    OutOfMemoryError,
     RequestFuture,
     RequestStatus,
     ShutdownError,
 )
-from fastgen.runtime.scheduler import GENERATE, Decision, Job, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -44,83 +46,18 @@ class Ticket:
     deadline_s: float | None = None
 
 
-@dataclass
-class Outcome:
-    """How one request of a batch or step ended (``value``: its result, or its exception)."""
-
-    job: Job
-    status: RequestStatus
-    value: Any = None
-
-
-# --- failure isolation ---------------------------------------------------------------------------------
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A device (or host) allocation failure: PyTorch's OutOfMemoryError, MemoryError, or an
-    onnxruntime / CUDA allocator message."""
-    import torch
-
-    kinds: tuple[type, ...] = (MemoryError,)
-    for owner in (torch, getattr(torch, "cuda", None)):
-        kind = getattr(owner, "OutOfMemoryError", None)
-        if isinstance(kind, type):
-            kinds += (kind,)
-    if isinstance(exc, kinds):
-        return True
-    text = str(exc).lower()
-    return "out of memory" in text or "failed to allocate" in text
-
-
-def free_device_memory() -> None:
-    """Return cached blocks after an out-of-memory error (CUDA only, and only when already in use)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def isolate(fn: Callable[[list[Any]], Sequence[Any]], items: list[Any], *, what: str = "batch",
-            on_oom: Callable[[list[Any]], None] | None = None) -> list[tuple[Any, bool, Any]]:
-    """Run ``fn(items)`` (one value per item); if it raises, split the items in two and retry each half.
-
-    Returns ``(item, ok, value or exception)`` per item, in order. A single item that still fails
-    gets its own exception (an out-of-memory error becomes :class:`OutOfMemoryError`).
-    ``on_oom(group)`` is told each group of items that ran out of memory.
-    """
-    try:
-        values = fn(items)
-        return [(item, True, value) for item, value in zip(items, values)]
-    except Exception as exc:
-        oom = is_out_of_memory(exc)
-        if oom:
-            free_device_memory()
-            if on_oom is not None:
-                on_oom(items)
-        if len(items) == 1:
-            if oom:
-                err: BaseException = OutOfMemoryError(f"out of memory on a {what} of one request: {exc}".split("\n")[0])
-                err.__cause__ = exc
-            else:
-                err = exc
-            return [(items[0], False, err)]
-        logger.warning("%s of %d failed (%s: %s); retrying it in halves", what, len(items), type(exc).__name__,
-                       str(exc).split("\n")[0][:200])
-        mid = len(items) // 2
-        return (isolate(fn, items[:mid], what=what, on_oom=on_oom)
-                + isolate(fn, items[mid:], what=what, on_oom=on_oom))
-
-
 # --- the loop --------------------------------------------------------------------------------------------
 
 class Worker:
-    """The single device thread over a :class:`Scheduler` and one executor per kind.
+    """The single device thread over a :class:`RequestScheduler` and one executor per kind.
 
-    An executor is ``run(decision) -> list[Outcome]`` (one per job of ``decision.jobs``; for
-    generation only those that ended at this step), plus ``drop(jobs)`` for requests that left
-    without finishing. ``metrics``: a :class:`~fastgen.runtime.metrics.Metrics`.
+    An executor is ``run(decision) -> Outcomes`` (an :class:`Outcome` per job of ``decision.jobs``;
+    for generation only those that ended at this step; a plain list of them when the run has nothing
+    to report), plus ``drop(jobs)`` for requests that left without finishing. ``metrics``: a
+    :class:`~fastgen.runtime.metrics.Metrics`.
     """
 
-    def __init__(self, scheduler: Scheduler, executors: Mapping[str, Any], metrics: Any, *,
+    def __init__(self, scheduler: RequestScheduler, executors: Mapping[str, Any], metrics: Any, *,
                  name: str = "fastgen-runtime") -> None:
         self.scheduler = scheduler
         self.executors = dict(executors)
@@ -173,7 +110,7 @@ class Worker:
             if self._closing or self._crashed is not None:
                 raise ShutdownError("the runtime is shut down: no new requests" if self._crashed is None else
                                     f"the runtime's device loop stopped: {self._crashed}")
-            self.scheduler.admit_outside()
+            self.scheduler.begin_outside()
             self._staged[job.id] = job
             self._inflight[job.id] = job
             if self._prep_idle:
@@ -183,7 +120,7 @@ class Worker:
         """A future was cancelled: take its job out of the queue, or flag it to leave at its next step."""
         with self.cond:
             if self._staged.pop(job.id, None) is not None:  # not prepared yet: gone at once
-                self.scheduler.outside -= 1
+                self.scheduler.end_outside()
                 self._inflight.pop(job.id, None)
                 job.status = RequestStatus.CANCELLED
                 self._record(job, RequestStatus.CANCELLED, self.scheduler.clock())
@@ -196,6 +133,21 @@ class Worker:
                 self._inflight.pop(job.id, None)
                 self._record(job, RequestStatus.CANCELLED, self.scheduler.clock())
             self.cond.notify()
+
+    def set_limits(self, kind: str, bucket: Hashable | None = None, **limits: Any) -> Limits:
+        """:meth:`RequestScheduler.set_limits` under the loop's lock (from any thread)."""
+        with self.cond:
+            return self.scheduler.set_limits(kind, bucket, **limits)
+
+    def set_merge_cost(self, kind: str, cost: float) -> None:
+        """:meth:`RequestScheduler.set_merge_cost` under the loop's lock (from any thread)."""
+        with self.cond:
+            self.scheduler.set_merge_cost(kind, cost)
+
+    def queue_state(self) -> tuple[dict[str, int], int]:
+        """(queued requests per kind, running generations), read under the loop's lock."""
+        with self.cond:
+            return self.scheduler.queue_depths(), len(self.scheduler.active())
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn()`` on the device thread between two batches (auto-tuning measures there)."""
@@ -215,7 +167,7 @@ class Worker:
         """
         with self.cond:
             self._closing = True
-            self.scheduler.flush = True
+            self.scheduler.request_flush()
             if not drain:
                 self._abort = True
             self.cond.notify()
@@ -277,7 +229,7 @@ class Worker:
                     self._sleeping_until = -math.inf
                 if call is None and not stop:
                     for job in decision.jobs:
-                        job.payload.future._status = RequestStatus.RUNNING
+                        job.payload.future.mark_running()
             error = ShutdownError("the runtime was shut down before the request finished")
             for job in aborted:
                 job.payload.future._finish(RequestStatus.FAILED, error=error)
@@ -307,7 +259,7 @@ class Worker:
                 jobs = [*self._staged.values(), *self._preparing.values()]
                 self._staged.clear()
                 self._preparing.clear()
-                self.scheduler.outside -= len(jobs)
+                self.scheduler.end_outside(len(jobs))
                 for job in jobs:
                     self._inflight.pop(job.id, None)
                     self._record(job, RequestStatus.FAILED, self.scheduler.clock())
@@ -351,7 +303,6 @@ class Worker:
                 ready_at = math.inf
                 now = sched.clock()
                 for job in jobs:
-                    sched.outside -= 1
                     value = prepared[job.id]
                     if job.payload.future.cancelled():
                         status = RequestStatus.CANCELLED
@@ -367,6 +318,7 @@ class Worker:
                     if status is RequestStatus.FAILED:  # (a cancelled future is resolved already)
                         failed.append((job, value if isinstance(value, BaseException) else ShutdownError(
                             "the runtime was shut down before the request finished")))
+                sched.end_outside(len(jobs))  # now queued or dropped (last: a crash above leaves them counted)
                 self._preparing = {}
                 if ready_at < self._sleeping_until or self._closing:
                     self.cond.notify()
@@ -377,11 +329,14 @@ class Worker:
         executor = self.executors[decision.kind]  # type: ignore[index]
         start = time.perf_counter()
         try:
-            outcomes = executor.run(decision)
+            result = executor.run(decision)
         except Exception as exc:  # executors isolate failures themselves; this is a last resort
             logger.exception("%s executor failed", decision.kind)
-            outcomes = [Outcome(job, RequestStatus.FAILED, exc) for job in decision.jobs]
+            result = [Outcome(job, RequestStatus.FAILED, exc) for job in decision.jobs]
         seconds = time.perf_counter() - start
+        if not isinstance(result, Outcomes):
+            result = Outcomes(list(result))
+        outcomes = result.ended
         now = self.scheduler.clock()
         with self.cond:
             kind, bucket = decision.queue  # type: ignore[misc]
@@ -391,6 +346,7 @@ class Worker:
                 self.scheduler.step_ended(now)
             else:
                 self.metrics.batch(kind, bucket, len(decision.jobs), seconds)
+            self._learn(decision, result)
             for out in outcomes:
                 status = RequestStatus.CANCELLED if out.job.payload.future.cancelled() else out.status
                 self.scheduler.finish(out.job, status, now)
@@ -401,6 +357,19 @@ class Worker:
                 out.job.payload.future._finish(out.status, result=out.value)
             else:
                 out.job.payload.future._finish(out.status, error=out.value)
+
+    def _learn(self, decision: Decision, result: Outcomes) -> None:
+        """Apply what a run measured to the scheduler (lock held)."""
+        sched = self.scheduler
+        kind, bucket = decision.queue  # type: ignore[misc]
+        if result.step is not None:
+            sched.observe_step(decision.queue, *result.step)  # type: ignore[arg-type]
+        if result.max_batch is not None and sched.lower_max_batch(kind, bucket, result.max_batch):
+            logger.warning("out of device memory: %s bucket %s now takes at most %d per batch", kind,
+                           bucket_label(bucket), result.max_batch)
+        if result.merge_cost is not None:
+            logger.debug("%s batches: one engine call is worth %.0f padded tokens", kind, result.merge_cost)
+            sched.set_merge_cost(kind, result.merge_cost)
 
     def _dropped(self, decision: Decision) -> None:
         """Resolve requests that left without finishing: expired (deadline) and cancelled (running)."""
@@ -431,7 +400,7 @@ class Worker:
         """Shutdown without draining (lock held): take every queued and running request out; the
         caller fails them once the lock is released."""
         jobs = self.scheduler.drain_queued() + self.scheduler.drain_active() + list(self._staged.values())
-        self.scheduler.outside -= len(self._staged)
+        self.scheduler.end_outside(len(self._staged))
         self._staged.clear()
         self._prep_wake.notify()
         now = self.scheduler.clock()
@@ -460,4 +429,4 @@ class Worker:
             return len(self._inflight)
 
 
-__all__ = ["Outcome", "Ticket", "Worker", "free_device_memory", "is_out_of_memory", "isolate"]
+__all__ = ["Ticket", "Worker"]

@@ -11,8 +11,8 @@ import pytest
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
 from fastgen.runtime.requests import OverloadedError, RequestStatus
-from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
 
 
 class Clock:
@@ -32,13 +32,13 @@ def job(kind="text", bucket=16, *, priority=0, rows=1, cost=None, deadline=None,
                deadline=deadline, arrival=arrival)
 
 
-def make(**cfg) -> tuple[Scheduler, Clock]:
+def make(**cfg) -> tuple[RequestScheduler, Clock]:
     clock = Clock()
-    return Scheduler(RuntimeConfig(**cfg), clock=clock), clock
+    return RequestScheduler(RuntimeConfig(**cfg), clock=clock), clock
 
 
 def test_scheduler_imports_no_torch():
-    code = ("import sys, fastgen.runtime.scheduler, fastgen.runtime.tuning, fastgen.runtime.metrics, "
+    code = ("import sys, fastgen.runtime.request_scheduler, fastgen.runtime.batch_tuning, fastgen.runtime.metrics, "
             "fastgen.runtime.config; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -171,7 +171,7 @@ def test_flush_runs_partial_batches_without_waiting():
     s, clock = make(max_batch_size=8, max_wait_ms=1000)
     s.submit(a := job())
     assert not s.schedule().jobs
-    s.flush = True
+    s.request_flush()
     assert s.schedule().jobs == [a]
 
 
@@ -286,6 +286,31 @@ def test_bounded_queue_rejects_with_a_retry_after_estimate():
     assert err.value.retry_after_s == pytest.approx(3 / 100)
 
 
+def test_requests_outside_the_queues_count_against_max_queue_and_only_its_methods_change_them():
+    s, clock = make(max_queue=2, max_batch_size=1, max_wait_ms=0)
+    s.begin_outside()
+    s.submit(job())
+    with pytest.raises(OverloadedError):
+        s.begin_outside()  # one being prepared + one queued: full
+    with pytest.raises(AttributeError):
+        s.outside = 0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        s.flush = True  # type: ignore[misc]
+    with pytest.raises(InvalidArgumentError, match="n"):
+        s.end_outside(2)  # only one is outside
+    s.end_outside()
+    assert s.outside == 0
+    s.submit(job(), counted=True)  # the prepared one, never refused
+    assert s.queued == 2
+
+
+def test_lower_max_batch_only_ever_lowers():
+    s, clock = make(max_batch_size=8)
+    assert s.lower_max_batch("text", 16, 4) and s.limits("text", 16).max_batch == 4
+    assert not s.lower_max_batch("text", 16, 6) and s.limits("text", 16).max_batch == 4
+    assert s.limits("text", 32).max_batch == 8  # other buckets keep theirs
+
+
 # --- generation -----------------------------------------------------------------------------------------
 
 def test_step_level_joins_at_step_boundaries_within_the_row_budget():
@@ -326,7 +351,7 @@ def gen_job(work: float, *, rows: int = 2, bucket=(64, 64), arrival=None) -> Job
     return j
 
 
-def measure_steps(s: Scheduler, bucket=(64, 64), *, fixed: float, per_row: float) -> None:
+def measure_steps(s: RequestScheduler, bucket=(64, 64), *, fixed: float, per_row: float) -> None:
     """Report steps of 2 to 16 rows (one request per 2 rows) costing ``fixed + per_row * rows``."""
     for rows in (2, 4, 8, 16) * 2:
         s.observe_step((GENERATE, bucket), rows, rows // 2, fixed + per_row * rows)

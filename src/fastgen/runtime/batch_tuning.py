@@ -19,7 +19,7 @@ lowest expected latency, then smallest ``b``. Nothing feasible: batch size 1, no
 Padding across text buckets: :class:`CallCost` fits ``latency = fixed + per_unit * units`` to
 measured batches (units: padded tokens) and prices padding in calls: ``fixed / per_unit`` padded
 tokens cost as much as one more engine call, which is what a text batch may add to take a smaller
-bucket's texts along (see :mod:`fastgen.runtime.scheduler`).
+bucket's texts along (see :mod:`fastgen.runtime.request_scheduler`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fastgen.core.stats import percentile
 from fastgen.errors import InvalidArgumentError
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 class LatencyProfile:
@@ -63,7 +58,7 @@ class LatencyProfile:
 
     def quantile(self, engine: str, bucket: str, size: int, q: float) -> float | None:
         samples = self._samples.get((engine, bucket, size))
-        return _quantile(list(samples), q) if samples else None
+        return percentile(samples, q) if samples else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: ``{"engine|bucket|size": [seconds, ...]}``."""
@@ -151,7 +146,7 @@ def fit_call_cost(points: Iterable[tuple[float, float]]) -> tuple[float, float] 
     if len(groups) < 2 or max(groups) < 2 * min(groups):
         return None
     xs = list(groups)
-    ys = [_quantile(groups[x], 20) for x in xs]
+    ys = [percentile(groups[x], 20) for x in xs]
     ws = [len(groups[x]) for x in xs]
     total = sum(ws)
     mx = sum(w * x for w, x in zip(ws, xs)) / total

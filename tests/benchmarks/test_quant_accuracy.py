@@ -1,4 +1,5 @@
-"""Measured accuracy: SQNR floors of the final latents, sensitivity ranking, classifier agreement."""
+"""The accuracy report of ``bench_quant.py`` (``benchmarks/quant_accuracy.py``): SQNR floors of the final
+latents, sensitivity ranking, classifier agreement, the ONNX Runtime int8 comparison."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import math
 
 import pytest
 import torch
+from quant_accuracy import (
+    FLOORS_DB,
+    classifier_accuracy,
+    denoise,
+    ort_int8_comparison,
+    summarize_roles,
+    unet_accuracy,
+)
 
 import fastgen
 from fastgen.quant import (
@@ -17,7 +26,6 @@ from fastgen.quant import (
     sensitivity,
 )
 from fastgen.quant.layerwise import run_module, sqnr_db
-from fastgen.quant.report import FLOORS_DB, classifier_accuracy, denoise, summarize_roles, unet_accuracy
 
 FLOOR_CONFIGS = {"int8-weight-only": Int8WeightOnlyConfig(), "w8a8": Int8DynamicConfig(), "fp8": Fp8DynamicConfig()}
 
@@ -105,6 +113,19 @@ def test_sqnr_db_edge_cases():
     assert sqnr_db(x, torch.full_like(x, float("nan"))) == -math.inf
     with pytest.raises(fastgen.InvalidArgumentError):
         sqnr_db(x, x[:50])
+
+
+def test_int8_classifier_in_onnxruntime_agrees_with_fp32():
+    comp = fastgen.load_component("tiny", "text-classifier")
+    result = ort_int8_comparison(comp, {"static": Int8StaticConfig(), "dynamic": Int8DynamicConfig()},
+                                 n=256, repeats=1, min_seconds=0.0)
+    # Every quantized layer runs an ORT int8 kernel (q/k/v included: no shared QuantizeLinear), except,
+    # in the static QDQ graph, the pooler: ORT folds a 2-D MatMul + bias into Gemm before its QDQ fusions.
+    for name, kernel, fp32_layers in (("static", "MatMulIntegerToFloat", 1), ("dynamic", "MatMulIntegerToFloat", 0)):
+        entry = result["configs"][name]
+        assert entry["top1_agreement"] >= 0.99 and entry["max_prob_diff"] < 0.01
+        assert entry["ort_int8_kernels"] == {kernel: entry["layers_quantized"] - fp32_layers}
+        assert entry["parity_sqnr_db"] > 60
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 
 from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
 from fastgen.runtime.requests import RequestStatus
-from fastgen.runtime.scheduler import GENERATE, Job, Scheduler
 
 QUEUED = 1000
 
@@ -22,7 +22,7 @@ QUEUED = 1000
 def test_schedule_decision_with_1000_queued(benchmark):
     rng = random.Random(0)
     clock_t = [0.0]
-    sched = Scheduler(RuntimeConfig(max_queue=2 * QUEUED, max_batch_size=32, max_wait_ms=0, max_step_rows=16),
+    sched = RequestScheduler(RuntimeConfig(max_queue=2 * QUEUED, max_batch_size=32, max_wait_ms=0, max_step_rows=16),
                       clock=lambda: clock_t[0])
     sched.set_merge_cost("text", 64.0)
     for bucket, per_row in (((64, 64), 0.001), ((128, 128), 0.004)):  # measured steps: deadlines and step sizes

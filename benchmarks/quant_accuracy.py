@@ -1,5 +1,8 @@
 """Accuracy of quantized models, measured against fp32: what ``bench_quant.py --accuracy`` reports.
 
+A benchmark module (``benchmarks/``), not part of the library: it drives the library from the top
+(pipelines' denoising loops, ``fastgen.build`` for the ONNX Runtime engines).
+
 - UNets: SQNR of one UNet output, and of the final latents after a full classifier-free-guided
   denoising loop with the model's own scheduler, against the fp32 UNet from the same seed and
   prompt embeddings; plus the per-layer sensitivity ranking (``fastgen.quant.sensitivity``).
@@ -21,8 +24,11 @@ from typing import Any
 
 import torch
 
+from fastgen.models.metadata import NEUTRAL_MEAN, NEUTRAL_STD
+from fastgen.pipelines.calibration import denoise, unet_calibration_loop, unet_conditioning
 from fastgen.quant.api import quantized_layers
 from fastgen.quant.calibration import calibrate
+from fastgen.quant.components import quantize_component
 from fastgen.quant.config import QuantConfig
 from fastgen.quant.layerwise import run_module, sensitivity, sqnr_db
 
@@ -37,60 +43,9 @@ def _db(value: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ UNets
-def unet_conditioning(comp: Any, *, batch: int, seed: int, seq: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random-ish prompt embeddings (cond, uncond), each (batch, seq, dim), fixed by ``seed``.
-
-    Unit-variance Gaussian, roughly the scale of CLIP's last hidden state after its final LayerNorm.
-    """
-    spec = next(t for t in comp.spec.inputs if t.name == "encoder_hidden_states")
-    dim = spec.shape[-1]
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, seq, dim, generator=gen), torch.randn(batch, seq, dim, generator=gen)
-
-
-def denoise(module: torch.nn.Module, comp: Any, *, height: int, width: int, steps: int = 20, guidance: float = 7.5,
-            batch: int = 1, seed: int = 0, scheduler: str | None = None) -> torch.Tensor:
-    """Final latents (batch, C, height/8, width/8) of a text-to-image loop over ``module`` (a UNet
-    component's wrapper: ``module(sample, timestep, encoder_hidden_states) -> (noise_pred,)``).
-
-    The same ``seed`` gives the same initial noise and embeddings whatever the module, so two
-    modules' latents compare directly. SD 1.x UNets only (no SDXL added conditioning).
-    """
-    from fastgen.pipelines.sampling import make_scheduler, set_timesteps
-
-    sched = make_scheduler(scheduler, comp.extras["scheduler"])
-    set_timesteps(sched, steps)
-    channels = comp.spec.inputs[0].shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, channels, height // 8, width // 8, generator=gen) * sched.init_noise_sigma
-    cond, uncond = unet_conditioning(comp, batch=batch, seed=seed + 7919)
-    embeds = torch.cat([uncond, cond])  # (2 * batch, seq, dim)
-    with torch.inference_mode():
-        for t in sched.timesteps:
-            sample = sched.scale_model_input(torch.cat([latents, latents]), t)
-            timestep = t.reshape(1).to(torch.float32).repeat(2 * batch)
-            (noise,) = module(sample, timestep, embeds)
-            noise_uncond, noise_text = noise.chunk(2)
-            noise = noise_uncond + guidance * (noise_text - noise_uncond)
-            latents = sched.step(noise, t, latents, return_dict=False)[0]
-    return latents
-
-
-def unet_calibration_loop(comp: Any, *, height: int, width: int, steps: int, seeds: tuple[int, ...] = (101, 102)):
-    """A ``forward_loop`` for ``calibrate``: full denoising loops on other seeds than any measurement."""
-
-    def loop(module: torch.nn.Module) -> None:
-        for s in seeds:
-            denoise(module, comp, height=height, width=width, steps=steps, seed=s)
-
-    return loop
-
-
 def quantized_copy(comp: Any, config: QuantConfig, forward_loop: Any = None) -> Any:
     """A deep copy of ``comp`` with its model quantized (calibrated on ``forward_loop`` first when the
     config needs it): exactly what ``fastgen.build(..., quantization=config)`` builds from."""
-    from fastgen.quant.components import quantize_component
-
     return quantize_component(comp, config, calibration=forward_loop)
 
 
@@ -112,7 +67,7 @@ def unet_accuracy(comp: Any, configs: dict[str, QuantConfig], *, height: int, wi
     ref_latents = denoise(comp.module, comp, height=height, width=width, steps=steps, seed=seed)
     loop = unet_calibration_loop(comp, height=height, width=width, steps=max(steps // 4, 2))
     result: dict[str, Any] = {"settings": {"height": height, "width": width, "steps": steps, "guidance": 7.5,
-                                           "scheduler": comp.extras["scheduler"].get("_class_name"), "seed": seed,
+                                           "scheduler": comp.metadata.scheduler.get("_class_name"), "seed": seed,
                                            "calibration": "2 denoising loops of steps/4 steps on seeds 101, 102"},
                               "fp32_weight_bytes": weight_bytes(comp.module), "configs": {}}
     for name, config in configs.items():
@@ -193,9 +148,11 @@ def classifier_inputs(comp: Any, n: int, *, seed: int = 0) -> dict[str, torch.Te
     """A fixed input set for an image or text classifier component."""
     if comp.spec.inputs[0].name == "pixel_values":
         size = comp.spec.profile.dims["height"].opt
-        ex = comp.extras
-        return {"pixel_values": image_set(n, size, seed=seed, mean=ex.get("mean", (0.5,) * 3),
-                                          std=ex.get("std", (0.5,) * 3))}
+        meta = comp.metadata
+        # unrecorded statistics: 0.5 per channel, as this report always used (not with_defaults' ImageNet)
+        mean = meta.mean if meta.mean is not None else NEUTRAL_MEAN * 3
+        std = meta.std if meta.std is not None else NEUTRAL_STD * 3
+        return {"pixel_values": image_set(n, size, seed=seed, mean=mean, std=std)}
     return comp.spec.sample_inputs({"batch": n}, seed=seed)
 
 
@@ -260,7 +217,7 @@ def ort_int8_comparison(comp: Any, configs: dict[str, QuantConfig], *, n: int = 
     import time
     from pathlib import Path
 
-    from fastgen.engines.build import build
+    from fastgen import build
     from fastgen.export.config import ExportConfig
     from fastgen.quant.onnx import INT8_KERNELS, ort_optimized_ops
 
@@ -347,3 +304,8 @@ def environment() -> dict[str, Any]:
                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
             "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+__all__ = ["FLOORS_DB", "ROLES", "agreement", "classifier_accuracy", "classifier_inputs", "denoise", "environment",
+           "image_set", "layer_role", "ort_int8_comparison", "quantized_copy", "summarize_roles", "unet_accuracy",
+           "unet_calibration_loop", "unet_conditioning", "weight_bytes"]

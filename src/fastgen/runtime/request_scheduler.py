@@ -1,8 +1,12 @@
-"""The scheduler: queues, shape buckets, priorities with aging, deadlines, budgets and batch formation.
+"""The request scheduler: queues, shape buckets, priorities with aging, deadlines, budgets and batch formation.
 
 Pure Python (no torch), driven by an injected clock, so it is deterministic and testable without a
-device. The device loop (:mod:`fastgen.runtime.worker`) asks :meth:`Scheduler.schedule` what to run
-next, runs it, and reports back with :meth:`Scheduler.finish`.
+device. The device loop (:mod:`fastgen.runtime.worker`) asks :meth:`RequestScheduler.schedule` what to run
+next, runs it, and reports back with :meth:`RequestScheduler.finish` (and what the run measured:
+:meth:`~RequestScheduler.observe_step`, :meth:`~RequestScheduler.set_merge_cost`,
+:meth:`~RequestScheduler.set_limits`). Its state changes only through its methods; the device loop
+calls them under its lock. (Diffusers' noise schedulers are another thing: see
+:mod:`fastgen.pipelines.sampling`.)
 
 Queues. Each (kind, bucket) has its own queue: ``("text", 32)`` holds texts padded to 32 tokens,
 ``("image", (224, 224))`` images of one model-input size, ``("generate", (64, 64))`` generations of
@@ -17,21 +21,19 @@ starvation). Across queues, the ready queue with the smallest key runs next; gen
 its last step's time (minus its best running priority), so steps and scoring batches interleave
 instead of either starving the other.
 
-Generation order (step batching). A request's virtual time is its *deadline*: arrival plus
-``slowdown_target`` times its solo time (its steps times its bucket's solo step, fitted to the
-measured steps), minus priority times aging: earliest deadline first. Every step is a choice of
-requests: the bucket holding the most urgent request steps, and the step runs that bucket's most
-urgent requests up to ``max_step_rows`` and its efficient size (the fewest rows within 10% of the
-engine's best cost per row); the rest of its active set (up to ``max_active_rows``) waits, text
-encoded, at a step boundary. A paused request costs nothing, so short requests overtake long ones
-that arrived shortly before them, which request-level batching cannot do.
+Generation order (step batching). A request's virtual time is its *deadline* (earliest deadline
+first), and each step runs the most urgent requests of the most urgent bucket: that policy (bucket
+and row choice, active-set admission, step-time fitting) is :mod:`fastgen.runtime.step_policy`,
+a mixin of this class. This module holds the queues, limits, submission, cancellation and
+deadlines, scoring batch formation (text groups), and :meth:`RequestScheduler.schedule`, which
+weighs generation against scoring.
 
 Batches. A scoring queue is ready when its batch is full (``max_batch`` requests or ``max_cost``
 tokens / pixels) or its oldest request has waited ``max_wait_s``; requests are taken in virtual-time
 order up to both limits (the first always goes, alone if it is over budget). Text length buckets
 nest: a text batch may take every queued text of a smaller bucket, padded to its edge, when the
 padding this adds is worth less than the engine call it saves. That price is
-:meth:`Scheduler.set_merge_cost` (padded tokens worth one call: an engine call's fixed cost over
+:meth:`RequestScheduler.set_merge_cost` (padded tokens worth one call: an engine call's fixed cost over
 its cost per token, which the runtime measures while serving): on an engine whose calls cost
 little more than their tokens (onnxruntime on a CPU) buckets stay apart, since padding 16-token
 texts to 128 costs 8x their tokens; where the fixed cost of a call dominates (eager PyTorch, a
@@ -40,12 +42,12 @@ each smaller queue joins the nearest longer one that takes it, whole (a part wou
 call), and only if it cannot fill a batch of its own; the group runs as soon as any of its queues
 is ready. Generation admits in
 the same order while the active set stays within its row and pixel budget, never skipping the head
-(a large request is not starved by smaller ones behind it).
+(a large request is not starved by smaller ones behind it; see :mod:`fastgen.runtime.step_policy`).
 
 Cost of a decision. Limits are cached per queue, the queues of each kind are kept in bucket order
 and the text groups are formed in one pass over them, so a decision costs O(queues + batch size
 + expired and cancelled entries), whatever the number queued (1,000 queued: tens of microseconds,
-see ``tests/runtime/test_scheduler_bench.py``).
+see ``tests/runtime/test_request_scheduler_bench.py``).
 
 Deadlines. A queued request whose deadline passes is removed and reported (fail fast: it never
 runs); a running generation is removed at its next step boundary. Cancellation: a queued request
@@ -65,27 +67,17 @@ from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.queues import GENERATE, BestCandidate, BucketQueue, Decision, Job, Limits
 from fastgen.runtime.requests import OverloadedError, RequestStatus
-from fastgen.runtime.tuning import fit_call_cost
+from fastgen.runtime.step_policy import StepPolicy
 
 _SCORE_COST_FIELD = {"text": "max_batch_tokens", "image": "max_batch_pixels"}
 
 
-_POOL = 4  # step batching: a bucket's active set holds up to this many steps' rows (max_active_rows unset)
+class RequestScheduler(StepPolicy):
+    """Queues and batch formation over an injected ``clock`` (seconds; default ``time.monotonic``).
 
-
-def _by_vtime(job: Job) -> float:
-    return job.vtime
-
-
-def _pixels(bucket: Hashable) -> float:
-    """Pixels of a generation bucket ``(height, width)``; 1 for anything else."""
-    if isinstance(bucket, tuple) and len(bucket) == 2 and all(isinstance(x, (int, float)) for x in bucket):
-        return float(bucket[0] * bucket[1])
-    return 1.0
-
-
-class Scheduler:
-    """Queues and batch formation over an injected ``clock`` (seconds; default ``time.monotonic``)."""
+    Generation's step policy (:meth:`observe_step`, :meth:`step_ended`, admission to and leaving
+    an active set, the choice of bucket and rows) is inherited from
+    :class:`~fastgen.runtime.step_policy.StepPolicy`; the state it works on is set up here."""
 
     def __init__(self, config: RuntimeConfig | None = None, *, clock: Callable[[], float] = time.monotonic,
                  nested_kinds: tuple[str, ...] = ("text",)) -> None:
@@ -109,10 +101,24 @@ class Scheduler:
         self._gen_last = -math.inf  # when the last generation step was decided, then when it ended (step_ended)
         self.queued = 0
         """Requests waiting to start (all queues)."""
-        self.outside = 0
-        """Requests accepted but not queued yet (being prepared): they count against ``max_queue``."""
-        self.flush = False
-        """Run scoring batches without waiting for them to fill (set while draining at shutdown)."""
+        self._outside = 0
+        self._flush = False
+
+    @property
+    def outside(self) -> int:
+        """Requests accepted but not queued yet (being prepared): they count against ``max_queue``
+        (see :meth:`begin_outside`)."""
+        return self._outside
+
+    @property
+    def flush(self) -> bool:
+        """Whether scoring batches run without waiting to fill (:meth:`request_flush`, when draining)."""
+        return self._flush
+
+    def request_flush(self) -> None:
+        """From now on run scoring batches as soon as they have a request, without waiting for them to
+        fill (the runtime is draining at shutdown: nothing more is coming)."""
+        self._flush = True
 
     # --- limits ---------------------------------------------------------------------------------
 
@@ -151,6 +157,14 @@ class Scheduler:
                 q.lim = self.limits(kind, q.bucket)
         return new
 
+    def lower_max_batch(self, kind: str, bucket: Hashable, max_batch: int) -> bool:
+        """Cap one queue's batch (generation: step rows) at ``max_batch`` after the device ran out of
+        memory above it; a limit already as low stays. Returns whether the limit changed."""
+        if max_batch >= self.limits(kind, bucket).max_batch:
+            return False
+        self.set_limits(kind, bucket, max_batch=max_batch)
+        return True
+
     def set_merge_cost(self, kind: str, cost: float) -> None:
         """Padding (in ``kind``'s cost units: padded tokens for texts) worth one engine call: a batch
         takes a smaller bucket's texts only while padding them up to its edge costs at most this."""
@@ -172,23 +186,29 @@ class Scheduler:
             self._plain.append(q)
         return q
 
-    def admit_outside(self) -> None:
+    def begin_outside(self) -> None:
         """Count one request accepted before it can be queued (``outside``); full: :class:`OverloadedError`.
-        It is queued later with ``submit(job, counted=True)`` (after ``outside -= 1``), or dropped."""
-        if self.queued + self.outside >= self.config.max_queue:
-            raise OverloadedError(self.queued + self.outside, self.config.max_queue, self.retry_after())
-        self.outside += 1
+        Each ends with :meth:`end_outside`, then is queued with ``submit(job, counted=True)`` or dropped."""
+        if self.queued + self._outside >= self.config.max_queue:
+            raise OverloadedError(self.queued + self._outside, self.config.max_queue, self.retry_after())
+        self._outside += 1
+
+    def end_outside(self, n: int = 1) -> None:
+        """``n`` requests counted by :meth:`begin_outside` are prepared (to be queued) or dropped."""
+        if not 0 <= n <= self._outside:
+            raise InvalidArgumentError("n", n, f"0 to {self._outside} (the requests outside the queues)")
+        self._outside -= n
 
     def submit(self, job: Job, *, counted: bool = False) -> float:
         """Queue ``job`` (``arrival`` None: now). Full: :class:`OverloadedError`, and the job is not queued
-        (``counted``: it was admitted by :meth:`admit_outside`, and is never refused).
+        (``counted``: it was admitted by :meth:`begin_outside`, and is never refused).
 
         Returns the earliest time this submission may make a decision ready: now (a generation, a batch
         that may just have filled up), the end of its queue's wait, or its deadline. The device loop need
         not be woken for a submission whose time is later than the one it already sleeps until.
         """
-        if not counted and self.queued + self.outside >= self.config.max_queue:
-            raise OverloadedError(self.queued + self.outside, self.config.max_queue, self.retry_after())
+        if not counted and self.queued + self._outside >= self.config.max_queue:
+            raise OverloadedError(self.queued + self._outside, self.config.max_queue, self.retry_after())
         if job.arrival is None:
             job.arrival = self.clock()
         job.seq = next(self._seq)
@@ -205,7 +225,7 @@ class Scheduler:
         self.queued += 1
         if job.deadline is not None:
             heapq.heappush(self._deadlines, (job.deadline, job.seq, job))
-        if job.kind == GENERATE or self.flush:
+        if job.kind == GENERATE or self._flush:
             return job.arrival
         lim = q.lim
         count = q.count
@@ -254,15 +274,6 @@ class Scheduler:
         job.status = status
         if status is RequestStatus.SUCCEEDED:
             self._completions.append(self.clock() if now is None else now)
-
-    def _leave(self, q: BucketQueue, job: Job) -> None:
-        q.active.remove(job)
-        q.active_rows -= job.rows
-        q.active_cost -= job.cost
-        if job.priority >= q.active_priority:
-            q.active_priority = max((j.priority for j in q.active), default=0)
-        if job.vtime <= q.active_vmin:
-            q.active_vmin = min((j.vtime for j in q.active), default=math.inf)
 
     def active(self, kind: str = GENERATE) -> list[Job]:
         """Running requests of the active sets of ``kind`` (all buckets)."""
@@ -319,7 +330,7 @@ class Scheduler:
         static = self.config.generation_batching == "request"
         if self._generate:
             self._generation(aging, static)
-        flush = self.flush
+        flush = self._flush
         for q in self._plain:
             if not q.count:
                 continue
@@ -348,122 +359,6 @@ class Scheduler:
         else:
             decision.jobs = self._take_batch(best_q, members, now)
         return decision
-
-    def _generation(self, aging: float, static: bool) -> None:
-        """Offer the generation bucket to step next, if any can, to ``self._best``.
-
-        Generation competes with scoring as one kind: its key is the time of its last step (minus
-        the best running priority), or the arrival of a request that can start now if earlier, so
-        scoring batches that arrived during a step run before the next one. Between shape buckets:
-        with step batching, the bucket of the most urgent request (smallest ``vtime``, running or
-        able to join: earliest deadline first); with request batching, the one served longest ago.
-        """
-        chosen: BucketQueue | None = None
-        chosen_head: Job | None = None
-        chosen_key = math.inf
-        for q in self._generate:
-            head = q.head() if q.count else None
-            if head is not None and q.active and (static or not self._fits(q, head, static)):
-                head = None  # cannot join at this step
-            if head is None and not q.active:
-                continue
-            if static:
-                q_key = q.last_service
-            else:
-                q_key = q.active_vmin
-                if head is not None and head.vtime < q_key:
-                    q_key = head.vtime
-            if chosen is None or q_key < chosen_key or (q_key == chosen_key and q.last_service < chosen.last_service):
-                chosen, chosen_head, chosen_key = q, head, q_key  # ties: the bucket served longest ago
-        if chosen is None:
-            return
-        # Against scoring, only what this step would run counts: a request that can join another
-        # bucket does not make this one's step more urgent than the scoring batches waiting.
-        key = self._gen_last - chosen.active_priority * aging if chosen.active else math.inf
-        if chosen_head is not None:
-            key = min(key, chosen_head.arrival - chosen_head.priority * aging)  # type: ignore[operator]
-        self._best.offer(key, chosen, ())
-
-    def _urgency(self, job: Job) -> float:
-        """Generation with step batching: a request's deadline for earliest-deadline-first order, its
-        arrival plus ``slowdown_target`` times its solo time (``work`` steps of its bucket's solo
-        step, once measured), so a 4-step request overtakes a 50-step one that arrived a little earlier
-        but not one that has waited ``slowdown_target`` times its own length. Minus priority times aging."""
-        q = self._queues.get(job.queue)
-        step_s = q.step_s if q is not None else None
-        if step_s is None:  # not measured yet: one more from pixels, else first come first served
-            step_s = self._scaled_step(job.bucket)
-        solo = (job.work + 1.0) * step_s if step_s else 0.0
-        return job.arrival + self.config.slowdown_target * solo - job.priority * self.config.priority_aging_s  # type: ignore[operator]
-
-    def _scaled_step(self, bucket: Hashable) -> float | None:
-        for other in self._generate:
-            if other.step_s is not None:
-                return other.step_s * _pixels(bucket) / _pixels(other.bucket)
-        return None
-
-    def _caps(self, q: BucketQueue, static: bool) -> tuple[int, float]:
-        """The rows and cost ``q``'s active set may hold: one step's limits with request batching;
-        with step batching ``max_active_rows`` (default ``_POOL`` steps' rows), and the step's cost
-        budget times the same factor."""
-        lim = q.lim
-        if static:
-            return lim.max_batch, lim.max_cost
-        rows = self.config.max_active_rows or _POOL * lim.max_batch
-        return rows, lim.max_cost * max(rows / lim.max_batch, 1.0)
-
-    def _fits(self, q: BucketQueue, job: Job, static: bool) -> bool:
-        rows, cost = self._caps(q, static)
-        return q.active_rows + job.rows <= rows and q.active_cost + job.cost <= cost
-
-    def _running(self, q: BucketQueue) -> list[Job]:
-        """Step batching: the requests of ``q``'s active set that this step runs, the most urgent first,
-        up to the step's row and cost limits and its efficient size (``eff_rows``: on an engine whose
-        cost grows with every row, as on a CPU, a smaller step serves the urgent requests sooner at the
-        same rate per row; where a call's fixed cost dominates, as on a GPU, it is the row limit)."""
-        lim = q.lim
-        rows_cap = lim.max_batch if q.eff_rows is None else min(lim.max_batch, q.eff_rows)
-        active = q.active
-        if q.active_rows <= rows_cap and q.active_cost <= lim.max_cost:
-            return list(active)
-        out: list[Job] = []
-        rows, cost = 0, 0.0
-        for job in sorted(active, key=_by_vtime):
-            if out and (rows + job.rows > rows_cap or cost + job.cost > lim.max_cost):
-                continue  # a smaller one behind may still fit
-            out.append(job)
-            rows += job.rows
-            cost += job.cost
-        return out
-
-    def step_ended(self, now: float) -> None:
-        """A generation step has finished (the device loop says so): scoring requests that arrived
-        while it ran go before the next step (until then, its decision time stands in)."""
-        self._gen_last = now
-
-    def observe_step(self, key: tuple[str, Hashable], rows: int, requests: int, seconds: float) -> None:
-        """A step of generation queue ``key`` ran ``rows`` UNet rows of ``requests`` requests in
-        ``seconds``: refit that bucket's solo step time (``fixed + per_row * rows per request``,
-        from the recent steps, every 8; the median per-request time until rows vary enough)."""
-        if rows < 1 or requests < 1:
-            return
-        q = self._queues.get(key) or self._new_queue(key)
-        if q.steps is None:
-            q.steps = deque(maxlen=64)
-        q.steps.append((rows, requests, seconds))
-        q.observed += 1
-        n = len(q.steps)
-        if q.observed % 8 and q.step_s is not None:
-            return
-        per_request = sum(r for r, _, _ in q.steps) / sum(j for _, j, _ in q.steps)
-        fit = fit_call_cost([(r, t) for r, _, t in q.steps]) if n >= 8 else None
-        if fit is not None and fit[1] > 0:
-            fixed = max(fit[0], 0.0)
-            q.step_s = fixed + fit[1] * per_request
-            # rows * per_row / (fixed + rows * per_row) >= 90%: rows >= 9 * fixed / per_row
-            q.eff_rows = max(math.ceil(per_request - 1e-9), math.ceil(9.0 * fixed / fit[1] - 1e-9))
-        elif q.step_s is None:
-            q.step_s = sorted(t * j / r for r, j, t in q.steps)[n // 2] * per_request
 
     def _groups(self, queues: list[BucketQueue], merge_cost: float, now: float, wake: float) -> float:
         """Form the text groups of one nested kind from its queues (longest bucket first), offer each
@@ -498,7 +393,7 @@ class Scheduler:
                         continue
             if leader is not None:  # close the group of ``leader``
                 llim = leader.lim
-                if self.flush or now >= ready_at or count >= llim.max_batch or cost >= llim.max_cost:
+                if self._flush or now >= ready_at or count >= llim.max_batch or cost >= llim.max_cost:
                     best.offer(key, leader, members)
                 elif ready_at < wake:
                     wake = ready_at
@@ -539,35 +434,6 @@ class Scheduler:
         if cancelled:
             decision.cancelled = cancelled
 
-    def _admit(self, q: BucketQueue, now: float, decision: Decision, static: bool) -> None:
-        if static and q.active:
-            return
-        heap, active = q.heap, q.active
-        queued = RequestStatus.QUEUED
-        cap_rows, cap_cost = self._caps(q, static)
-        while heap:
-            head = heap[0][2]
-            if head.status is not queued:  # cancelled or expired: dropped lazily
-                heapq.heappop(heap)
-                continue
-            if active and (q.active_rows + head.rows > cap_rows or q.active_cost + head.cost > cap_cost):
-                return  # the head does not fit: nothing behind it may overtake it
-            heapq.heappop(heap)
-            q.count -= 1
-            q.cost -= head.cost
-            self.queued -= 1
-            head.status = RequestStatus.RUNNING
-            head.started = now
-            q.active_priority = head.priority if not active else max(q.active_priority, head.priority)
-            q.active_vmin = head.vtime if not active else min(q.active_vmin, head.vtime)
-            active.append(head)
-            q.active_rows += head.rows
-            q.active_cost += head.cost
-            if decision.joined:
-                decision.joined.append(head)  # type: ignore[attr-defined]
-            else:
-                decision.joined = [head]
-
     def _take_batch(self, q: BucketQueue, members: list[BucketQueue], now: float) -> list[Job]:
         """``q``'s requests up to its limits, in virtual-time order, then every request of the smaller
         queues of its group (they were chosen to fit whole, padded to ``q``'s edge)."""
@@ -602,4 +468,4 @@ class Scheduler:
         return batch
 
 
-__all__ = ["GENERATE", "Decision", "Job", "Limits", "Scheduler"]
+__all__ = ["GENERATE", "Decision", "Job", "Limits", "RequestScheduler"]

@@ -3,9 +3,10 @@
 A kernel's launch config (block sizes, warps, stages) depends on the GPU architecture and the problem
 shape. :class:`ConfigTable` answers ``config(key, device)`` from, in order:
 
-1. the user's autotune cache, ``$FASTGEN_AUTOTUNE_DIR/<kernel>.json`` (default
+1. the user's autotune cache, ``<kernel>.json`` in :func:`autotune_dir` (``$FASTGEN_AUTOTUNE_DIR``, else
    ``$XDG_CACHE_HOME/fastgen/autotune``, else ``~/.cache/fastgen/autotune``), filled by :meth:`tune`;
-2. the table shipped with fastgen, ``kernels/configs/<kernel>.json`` (tuned on our GPUs and committed);
+2. the table shipped with fastgen, ``kernels/configs/<kernel>.json`` (tuned on our GPUs and committed;
+   see ``kernels/configs/README.md``);
 3. the caller's default (the kernel's heuristic by shape).
 
 Both files are JSON, ``{"format": 1, "kernel": ..., "archs": {"sm90": {"<key>": {config}}}}``, keyed by
@@ -28,20 +29,21 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastgen.core.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _FORMAT = 1
-_SHIPPED_DIR = Path(__file__).parent / "configs"
+#: The tables shipped with fastgen (see ``configs/README.md``).
+SHIPPED_DIR = Path(__file__).parent / "configs"
 
 Config = dict[str, int]
 
 
 def autotune_dir() -> Path:
-    """Where tuned configs persist: ``$FASTGEN_AUTOTUNE_DIR``, else the XDG cache, else ``~/.cache``."""
-    if os.environ.get("FASTGEN_AUTOTUNE_DIR"):
-        return Path(os.environ["FASTGEN_AUTOTUNE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastgen" / "autotune"
+    """Where tuned configs persist: ``$FASTGEN_AUTOTUNE_DIR``, else the XDG cache, else ``~/.cache``
+    (:func:`fastgen.core.paths.cache_dir`, the resolver of every fastgen cache)."""
+    return cache_dir("autotune")
 
 
 def device_arch(device: Any) -> str:
@@ -104,7 +106,7 @@ class ConfigTable:
         self.kernel = kernel
         self.candidates = [dict(c) for c in candidates]
         self._fields = {f for c in self.candidates for f in c}
-        self._shipped_dir = shipped_dir or _SHIPPED_DIR
+        self._shipped_dir = shipped_dir or SHIPPED_DIR
         self._lock = threading.Lock()
         self._memo: dict[tuple[str, str], Config] = {}  # (arch, key) -> config, this process
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastgen.engines.ort_backend import OrtEngine, convert_to_fp16
+from fastgen.engines.ort_backend import OrtEngine
 from fastgen.errors import InvalidArgumentError
+from fastgen.export.fp16 import convert_to_fp16
 from fastgen.models.component import Component
 from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec
 
@@ -43,6 +47,22 @@ def make(rms_gain: float = 1.0) -> Component:
                       outputs=(TensorSpec("y", "float32", ("batch", 64, 32)),),
                       profile=ShapeProfile.of(batch=(1, 2, 4)))
     return Component(name="block", module=module, spec=spec, model=module)
+
+
+def export_fp32(component: Component, path: Path) -> Path:
+    """The component as an fp32 ONNX graph (TorchScript exporter, the spec's names and dynamic axes)."""
+    spec = component.spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(component.module, tuple(spec.sample_inputs("opt").values()), str(path),
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.fixture
+def onnx_export():
+    return export_fp32
 
 
 def cosine(a, b) -> float:
@@ -144,8 +164,6 @@ def test_shared_initializer_feeding_several_fp32_nodes(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from fastgen.engines.ort_backend import convert_to_fp16
-
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [8], np.ones(8, np.float32))
     bias = helper.make_tensor("bias", TensorProto.FLOAT, [8], np.zeros(8, np.float32))
     # bias also feeds an Add, which goes fp16, so both LayerNorms need a cast of it back to fp32
@@ -164,3 +182,9 @@ def test_shared_initializer_feeding_several_fp32_nodes(tmp_path):
         None, {"x": x.astype(np.float16)})[0]
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=1e-2)
+
+
+def test_engines_reexport_during_the_transition():
+    from fastgen.engines import ort_backend
+
+    assert ort_backend.convert_to_fp16 is convert_to_fp16

@@ -1,4 +1,6 @@
-"""Images in and out of a generation pipeline: input images to VAE pixels, decoder output to what was asked.
+"""Images in and out of the generation pipeline: input images to VAE pixels, decoder output to what was asked.
+
+(The classifier's image loading and resizing is :mod:`fastgen.pipelines.classifier_images`.)
 
 Input: a PIL image, a path to an image file, or a uint8 (H, W, 3) array; pixels become
 ``2 * x / 255 - 1`` in NCHW float32, as diffusers' ``VaeImageProcessor`` does (through
@@ -25,7 +27,7 @@ RESAMPLE = "LANCZOS"
 
 
 def _open(path: str | os.PathLike):
-    from fastgen.pipelines.imageio import open_image
+    from fastgen.pipelines.classifier_images import open_image
 
     return open_image(Path(path).expanduser(), "image").convert("RGB")
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from fastgen.kernels import tuning
-from fastgen.kernels.tuning import ConfigTable, pow2_bucket
+from fastgen.kernels import launch_configs
+from fastgen.kernels.launch_configs import ConfigTable, pow2_bucket
 
 CANDIDATES = [{"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 32, "num_warps": 2}]
 DEFAULT = {"BLOCK_M": 16, "num_warps": 1}
@@ -18,8 +18,8 @@ DEFAULT = {"BLOCK_M": 16, "num_warps": 1}
 def sm90(monkeypatch, tmp_path):
     """Pretend to be on an sm90 GPU with Triton 3.6; isolated autotune and shipped dirs."""
     monkeypatch.setenv("FASTGEN_AUTOTUNE_DIR", str(tmp_path / "user"))
-    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm90")
-    monkeypatch.setattr(tuning, "triton_version", lambda: "3.6")
+    monkeypatch.setattr(launch_configs, "device_arch", lambda device: "sm90")
+    monkeypatch.setattr(launch_configs, "triton_version", lambda: "3.6")
     shipped = tmp_path / "shipped"
     shipped.mkdir()
     return shipped
@@ -79,7 +79,7 @@ def test_corrupt_or_foreign_files_are_ignored(sm90, caplog):
     table.path.parent.mkdir(parents=True)
     table.path.write_text("{not json")
     (sm90 / "k.json").write_text(json.dumps({"format": 99, "archs": {}}))
-    with caplog.at_level(logging.WARNING, logger="fastgen.kernels.tuning"):
+    with caplog.at_level(logging.WARNING, logger="fastgen.kernels.launch_configs"):
         assert table.config("key", "cuda", DEFAULT) == DEFAULT
     assert "unreadable" in caplog.text and "not format 1" in caplog.text
     # An entry with unknown fields or bad values is not trusted either.
@@ -119,7 +119,27 @@ def test_export_is_a_shippable_table(sm90):
 
 def test_pow2_bucket_and_arch():
     assert [pow2_bucket(n) for n in (1, 2, 3, 77, 1024, 1025)] == [1, 2, 4, 128, 1024, 2048]
-    assert tuning.device_arch("cpu") == "cpu"
+    assert launch_configs.device_arch("cpu") == "cpu"
+
+
+def test_autotune_dir_is_the_autotune_cache(monkeypatch, tmp_path):
+    from fastgen.core.paths import cache_dir
+
+    monkeypatch.setenv("FASTGEN_AUTOTUNE_DIR", str(tmp_path / "tuned"))
+    assert launch_configs.autotune_dir() == tmp_path / "tuned" == cache_dir("autotune")
+    monkeypatch.delenv("FASTGEN_AUTOTUNE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert launch_configs.autotune_dir() == tmp_path / "xdg" / "fastgen" / "autotune"
+    assert ConfigTable("k", CANDIDATES).path == tmp_path / "xdg" / "fastgen" / "autotune" / "k.json"
+
+
+def test_shipped_configs_folder_exists():
+    """pyproject ships ``kernels/configs/*.json``: the folder is real and says what belongs there."""
+    folder = launch_configs.SHIPPED_DIR
+    assert folder.is_dir() and (folder / "README.md").is_file()
+    for path in folder.glob("*.json"):  # none yet; any committed later must be a valid table
+        data = json.loads(path.read_text())
+        assert data["format"] == 1 and data["kernel"] == path.stem and isinstance(data["archs"], dict)
 
 
 def test_attention_shape_key_buckets():

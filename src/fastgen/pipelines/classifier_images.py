@@ -28,20 +28,19 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastgen.errors import InvalidArgumentError
-
-#: PIL resampling filters by name (the ``resample`` extra may also be PIL's int code).
-RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+from fastgen.models.metadata import DEFAULT_CENTER_CROP, DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 
 _IMAGE_TYPES = "PIL images, image file paths, uint8 (H, W, C) arrays or float (C, H, W) tensors in [0, 1]"
 
 
 def resample_code(value: Any) -> int:
-    """PIL's resampling code from an int code or a name (``bilinear``, ``bicubic``...)."""
-    if isinstance(value, str) and value.lower() in RESAMPLE:
-        return RESAMPLE[value.lower()]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and int(value) in RESAMPLE.values():
+    """PIL's resampling code from an int code or a name (``bilinear``, ``bicubic``...: ``RESAMPLE_FILTERS``)."""
+    if isinstance(value, str) and value.lower() in RESAMPLE_FILTERS:
+        return RESAMPLE_FILTERS[value.lower()]
+    if (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            and int(value) in RESAMPLE_FILTERS.values()):
         return int(value)
-    raise InvalidArgumentError("resample", value, [*RESAMPLE, *sorted(RESAMPLE.values())])
+    raise InvalidArgumentError("resample", value, [*RESAMPLE_FILTERS, *sorted(RESAMPLE_FILTERS.values())])
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -143,8 +142,8 @@ def _resize(im: Image.Image, size: tuple[int, int], resample: int, center_crop: 
     return im.crop((left, top, left + w, top + h))
 
 
-def image_to_uint8(image: Any, size: tuple[int, int], *, channels: int = 3, resample: int = 2,
-                   center_crop: bool = False, argument: str = "image") -> np.ndarray:
+def image_to_uint8(image: Any, size: tuple[int, int], *, channels: int = 3, resample: int = DEFAULT_RESAMPLE,
+                   center_crop: bool = DEFAULT_CENTER_CROP, argument: str = "image") -> np.ndarray:
     """One image (any accepted kind) -> (height, width, channels) uint8 at the model's size."""
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image, argument)
@@ -164,8 +163,9 @@ def image_to_uint8(image: Any, size: tuple[int, int], *, channels: int = 3, resa
     return np.asarray(image).reshape(size[0], size[1], channels)
 
 
-def images_to_uint8(images: Sequence[Any], size: tuple[int, int], *, channels: int = 3, resample: int = 2,
-                    center_crop: bool = False, argument: str = "images") -> torch.Tensor:
+def images_to_uint8(images: Sequence[Any], size: tuple[int, int], *, channels: int = 3,
+                    resample: int = DEFAULT_RESAMPLE, center_crop: bool = DEFAULT_CENTER_CROP,
+                    argument: str = "images") -> torch.Tensor:
     """A list of images -> one (N, height, width, channels) uint8 tensor, contiguous."""
     out = np.empty((len(images), size[0], size[1], channels), dtype=np.uint8)  # (N, H, W, C)
     for i, image in enumerate(images):

@@ -1,0 +1,326 @@
+"""Typed metadata of a component: what a pipeline needs beside the weights, one class per kind.
+
+A UNet carries its scheduler config and pipeline family, a VAE its latent scaling, a classifier its
+labels and preprocessing, a text classifier its labels and token limit. ``models.assets`` fills
+these when a component is loaded; ``fastgen.build`` stores them in the engine manifest
+(:meth:`ComponentMetadata.to_manifest`, versioned by :data:`METADATA_VERSION`), and engines read
+them back (:func:`metadata_from_manifest`).
+
+Every field but the ones a kind cannot do without is optional: None means "not recorded" (a
+custom ``nn.Module`` adapted by hand, a bare ``.onnx`` graph) and is left out of :meth:`to_dict`,
+so a component's dict is exactly what its loader knew. The values a consumer falls back to for an
+unrecorded field are defined here and nowhere else (:data:`IMAGENET_MEAN`, :data:`DEFAULT_RESAMPLE`,
+:meth:`ImageClassifierMetadata.with_defaults`, :meth:`UNetMetadata.zeros_for_empty_prompt`...).
+
+Readers tolerate writers newer than themselves: unknown keys are ignored and an unknown kind falls
+back to the class of the component's name. This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from fastgen.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+#: Version of the metadata schema written into manifests (``{"version": ..., "kind": ..., "fields": ...}``).
+METADATA_VERSION = 1
+
+# --- the one place for defaults -----------------------------------------------------------------
+
+#: ImageNet channel statistics (RGB): what torchvision and most transformers image models normalise with.
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+#: Statistics for images of any other channel count: [0, 1] pixels mapped to [-1, 1].
+NEUTRAL_MEAN: tuple[float, ...] = (0.5,)
+NEUTRAL_STD: tuple[float, ...] = (0.5,)
+#: PIL's resampling filters by name, as their integer codes (``PIL.Image.Resampling``).
+RESAMPLE_FILTERS: dict[str, int] = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+#: Bilinear: what transformers image processors use unless their config says otherwise.
+DEFAULT_RESAMPLE = RESAMPLE_FILTERS["bilinear"]
+#: Resize straight to the model's size (stretch), as fixed-size transformers processors do.
+DEFAULT_CENTER_CROP = False
+#: Input side of a classifier whose config and processor name none.
+DEFAULT_IMAGE_SIZE = 224
+#: diffusers' ``AutoencoderKL`` default ``scaling_factor`` (the SD 1.x VAE's).
+DEFAULT_SCALING_FACTOR = 0.18215
+#: Token limit of a text classifier whose export spec has no ``seq`` range.
+DEFAULT_MAX_LENGTH = 512
+
+Pipeline = Literal["sd", "sdxl"]
+
+
+def _fail(kind: str, name: str, value: Any, expected: str) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{kind} metadata {name}", value, expected)
+
+
+def _labels(kind: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _fail(kind, "labels", value, "a list of label names in output index order")
+    return tuple(str(v) for v in value)
+
+
+def _positive_int(kind: str, name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, float) and value.is_integer() and value >= 1:  # JSON writers may emit 224.0
+            return int(value)
+        raise _fail(kind, name, value, "a positive integer")
+    return int(value)
+
+
+def _floats(kind: str, name: str, value: Any, *, positive: bool = False) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _fail(kind, name, value, "a list of numbers, one per channel") from None
+    if not out or not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise _fail(kind, name, value, "a non-empty list of finite numbers" + (" > 0" if positive else ""))
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    """A field value as JSON data: tuples as lists, dicts deep-copied (the caller may mutate them)."""
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return copy.deepcopy(value)
+    return value
+
+
+@dataclass(frozen=True)
+class ComponentMetadata:
+    """Base of the per-kind metadata classes: frozen, JSON-serialisable, version-tolerant.
+
+    Subclasses declare their fields with a docstring under each; ``kind`` names the class in
+    manifests.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded fields as JSON data (fields left at None are omitted)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ComponentMetadata:
+        """Build from :meth:`to_dict`'s form; keys this version does not know (a newer writer's) are ignored."""
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            logger.debug("%s: ignoring metadata keys this fastgen does not know: %s", cls.__name__, unknown)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The versioned form stored in an engine manifest's ``metadata`` entry."""
+        return {"version": METADATA_VERSION, "kind": self.kind, "fields": self.to_dict()}
+
+
+@dataclass(frozen=True)
+class GenericMetadata(ComponentMetadata):
+    """A component kind fastgen keeps no metadata for (a custom component name, a bare graph)."""
+
+    kind: ClassVar[str] = "generic"
+
+
+@dataclass(frozen=True)
+class UNetMetadata(ComponentMetadata):
+    """A diffusion UNet: how to schedule it and which conditioning family it belongs to."""
+
+    kind: ClassVar[str] = "unet"
+
+    scheduler: dict[str, Any] | None = None
+    """The diffusers scheduler config (``scheduler_config.json``) the UNet is sampled with; None: not recorded."""
+    pipeline: Pipeline | None = None
+    """``sd`` (SD 1.x / 2.x text conditioning) or ``sdxl`` (added ``text_time`` conditioning); None: not
+    recorded (the generator infers it from the UNet's inputs)."""
+    force_zeros_for_empty_prompt: bool | None = None
+    """SDXL: an empty negative prompt conditions on zeros rather than on the encoded empty string; None:
+    the pipeline's default (:meth:`zeros_for_empty_prompt`)."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None:
+            if not isinstance(self.scheduler, Mapping):
+                raise _fail(self.kind, "scheduler", self.scheduler, "a diffusers scheduler config dict")
+            object.__setattr__(self, "scheduler", copy.deepcopy(dict(self.scheduler)))
+        if self.pipeline is not None and self.pipeline not in ("sd", "sdxl"):
+            raise InvalidArgumentError(f"{self.kind} metadata pipeline", self.pipeline, ("sd", "sdxl"))
+        if self.force_zeros_for_empty_prompt is not None and not isinstance(self.force_zeros_for_empty_prompt, bool):
+            raise _fail(self.kind, "force_zeros_for_empty_prompt", self.force_zeros_for_empty_prompt, "true or false")
+
+    def zeros_for_empty_prompt(self, pipeline: str | None = None) -> bool:
+        """The recorded flag, else diffusers' default for ``pipeline`` (default: the recorded one): on for SDXL only."""
+        if self.force_zeros_for_empty_prompt is not None:
+            return self.force_zeros_for_empty_prompt
+        return (pipeline or self.pipeline) == "sdxl"
+
+
+@dataclass(frozen=True)
+class VaeMetadata(ComponentMetadata):
+    """A VAE encoder or decoder: how latents are scaled and how much smaller than the images they are."""
+
+    kind: ClassVar[str] = "vae"
+
+    scaling_factor: float | None = None
+    """Latents are ``scaling_factor *`` the VAE's posterior (0.18215 for SD 1.x, 0.13025 for SDXL); None: not
+    recorded (the generator then needs it as an argument)."""
+    latent_factor: int | None = None
+    """Spatial downsampling from pixels to latents (8 for four-block VAEs); None: not recorded."""
+
+    def __post_init__(self) -> None:
+        if self.scaling_factor is not None:
+            if (isinstance(self.scaling_factor, bool) or not isinstance(self.scaling_factor, (int, float))
+                    or not math.isfinite(self.scaling_factor) or self.scaling_factor <= 0):
+                raise _fail(self.kind, "scaling_factor", self.scaling_factor, "a finite number > 0")
+            object.__setattr__(self, "scaling_factor", float(self.scaling_factor))
+        factor = _positive_int(self.kind, "latent_factor", self.latent_factor)
+        if factor is not None and factor & (factor - 1):
+            raise _fail(self.kind, "latent_factor", factor, "a power of two (1, 2, 4, 8...)")
+        object.__setattr__(self, "latent_factor", factor)
+
+
+@dataclass(frozen=True)
+class TextEncoderMetadata(ComponentMetadata):
+    """A text encoder (``text-encoder``, ``text-encoder-2``): nothing beyond its tokenizer, which travels
+    beside the engine (``tokenizer/``), so no fields yet."""
+
+    kind: ClassVar[str] = "text-encoder"
+
+
+@dataclass(frozen=True)
+class ImageClassifierMetadata(ComponentMetadata):
+    """An image classifier: its label names and how images are turned into its input."""
+
+    kind: ClassVar[str] = "image-classifier"
+
+    labels: tuple[str, ...] | None = None
+    """Label names in output index order; None: not recorded (``label_<i>``)."""
+    image_size: int | tuple[int, int] | None = None
+    """Input side in pixels, or ``(height, width)``; None: not recorded (the engine's input shape)."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean subtracted from [0, 1] pixels; None: :data:`IMAGENET_MEAN` for RGB models, else 0.5."""
+    std: tuple[float, ...] | None = None
+    """Per-channel standard deviation pixels are divided by; None: :data:`IMAGENET_STD` for RGB, else 0.5."""
+    resample: int | None = None
+    """PIL resampling filter code (names in :data:`RESAMPLE_FILTERS` are accepted); None: :data:`DEFAULT_RESAMPLE`."""
+    center_crop: bool | None = None
+    """Scale the shorter side to cover the input and cut out the centre, instead of stretching; None: no."""
+
+    def __post_init__(self) -> None:
+        k = self.kind
+        object.__setattr__(self, "labels", _labels(k, self.labels))
+        size = self.image_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2:
+                raise _fail(k, "image_size", size, "an integer or (height, width)")
+            size = (_positive_int(k, "image_size", size[0]), _positive_int(k, "image_size", size[1]))
+        else:
+            size = _positive_int(k, "image_size", size)
+        object.__setattr__(self, "image_size", size)
+        mean, std = _floats(k, "mean", self.mean), _floats(k, "std", self.std, positive=True)
+        if mean is not None and std is not None and len(mean) != len(std):
+            raise _fail(k, "std", list(std), f"{len(mean)} values, one per channel of the mean")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        resample = self.resample
+        if isinstance(resample, str) and resample.lower() in RESAMPLE_FILTERS:
+            resample = RESAMPLE_FILTERS[resample.lower()]
+        if resample is not None and (isinstance(resample, bool) or resample not in RESAMPLE_FILTERS.values()):
+            raise InvalidArgumentError(f"{k} metadata resample", resample,
+                                       [*RESAMPLE_FILTERS, *sorted(RESAMPLE_FILTERS.values())])
+        object.__setattr__(self, "resample", None if resample is None else int(resample))
+        if self.center_crop is not None and not isinstance(self.center_crop, bool):
+            raise _fail(k, "center_crop", self.center_crop, "true or false")
+
+    def with_defaults(self, channels: int = 3) -> ImageClassifierMetadata:
+        """A copy with every unrecorded preprocessing field set to its default for a ``channels``-channel
+        model (``labels`` and ``image_size`` stay as they are: their fallbacks come from the engine)."""
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (NEUTRAL_MEAN, NEUTRAL_STD)
+        return dataclasses.replace(
+            self, mean=self.mean if self.mean is not None else mean, std=self.std if self.std is not None else std,
+            resample=self.resample if self.resample is not None else DEFAULT_RESAMPLE,
+            center_crop=self.center_crop if self.center_crop is not None else DEFAULT_CENTER_CROP)
+
+
+@dataclass(frozen=True)
+class TextClassifierMetadata(ComponentMetadata):
+    """A text classifier: its label names and how many tokens it reads."""
+
+    kind: ClassVar[str] = "text-classifier"
+
+    labels: tuple[str, ...] | None = None
+    """Label names in output index order; None: not recorded (``label_<i>``)."""
+    max_length: int | None = None
+    """Texts are truncated to this many tokens; None: not recorded (the tokenizer's ``model_max_length``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _labels(self.kind, self.labels))
+        object.__setattr__(self, "max_length", _positive_int(self.kind, "max_length", self.max_length))
+
+
+#: Metadata class of each component name fastgen knows; any other name gets :class:`GenericMetadata`.
+COMPONENT_METADATA: dict[str, type[ComponentMetadata]] = {
+    "unet": UNetMetadata,
+    "vae-decoder": VaeMetadata,
+    "vae-encoder": VaeMetadata,
+    "text-encoder": TextEncoderMetadata,
+    "text-encoder-2": TextEncoderMetadata,
+    "classifier": ImageClassifierMetadata,
+    "text-classifier": TextClassifierMetadata,
+}
+_BY_KIND: dict[str, type[ComponentMetadata]] = {
+    cls.kind: cls for cls in (GenericMetadata, *COMPONENT_METADATA.values())}
+
+
+def metadata_class(component: str) -> type[ComponentMetadata]:
+    """The metadata class of a component name (``unet``, ``classifier``...); GenericMetadata for others."""
+    return COMPONENT_METADATA.get(component, GenericMetadata)
+
+
+def metadata_from_dict(component: str, data: Mapping[str, Any] | None) -> ComponentMetadata:
+    """Typed metadata of ``component`` from a plain dict: :meth:`ComponentMetadata.to_dict`'s form, which
+    is also the ``extras`` dict of format-1 manifests (same keys, same values)."""
+    return metadata_class(component).from_dict(data)
+
+
+def metadata_from_manifest(component: str, entry: Mapping[str, Any] | None) -> ComponentMetadata:
+    """Typed metadata from a manifest's ``metadata`` entry (:meth:`ComponentMetadata.to_manifest`).
+
+    A kind this fastgen does not know (a newer writer's) is read as the class of ``component``;
+    a newer ``version`` is read field by field, ignoring what this version does not know.
+    """
+    entry = dict(entry or {})
+    if not entry:
+        return metadata_class(component)()
+    fields = entry.get("fields") or {}
+    if not isinstance(fields, Mapping):
+        raise InvalidArgumentError("manifest metadata fields", fields, "a JSON object")
+    version = entry.get("version")
+    if isinstance(version, int) and version > METADATA_VERSION:
+        logger.debug("metadata version %s is newer than this fastgen's %d: reading the fields it knows",
+                     version, METADATA_VERSION)
+    cls = _BY_KIND.get(entry.get("kind"), metadata_class(component))  # type: ignore[arg-type]
+    return cls.from_dict(fields)
+
+
+__all__ = [
+    "COMPONENT_METADATA", "DEFAULT_CENTER_CROP", "DEFAULT_IMAGE_SIZE", "DEFAULT_MAX_LENGTH", "DEFAULT_RESAMPLE",
+    "DEFAULT_SCALING_FACTOR", "IMAGENET_MEAN", "IMAGENET_STD", "METADATA_VERSION", "NEUTRAL_MEAN", "NEUTRAL_STD",
+    "RESAMPLE_FILTERS", "ComponentMetadata", "GenericMetadata", "ImageClassifierMetadata", "TextClassifierMetadata",
+    "TextEncoderMetadata", "UNetMetadata", "VaeMetadata", "metadata_class", "metadata_from_dict",
+    "metadata_from_manifest",
+]
