@@ -16,9 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from fastgen.engines.cache import write_manifest
 from fastgen.engines.config import ExecutionOptions
 from fastgen.engines.loading import load_engine
-from fastgen.engines.ort_backend import OrtEngine, convert_to_fp16
+from fastgen.engines.ort_backend import OrtEngine
 from fastgen.engines.registry import get_backend, register_backend
 from fastgen.errors import CacheCorruptionError, InvalidArgumentError, UnsupportedError
+from fastgen.export.fp16 import convert_to_fp16
 
 
 def third_party_onnx(path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastgen.engines.config import RuntimeOptions
+from fastgen.engines.config import ExecutionOptions
 from fastgen.engines.ort_backend import (
     CPU_EP,
     CUDA_EP,
@@ -65,8 +65,8 @@ def test_integer_inputs(tokens, onnx_export, tmp_path):
 
 def test_session_options_and_provider_log(mlp, onnx_export, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fastgen.engines.ort_backend")
-    runtime = RuntimeOptions(graph_optimization="basic", intra_op_threads=1, inter_op_threads=1)
-    engine = OrtEngine(onnx_export(mlp, tmp_path / "m.onnx"), mlp.spec, runtime=runtime)
+    execution = ExecutionOptions(graph_optimization="basic", intra_op_threads=1, inter_op_threads=1)
+    engine = OrtEngine(onnx_export(mlp, tmp_path / "m.onnx"), mlp.spec, execution=execution)
     options = engine._session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     assert int(options.graph_optimization_level) == 1  # ORT_ENABLE_BASIC
@@ -79,7 +79,7 @@ def test_session_options_and_provider_log(mlp, onnx_export, tmp_path, caplog):
 def test_cpu_device_ignores_gpu_provider_with_warning(mlp, onnx_export, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fastgen.engines.ort_backend")
     engine = OrtEngine(onnx_export(mlp, tmp_path / "m.onnx"), mlp.spec,
-                       runtime=RuntimeOptions(execution_provider="cuda"))
+                       execution=ExecutionOptions(execution_provider="cuda"))
     assert engine.providers == [CPU_EP] and engine.device.type == "cpu"
     assert "needs a CUDA device" in caplog.text
 
@@ -129,7 +129,7 @@ def test_describe(conv_engines):
 @pytest.mark.parametrize("provider", ["cuda", "auto"])
 def test_cuda_io_binding_matches_torch(conv, onnx_export, tmp_path, provider):
     path = onnx_export(conv, tmp_path / "conv.onnx")
-    ort_engine = OrtEngine(path, conv.spec, device="cuda", runtime=RuntimeOptions(execution_provider=provider))
+    ort_engine = OrtEngine(path, conv.spec, device="cuda", execution=ExecutionOptions(execution_provider=provider))
     assert ort_engine.providers[0] in (CUDA_EP, TRT_EP)
     torch_engine = TorchEngine(conv, device="cuda")
     for batch, height in [(1, 8), (3, 14)]:
@@ -213,9 +213,9 @@ def test_ortvalue_conversion_fallback_without_dlpack():
 
 
 def test_spin_wait_is_a_runtime_option():
-    from fastgen.engines.config import RuntimeOptions
+    from fastgen.engines.config import ExecutionOptions
     from fastgen.engines.ort_backend import session_options
 
-    assert session_options(RuntimeOptions()).get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session_options(RuntimeOptions(spin_wait=True)).get_session_config_entry(
+    assert session_options(ExecutionOptions()).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(ExecutionOptions(spin_wait=True)).get_session_config_entry(
         "session.intra_op.allow_spinning") == "1"

@@ -183,8 +183,3 @@ def test_shared_initializer_feeding_several_fp32_nodes(tmp_path):
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=1e-2)
 
-
-def test_engines_reexport_during_the_transition():
-    from fastgen.engines import ort_backend
-
-    assert ort_backend.convert_to_fp16 is convert_to_fp16

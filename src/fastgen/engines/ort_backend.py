@@ -1,7 +1,6 @@
 """ONNX Runtime engines: an InferenceSession behind the Engine interface.
 
-(The fp16 graph conversion lives in :mod:`fastgen.export.fp16`; ``convert_to_fp16`` is re-exported here
-until its callers import it from there.)
+(The fp16 graph conversion is an ONNX transformation, in :mod:`fastgen.export.fp16`.)
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from fastgen.core.ort import session_options as ort_session_options
 from fastgen.engines.base import Engine
 from fastgen.engines.config import ExecutionOptions, execution_options
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.export.fp16 import convert_to_fp16 as convert_to_fp16  # transition: import it from export.fp16
 from fastgen.models.spec import ExportSpec, parse_dim
 
 logger = logging.getLogger(__name__)
@@ -89,13 +87,14 @@ def select_providers(device: torch.device, execution_provider: str, available: S
     return chosen + cpu
 
 
-def session_options(runtime: ExecutionOptions):
+def session_options(execution: ExecutionOptions):
     """The onnxruntime ``SessionOptions`` of an engine with these execution options (``fastgen.core.ort``)."""
     # Spinning is set explicitly either way (off by default, unlike onnxruntime's). Quantized graphs
     # compute what they state (see fastgen.core.ort.EXACT_QUANT_ENTRIES). onnxruntime's log is kept
     # to errors unless the user asked for debug logging.
-    return ort_session_options(intra_op_threads=runtime.intra_op_threads, inter_op_threads=runtime.inter_op_threads,
-                               spin_wait=runtime.spin_wait, graph_optimization=runtime.graph_optimization,
+    return ort_session_options(intra_op_threads=execution.intra_op_threads,
+                               inter_op_threads=execution.inter_op_threads,
+                               spin_wait=execution.spin_wait, graph_optimization=execution.graph_optimization,
                                exact_quant=True, log_severity=1 if logger.isEnabledFor(logging.DEBUG) else 3)
 
 
@@ -121,12 +120,12 @@ class OrtEngine(Engine):
                  runtime: ExecutionOptions | None = None) -> None:
         import onnxruntime as ort
 
-        runtime = execution_options(execution, runtime)  # runtime=: the deprecated keyword
+        execution = execution_options(execution, runtime)  # runtime=: the deprecated keyword
         device = torch.device(device)
         if precision == "bf16":
             raise UnsupportedError("onnxruntime backend: bf16 engines are not supported (numpy and "
                                    "onnxruntime's IO binding have no bfloat16 type); use fp16 or fp32")
-        if device.type == "cuda" and runtime.execution_provider == "cpu":
+        if device.type == "cuda" and execution.execution_provider == "cpu":
             logger.warning("execution provider 'cpu' was asked for: this onnxruntime engine runs on cpu, "
                            "not %s", device)
             device = torch.device("cpu")
@@ -134,11 +133,11 @@ class OrtEngine(Engine):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise InvalidArgumentError("engine", str(self.model_path), reason="no such ONNX file")
-        self.runtime = runtime
-        providers = select_providers(self.device, runtime.execution_provider, available_providers(),
+        self.execution = execution
+        providers = select_providers(self.device, execution.execution_provider, available_providers(),
                                      provider_options=self._provider_options())
         try:
-            self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options(runtime),
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=session_options(execution),
                                                  providers=[p for p, _ in providers],
                                                  provider_options=[o for _, o in providers])
         except Exception as exc:
@@ -171,10 +170,10 @@ class OrtEngine(Engine):
     def _provider_options(self) -> dict[str, dict[str, Any]]:
         if self.device.type != "cuda":
             return {}
-        from fastgen.engines.cache import default_root
+        from fastgen.core.paths import cache_dir
 
         index = self.device.index or 0
-        trt_cache = default_root().parent / "ort-tensorrt"
+        trt_cache = cache_dir("ort-tensorrt")
         if TRT_EP in available_providers():
             trt_cache.mkdir(parents=True, exist_ok=True)
         trt: dict[str, Any] = {

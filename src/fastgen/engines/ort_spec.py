@@ -65,7 +65,7 @@ def _write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
     fields, spec, reference = write_onnx(staging, plan)
     config = plan.config
     if config.precision == "fp16":
-        from fastgen.engines.ort_backend import convert_to_fp16
+        from fastgen.export.fp16 import convert_to_fp16
 
         convert_to_fp16(staging / ONNX_FILE, staging / ONNX_FILE)
         shapes = ["opt"] if config.export.verify == "opt" else ["min", "opt", "max"]
