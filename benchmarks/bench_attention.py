@@ -8,7 +8,8 @@ seq 4096/1024/256/64 with head dims 40/80/160/160, and cross-attention of the sa
 keys), SDXL at 1024x1024 (head dim 64; 10 heads at seq 4096, 20 heads at seq 1024; self and 77-key
 cross), DiT (head dim 128, 16 heads, seq 4096/8192/16384). Reports TFLOP/s (4 * b * h * sq * sk * d
 flops), the fraction of a bf16 matmul peak measured in the same run (8192^3), and the speed ratio
-(SDPA time / Triton time) against each SDPA backend (flash, efficient, cuDNN, math); a backend that
+(SDPA time / Triton time) against each SDPA backend (flash, efficient, cuDNN, math); on sm_90+ the
+default kernel is the TMA one and the pointer kernel is timed beside it; a backend that
 refuses a shape is reported as ``unsupported``. Each Triton result is checked against the fp32
 reference on a slice before timing. ``triton-int8`` (SageAttention-style int8 Q/K, quantization
 included in its time) is timed on the same inputs (fp16 P.V, and fp8 P.V on sm_89+) and reported
@@ -75,6 +76,11 @@ def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, int
     res = {"shape": name, "batch": batch, "heads": heads, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim,
            "max_abs_err": err, "triton_ms": ms, "triton_tflops": flops / (ms * 1e-3) / 1e12}
     res["fraction_of_matmul_peak"] = res["triton_tflops"] / peak
+    res["kernel"] = "tma" if torch.cuda.get_device_capability() >= (9, 0) and dtype != torch.float32 else "pointer"
+    if res["kernel"] == "tma":  # the pointer kernel too (what strided layouts get on Hopper / Blackwell)
+        attention_fwd(q, k, v, autotune=autotune, tma=False)
+        pms = do_bench(lambda: attention_fwd(q, k, v, autotune=autotune, tma=False))
+        res.update(pointer_ms=pms, pointer_tflops=flops / (pms * 1e-3) / 1e12, tma_speedup_vs_pointer=pms / ms)
     if int8:
         res.update(bench_int8(q, k, v, ref, rows, flops, autotune, do_bench))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim) views
@@ -94,6 +100,11 @@ def bench_shape(name, heads, seq_q, seq_k, head_dim, dtype, batch, autotune, int
     if sdpa_ms:
         res["fastest_sdpa_ms"] = min(sdpa_ms)
         res["speedup_vs_fastest_sdpa"] = min(sdpa_ms) / ms
+        # The goals: >= 1.15x the fastest SDPA at SD's head dims, >= 550 TFLOP/s at fp16 d128 s4096.
+        if head_dim in (40, 80, 160) and seq_q == seq_k:
+            res["goal_1.15x_fastest_sdpa_met"] = res["speedup_vs_fastest_sdpa"] >= 1.15
+        if head_dim == 128 and seq_q == 4096 and dtype == torch.float16:
+            res["goal_550_tflops_met"] = res["triton_tflops"] >= 550
         for pv in ("fp16", "fp8"):
             if f"int8_{pv}_ms" in res:
                 res[f"int8_{pv}_speedup_vs_fastest_sdpa"] = min(sdpa_ms) / res[f"int8_{pv}_ms"]

@@ -8,6 +8,8 @@ kernel file re-exports its reference; ``fastgen.ops`` re-exports them under its 
 
 - ``attention``: fused forward attention, (batch, seq, heads, head_dim) with any strides.
   Reference: ``attention_reference``.
+- ``attention_tma``: the same attention for sm_90+ through TMA tensor descriptors (warp-specialised on
+  sm_100): what contiguous fp16 / bf16 attention runs on Hopper and Blackwell.
 - ``attention_int8``: SageAttention-style attention: smoothed K, int8 Q.K^T, fp16 or fp8 P.V.
   Reference: ``attention_int8_reference``.
 - ``quantize_per_token``: dynamic per-token int8 / fp8 e4m3 quantization, scales in the same pass.
@@ -17,8 +19,12 @@ kernel file re-exports its reference; ``fastgen.ops`` re-exports them under its 
 - ``gemm_weight_only``: int8 / group-wise int4 weights dequantized in registers, for small token counts.
 - ``quant_reference``: the quantization formats and the references of the three quant kernels above.
 - ``device``: where kernels run (CUDA, or the CPU under Triton's interpreter: :func:`~fastgen.kernels.device.interpreting`).
-- ``launch_configs``: launch configs per GPU architecture (shipped tables in ``configs/``, persistent
-  autotune cache).
+- ``launch``: a kernel launch as data (``KernelLaunch``): every launcher is ``plan_<op>(..., arch=...)``,
+  which returns its launches for any target, plus ``<op>_fwd``, which runs them on the tensors' GPU.
+- ``launch_configs``: launch configs per GPU architecture (per-architecture default tables and tuned
+  tables in ``configs/``, persistent autotune cache).
+- ``aot`` / ``aot_cases``: compile planned launches for sm80 / sm89 / sm90 / sm100 without a GPU and read
+  the machine code (the CI compile gate and ``benchmarks/static_gpu_report.py``).
 """
 
 # This folder is fastgen's kernel *source*: it is meant to be imported as ``fastgen.kernels``. When the

@@ -13,8 +13,8 @@ out_dtype. Semantics are those of :func:`~fastgen.kernels.quant_reference.int8_g
 
 One jit body, :func:`scaled_gemm_body`, takes the operand type as a constexpr (``IS_FP8``); each op
 file's ``@triton.jit`` entry (``_int8_gemm_kernel``, ``_fp8_gemm_kernel``) only calls it with that
-type fixed, and each op's launcher delegates to :func:`launch_scaled_gemm` with its own kernel,
-default tiles and launch-config table. The operand type decides the accumulator:
+type fixed, and each op's launcher delegates to :func:`plan_scaled_gemm` / :func:`launch_scaled_gemm`
+with its own kernel and launch-config table. The operand type decides the accumulator:
 
 - int8: ``tl.dot`` with ``out_dtype=tl.int32``, exact (K <= 131072 so it cannot overflow), converted
   to fp32 for the epilogue. The epilogue runs in fp32 in the order written (the GPU may fuse the bias
@@ -41,15 +41,14 @@ Epilogue activation codes (constexpr ints, cheaper to specialise on than strings
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.kernels.device import check_launch_device
-from fastgen.kernels.launch_configs import ConfigTable
+from fastgen.kernels.launch import KernelLaunch, arch_capability, compiled_misfit, launch_arch, run_launches
+from fastgen.kernels.launch_configs import ConfigTable, arch_default
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
@@ -168,21 +167,22 @@ def scaled_gemm_body(
                     BLOCK_M, BLOCK_N, HAS_BIAS, ACTIVATION)
 
 
-def scaled_gemm_default_config(m: int, major: int | None) -> dict[str, int]:
-    """Fixed tiles per architecture (``major``: compute capability major, None under the interpreter), the
-    same for int8 and fp8; small M gets short tiles so more programs run.
-
-    Each op file's ``_default_config`` asks ``capability`` itself, so that a tool can stub it per op.
-    """
-    if major is None:
+def scaled_gemm_default_config(kernel: str, m: int, arch: str) -> dict[str, int]:
+    """Default tiles of a scaled GEMM (``kernel``: its table name) on ``arch``: the architecture's default
+    table entry for M's class (``"m<=64"`` / ``"m>64"``: small M gets short tiles so more programs run),
+    else a heuristic by compute capability. The same for int8 and fp8."""
+    if arch == "cpu":
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    major = arch_capability(arch)[0]
     bm = 64 if m <= 64 else 128
-    if major >= 9:  # Hopper: 128-wide wgmma tiles, deep pipeline (4 x 32 KiB of shared memory)
-        return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8 if bm == 128 else 4,
-                "num_stages": 4}
-    if major == 8:  # Ampere / Ada (sm_89 runs the fp8 path on mma.sync, with 100 KiB of shared memory)
-        return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    if major >= 9 or bm == 128:
+        # 128x128x128 on 8 warps: Hopper's wgmma tile; on Ampere / Ada the 4-warp 128x128x64 tile spills
+        # inside the K loop at large M, this one does not (kernels/configs/sm80.json's figures).
+        fallback = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
+                    "num_warps": 8 if bm == 128 else 4, "num_stages": 4 if major >= 9 else 3}
+    else:
+        fallback = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return arch_default(kernel, arch, "m<=64" if m <= 64 else "m>64", fallback)
 
 
 # GPU autotuning candidates of both scaled GEMMs (never used under the interpreter or in tests).
@@ -213,23 +213,22 @@ def _check_scaled_gemm(xq, x_scale, wq, w_scale, bias, activation, out_dtype, qd
         raise InvalidArgumentError("activation", activation, tuple(ACTIVATION_CODES))
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise InvalidArgumentError("out_dtype", out_dtype, "float16, bfloat16, float32")
-    check_launch_device("xq", xq)
 
 
-def launch_scaled_gemm(kernel, qdtype: torch.dtype, configs: ConfigTable,
-                       default_config: Callable[[int, int, int, torch.device], dict[str, int]],
-                       xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *,
-                       bias: torch.Tensor | None, activation: str | None, out_dtype: torch.dtype,
-                       block_m: int | None, block_n: int | None, block_k: int | None, autotune: bool,
-                       extra_meta: dict[str, bool] | None = None) -> torch.Tensor:
-    """Check the arguments, allocate the output and launch a scaled-GEMM kernel entry; a new ``(M, N)`` tensor.
+def plan_scaled_gemm(kernel, qdtype: torch.dtype, configs: ConfigTable,
+                     xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *,
+                     arch: str, bias: torch.Tensor | None, activation: str | None, out_dtype: torch.dtype,
+                     block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                     autotune: bool = False, extra_meta: dict[str, bool] | None = None,
+                     config: dict[str, int] | None = None) -> tuple[torch.Tensor, list[KernelLaunch]]:
+    """Check the arguments, allocate the ``(M, N)`` output and plan a scaled-GEMM launch on ``arch``.
 
     ``kernel``: an op's ``@triton.jit`` entry (the signature of :func:`scaled_gemm_body` without
-    ``IS_FP8`` / ``FAST_ACCUM``); ``qdtype``: the operand type it takes; ``configs`` / ``default_config``:
-    its launch-config table and default tiles. ``extra_meta``: the op's own constexprs (fp8's
-    ``FAST_ACCUM``), also part of the config key. ``block_*``: override the default tiles (powers of two
-    >= 16). ``autotune``: on CUDA, time the table's candidates once per (M bucket, N, K, epilogue) and
-    persist the fastest.
+    ``IS_FP8`` / ``FAST_ACCUM``); ``qdtype``: the operand type it takes; ``configs``: its launch-config
+    table. ``extra_meta``: the op's own constexprs (fp8's ``FAST_ACCUM``), also part of the config key.
+    ``block_*``: override the default tiles (powers of two >= 16); ``config``: a whole config instead of
+    the tables. ``autotune``: on CUDA, time the table's candidates that fit the GPU once per (M bucket,
+    N, K, epilogue) and persist the fastest. No launch when M or N is 0.
     """
     _check_scaled_gemm(xq, x_scale, wq, w_scale, bias, activation, out_dtype, qdtype)
     m, n, k = xq.shape[0], wq.shape[0], xq.shape[1]
@@ -237,22 +236,37 @@ def launch_scaled_gemm(kernel, qdtype: torch.dtype, configs: ConfigTable,
         check_block(name, blk)
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
-        return out  # (K == 0 needs nothing special: the K loop is empty and acc stays 0)
+        return out, []  # (K == 0 needs nothing special: the K loop is empty and acc stays 0)
     bias_arg = bias if bias is not None else x_scale  # never read without HAS_BIAS
     args = (xq, wq, x_scale.contiguous(), w_scale.contiguous(), bias_arg.contiguous(), out, m, n, k,
             *xq.stride(), *wq.stride(), *out.stride())
     extra_meta = dict(extra_meta or {})
     meta = {"HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATION_CODES[activation], **extra_meta}
 
-    def launch(cfg: dict[str, int]) -> None:
+    def plan(cfg: dict[str, int]) -> list[KernelLaunch]:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        kernel[grid](*args, **meta, **cfg)
+        return [KernelLaunch(kernel, grid, args, {**meta, **cfg}, configs.kernel)]
 
-    key = config_key(m=m_bucket(m), n=n, k=k, out=out_dtype, bias=bias is not None, act=activation, **extra_meta)
-    cfg = configs.choose(key, xq.device, launch, default_config(m, n, k, xq.device),
-                         autotune and block_m is None and block_n is None and block_k is None)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        key = config_key(m=m_bucket(m), n=n, k=k, out=out_dtype, bias=bias is not None, act=activation,
+                         **extra_meta)
+        cfg = configs.choose(key, arch, lambda c: run_launches(plan(c)),
+                             scaled_gemm_default_config(configs.kernel, m, arch),
+                             autotune and block_m is None and block_n is None and block_k is None,
+                             fits=lambda c: compiled_misfit(plan(c)))
     for name, blk in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
         if blk is not None:
             cfg[name] = blk
-    launch(cfg)
+    return out, plan(cfg)
+
+
+def launch_scaled_gemm(kernel, qdtype: torch.dtype, configs: ConfigTable, xq: torch.Tensor,
+                       x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, **kwargs) -> torch.Tensor:
+    """:func:`plan_scaled_gemm` for the operands' own device, then run it; returns the new ``(M, N)`` tensor."""
+    check_launch_device("xq", xq)
+    out, launches = plan_scaled_gemm(kernel, qdtype, configs, xq, x_scale, wq, w_scale,
+                                     arch=launch_arch(xq.device), **kwargs)
+    run_launches(launches)
     return out

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.kernels.attention import shape_key, softmax_step
+from fastgen.kernels.attention import aligned8, round8, shape_key, softmax_step
 from fastgen.kernels.attention_int8_reference import (
     DTYPES,
     LOG2E,
@@ -47,15 +47,17 @@ from fastgen.kernels.attention_int8_reference import (
     check_blocks,
     default_blocks,
     fp8_v_scales,
+    int8_shape_class,
     k_mean,
     resolve_pv,
 )
-from fastgen.kernels.attention_reference import check_attention_args
-from fastgen.kernels.device import check_launch_device, interpreting
-from fastgen.kernels.launch_configs import ConfigTable
+from fastgen.kernels.attention_reference import check_attention_args, head_dim_chunks
+from fastgen.kernels.device import check_launch_device
+from fastgen.kernels.launch import KernelLaunch, arch_capability, compiled_misfit, launch_arch, run_launches
+from fastgen.kernels.launch_configs import ConfigTable, arch_default
 
 __all__ = ["AUTOTUNE_CONFIGS", "attention_int8_fwd", "attention_int8_reference", "int8_head_dim_chunks",
-           "quantize_int8", "quantize_v_fp8"]
+           "plan_attention_int8", "quantize_int8", "quantize_v_fp8"]
 
 
 @triton.jit
@@ -83,12 +85,15 @@ def _quant_int8_kernel(
     # int8; scales (batch*heads, n_blocks) fp32
     X, SHIFT, XQ, XS,
     # sizes
-    H, SEQ, HEAD_DIM, SEQ_PAD, N_BLOCKS, mult,
+    H, SEQ, SEQ_PAD, N_BLOCKS, mult,
     # strides of x
     stride_b, stride_n, stride_h, stride_d,
     # meta-parameters
-    BLOCK: tl.constexpr, DP: tl.constexpr, DQK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, DQK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    if ALIGNED:  # strides multiples of 8 elements (see attention._attn_fwd_kernel): 16-byte loads
+        stride_b, stride_n, stride_h = round8(stride_b), round8(stride_n), round8(stride_h)
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -118,12 +123,15 @@ def _quant_v_fp8_kernel(
     # pointers: v (batch, seq, heads, dim); v_inv (batch*heads, dim) fp32; out (batch*heads, DV, SEQ_PAD) e4m3
     V, VINV, V8,
     # sizes
-    H, SEQ, HEAD_DIM, SEQ_PAD,
+    H, SEQ, SEQ_PAD,
     # strides of v
     stride_b, stride_n, stride_h, stride_d,
     # meta-parameters
-    BLOCK: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, EMULATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, EMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    if ALIGNED:
+        stride_b, stride_n, stride_h = round8(stride_b), round8(stride_n), round8(stride_h)
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -146,17 +154,21 @@ def _attn_int8_fwd_kernel(
     # (batch, seq, heads, dim) strides: the input or the fp8 copy), out, key-padding mask, fp8 o_mult
     Q8, K8, QS, KS, V, Out, MASK, OMULT,
     # sizes
-    H, SEQ_Q, SEQ_K, HEAD_DIM, SEQ_Q_PAD, SEQ_K_PAD,
+    H, SEQ_Q, SEQ_K, SEQ_Q_PAD, SEQ_K_PAD,
     # strides: v/o (batch, seq, heads, dim), mask (batch, seq_k)
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_mb, stride_mn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ0: tl.constexpr, DQ1: tl.constexpr,
-    DV0: tl.constexpr, DV1: tl.constexpr, HAS_DV1: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ0: tl.constexpr,
+    DQ1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr, HAS_DV1: tl.constexpr, HAS_MASK: tl.constexpr,
     CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, V_CLAMP: tl.constexpr, EMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     DQK: tl.constexpr = DQ0 + DQ1
+    if ALIGNED:  # v (input or fp8 copy) and out strides multiples of 8 elements: 16-byte loads and stores
+        stride_vb, stride_vn, stride_vh = round8(stride_vb), round8(stride_vn), round8(stride_vh)
+        stride_ob, stride_om, stride_oh = round8(stride_ob), round8(stride_om), round8(stride_oh)
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -196,10 +208,11 @@ def _attn_int8_fwd_kernel(
         offs_n = start_n + offs_n0
         n_ok = offs_n < SEQ_K
         kt0 = tl.load(k_base + offs_n[None, :] * DQK + offs_q0[:, None])  # (DQ0, BLOCK_N) int8
-        qk = tl.dot(q0, kt0)  # int32, exact
+        # int32, exact; out_dtype spelled out: Triton 3.6 asserts an int32 accumulator matches it
+        qk = tl.dot(q0, kt0, out_dtype=tl.int32)
         if DQ1 > 0:
             kt1 = tl.load(k_base + offs_n[None, :] * DQK + offs_q1[:, None])  # (DQ1, BLOCK_N)
-            qk = tl.dot(q1, kt1, qk)
+            qk = tl.dot(q1, kt1, qk, out_dtype=tl.int32)
         k_scale = tl.load(KS + pid_bh * n_kblocks + start_n // BLOCK_N)
         s = qk.to(tl.float32) * (q_scale * k_scale)  # (BLOCK_M, BLOCK_N), log2 units
         p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, offs_m, offs_n, n_ok, MASK + b * stride_mb, stride_mn,
@@ -215,7 +228,12 @@ def _attn_int8_fwd_kernel(
             v0 = tl.minimum(tl.maximum(v0.to(tl.float32), -65504.0), 65504.0)
         if not PV_FP8:
             v0 = v0.to(tl.float16)
-        acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None])
+        if PV_FP8:
+            # Rescale outside the MMA: fed ``acc0 * alpha`` as its accumulator, Hopper's fp8 wgmma is
+            # serialized by ptxas (C7515: non-wgmma instructions define its accumulator registers).
+            acc0 = acc0 * alpha[:, None] + tl.dot(p_in, v0)
+        else:
+            acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None])
         if HAS_DV1:
             v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v1[None, :] * stride_vd,
                          mask=n_ok[:, None] & dv1_ok[None, :], other=0.0)  # (BLOCK_N, DV1)
@@ -223,7 +241,10 @@ def _attn_int8_fwd_kernel(
                 v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -65504.0), 65504.0)
             if not PV_FP8:
                 v1 = v1.to(tl.float16)
-            acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None])
+            if PV_FP8:
+                acc1 = acc1 * alpha[:, None] + tl.dot(p_in, v1)
+            else:
+                acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None])
 
     # Empty rows: acc is 0 and l is 0; divide by 1 so they come out as zeros.
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
@@ -240,36 +261,56 @@ def _attn_int8_fwd_kernel(
                  o1.to(Out.dtype.element_ty), mask=m_ok[:, None] & dv1_ok[None, :])
 
 
-def _pow2_chunks(head_dim: int, minimum: int) -> tuple[int, int]:
-    """Two power-of-two chunks, each >= minimum, covering head_dim (second 0 if one suffices)."""
-    d0 = max(1 << (head_dim.bit_length() - 1), minimum)  # largest power of two <= head_dim
-    rem = head_dim - d0
-    if rem <= 0:
-        return d0, 0
-    return d0, max(minimum, triton.next_power_of_2(rem))
-
-
 def int8_head_dim_chunks(head_dim: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((DQ0, DQ1), (DV0, DV1))``: head-dim chunks of the int8 Q.K^T (>= 32) and of P.V (>= 16)."""
-    return _pow2_chunks(head_dim, 32), _pow2_chunks(head_dim, 16)
+    return head_dim_chunks(head_dim, 32), head_dim_chunks(head_dim, 16)
 
 
-def _default_config(head_dim: int) -> dict[str, int]:
-    if interpreting():
+def _default_config(head_dim: int, pv: str, arch: str) -> dict[str, int]:
+    if arch == "cpu":
         # Interpreter: few, vectorised numpy steps; 32 also exercises partial blocks at seq 77/113.
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     bm, bn = default_blocks(head_dim)
     warps = 8 if bm == 128 and head_dim > 64 else 4
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 3 if head_dim <= 128 else 2}
+    fallback = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 3 if head_dim <= 128 else 2}
+    return arch_default(CONFIGS.kernel, arch, int8_shape_class(head_dim, pv), fallback)
 
 
-# GPU autotuning candidates (never used under the interpreter or in tests). The blocks are also the
-# quantization blocks, so the winner fixes the numerics for that shape (all within int8 error).
+# GPU autotuning candidates (never used under the interpreter or in tests); those that spill or exceed the
+# GPU's shared memory are dropped before timing. The blocks are also the quantization blocks, so the winner
+# fixes the numerics for that shape (all within int8 error).
 AUTOTUNE_CONFIGS = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3))
 ]
 CONFIGS = ConfigTable("attention_int8", AUTOTUNE_CONFIGS)
+
+
+def _plan_quant_int8(x: torch.Tensor, block: int, shift: torch.Tensor | None, mult: float, width: int,
+                     arch: str) -> tuple[torch.Tensor, torch.Tensor, KernelLaunch]:
+    batch, seq, heads, dim = x.shape
+    nb = triton.cdiv(seq, block)
+    xq = torch.empty((batch, heads, nb * block, width), dtype=torch.int8, device=x.device)
+    xs = torch.empty((batch, heads, nb), dtype=torch.float32, device=x.device)
+    launch = KernelLaunch(
+        _quant_int8_kernel, (nb, batch * heads),
+        (x, x if shift is None else shift, xq, xs, heads, seq, nb * block, nb, float(mult), *x.stride()),
+        dict(HEAD_DIM=dim, BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DQK=width,
+             HAS_SHIFT=shift is not None, ALIGNED=aligned8(x),
+             enable_fp_fusion=False))  # no fma in x * inv + 0.5: the int8 codes stay bit-identical to the reference
+    return xq, xs, launch
+
+
+def _plan_quant_v_fp8(v: torch.Tensor, v_inv: torch.Tensor, block: int, width: int,
+                      arch: str) -> tuple[torch.Tensor, KernelLaunch]:
+    batch, seq, heads, dim = v.shape
+    nb = triton.cdiv(seq, block)
+    v8 = torch.empty((batch, heads, width, nb * block), dtype=torch.float8_e4m3fn, device=v.device)
+    launch = KernelLaunch(
+        _quant_v_fp8_kernel, (nb, batch * heads), (v, v_inv, v8, heads, seq, nb * block, *v.stride()),
+        dict(HEAD_DIM=dim, BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DV=width,
+             EMULATE=arch == "cpu", ALIGNED=aligned8(v), enable_fp_fusion=False))
+    return v8, launch
 
 
 def quantize_int8(x: torch.Tensor, block: int, *, shift: torch.Tensor | None = None, mult: float = 1.0,
@@ -280,42 +321,29 @@ def quantize_int8(x: torch.Tensor, block: int, *, shift: torch.Tensor | None = N
     (``seq_pad`` a multiple of ``block``, ``width`` >= dim, default the Q.K^T chunk total) and fp32
     scales ``(batch, heads, seq_pad // block)``.
     """
-    batch, seq, heads, dim = x.shape
     if width is None:
-        width = sum(int8_head_dim_chunks(dim)[0])
-    nb = triton.cdiv(seq, block)
-    xq = torch.empty((batch, heads, nb * block, width), dtype=torch.int8, device=x.device)
-    xs = torch.empty((batch, heads, nb), dtype=torch.float32, device=x.device)
-    _quant_int8_kernel[(nb, batch * heads)](
-        x, x if shift is None else shift, xq, xs, heads, seq, dim, nb * block, nb, float(mult), *x.stride(),
-        BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DQK=width, HAS_SHIFT=shift is not None,
-        enable_fp_fusion=False)  # no fma in x * inv + 0.5: the int8 codes stay bit-identical to the reference
+        width = sum(int8_head_dim_chunks(x.shape[-1])[0])
+    xq, xs, launch = _plan_quant_int8(x, block, shift, mult, width, launch_arch(x.device))
+    launch.run()
     return xq, xs
 
 
 def quantize_v_fp8(v: torch.Tensor, v_inv: torch.Tensor, block: int, width: int) -> torch.Tensor:
     """V ``(batch, seq, heads, dim)`` -> e4m3 ``(batch, heads, width, seq_pad)`` of ``v * v_inv``, zero-padded."""
-    batch, seq, heads, dim = v.shape
-    nb = triton.cdiv(seq, block)
-    v8 = torch.empty((batch, heads, width, nb * block), dtype=torch.float8_e4m3fn, device=v.device)
-    _quant_v_fp8_kernel[(nb, batch * heads)](
-        v, v_inv, v8, heads, seq, dim, nb * block, *v.stride(),
-        BLOCK=block, DP=triton.next_power_of_2(max(dim, width)), DV=width, EMULATE=interpreting(),
-        enable_fp_fusion=False)
+    v8, launch = _plan_quant_v_fp8(v, v_inv, block, width, launch_arch(v.device))
+    launch.run()
     return v8
 
 
-def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-                       causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
-                       block_m: int | None = None, block_n: int | None = None, autotune: bool = False,
-                       pv: str | None = None) -> torch.Tensor:
-    """Quantize Q/K (and V for fp8), launch the attention kernel; returns ``out`` (new contiguous unless given).
+def plan_attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, arch: str,
+                        mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+                        out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
+                        config: dict[str, int] | None = None, autotune: bool = False,
+                        pv: str | None = None) -> tuple[torch.Tensor, list[KernelLaunch]]:
+    """``(out, launches)`` on ``arch``: Q and K quantizers, V's fp8 quantizer (``pv="fp8"``), the attention.
 
-    ``out``: optional preallocated output shaped like q (any strides). ``block_m``/``block_n``: powers
-    of two, >= 16 / >= 32, overriding the default table (they are the quantization blocks too).
-    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket and persist the winner
-    (:mod:`fastgen.kernels.launch_configs`); otherwise tuned or shipped configs are used when present. ``pv``: ``"fp16"``, ``"fp8"``
-    or None (fp8 on CUDA compute capability >= 8.9, else fp16).
+    Like :func:`fastgen.kernels.attention.plan_attention`; ``k_mean`` and V's fp8 scales (torch
+    reductions) are computed here, before anything is launched.
     """
     check_attention_args(q, k, v, mask, scale)
     if q.dtype not in DTYPES:
@@ -324,11 +352,12 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     seq_k = k.shape[1]
     if not 1 <= head_dim <= 256:
         raise InvalidArgumentError("q.shape[-1] (head_dim)", head_dim, "1..256")
-    check_launch_device("q", q)
+    if pv is None and arch != "cpu":
+        pv = "fp8" if arch_capability(arch) >= (8, 9) else "fp16"  # fp8 tensor cores from Ada on
     pv = resolve_pv(pv, q.device)
-    if pv == "fp8" and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
-        raise UnsupportedError("attention backend 'triton-int8' does not support pv='fp8' on CUDA compute "
-                               "capability < 8.9 (no fp8 tensor cores); use pv='fp16'")
+    if pv == "fp8" and arch != "cpu" and arch_capability(arch) < (8, 9):
+        raise UnsupportedError(f"attention backend 'triton-int8' does not support pv='fp8' on {arch} (compute "
+                               "capability < 8.9: no fp8 tensor cores); use pv='fp16'")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
@@ -345,30 +374,59 @@ def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mas
     else:
         mask_arg, smb, smn = q, 0, 0  # never read (HAS_MASK=False)
 
-    def launch(cfg: dict[str, int]) -> None:
+    def plan(cfg: dict[str, int]) -> list[KernelLaunch]:
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        q8, qs = quantize_int8(q, bm, mult=sm_scale * LOG2E, width=dq0 + dq1)
-        k8, ks = quantize_int8(k, bn, shift=km, width=dq0 + dq1)
+        q8, qs, q_launch = _plan_quant_int8(q, bm, None, sm_scale * LOG2E, dq0 + dq1, arch)
+        k8, ks, k_launch = _plan_quant_int8(k, bn, km, 1.0, dq0 + dq1, arch)
+        launches = [q_launch, k_launch]
         if pv == "fp8":
-            v_arg = quantize_v_fp8(v, v_inv, bn, dv0 + dv1).permute(0, 3, 1, 2)  # (b, seq_pad, h, DV) view
-            om = o_mult
+            v8, v_launch = _plan_quant_v_fp8(v, v_inv, bn, dv0 + dv1, arch)
+            launches.append(v_launch)
+            v_arg, om = v8.permute(0, 3, 1, 2), o_mult  # (b, seq_pad, h, DV) view
         else:
             v_arg, om = v, q  # om never read
         grid = (triton.cdiv(seq_q, bm), batch * heads)
-        _attn_int8_fwd_kernel[grid](
-            q8, k8, qs, ks, v_arg, out, mask_arg, om,
-            heads, seq_q, seq_k, head_dim, q8.shape[2], k8.shape[2],
-            *v_arg.stride(), *out.stride(), smb, smn,
-            DQ0=dq0, DQ1=dq1, DV0=dv0, DV1=max(dv1, 16), HAS_DV1=dv1 > 0, HAS_MASK=mask is not None,
-            CAUSAL=bool(causal), PV_FP8=pv == "fp8", V_CLAMP=pv == "fp16" and v.dtype != torch.float16,
-            EMULATE=interpreting(), **cfg)
+        launches.append(KernelLaunch(
+            _attn_int8_fwd_kernel, grid,
+            (q8, k8, qs, ks, v_arg, out, mask_arg, om, heads, seq_q, seq_k, q8.shape[2], k8.shape[2],
+             *v_arg.stride(), *out.stride(), smb, smn),
+            dict(HEAD_DIM=head_dim, DQ0=dq0, DQ1=dq1, DV0=dv0, DV1=max(dv1, 16), HAS_DV1=dv1 > 0,
+                 HAS_MASK=mask is not None, CAUSAL=bool(causal), PV_FP8=pv == "fp8",
+                 V_CLAMP=pv == "fp16" and v.dtype != torch.float16, EMULATE=arch == "cpu",
+                 ALIGNED=aligned8(v_arg, out), **cfg),
+            CONFIGS.kernel))
+        return launches
 
-    key = f"{shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))}-pv{pv}"
-    cfg = CONFIGS.choose(key, q.device, launch, _default_config(head_dim),
-                         autotune and block_m is None and block_n is None)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        key = f"{shape_key(seq_q, seq_k, head_dim, q.dtype, mask is not None, bool(causal))}-pv{pv}"
+        cfg = CONFIGS.choose(key, arch, lambda c: run_launches(plan(c)), _default_config(head_dim, pv, arch),
+                             autotune and block_m is None and block_n is None,
+                             fits=lambda c: compiled_misfit(plan(c)))
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
-    launch(cfg)
+    return out, plan(cfg)
+
+
+def attention_int8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+                       causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
+                       block_m: int | None = None, block_n: int | None = None, autotune: bool = False,
+                       pv: str | None = None) -> torch.Tensor:
+    """Quantize Q/K (and V for fp8), launch the attention kernel; returns ``out`` (new contiguous unless given).
+
+    ``out``: optional preallocated output shaped like q (any strides). ``block_m``/``block_n``: powers
+    of two, >= 16 / >= 32, overriding the default table (they are the quantization blocks too).
+    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` (those that fit this GPU) once per shape bucket
+    and persist the winner (:mod:`fastgen.kernels.launch_configs`); otherwise tuned or shipped configs are
+    used when present, else the architecture's default table. ``pv``: ``"fp16"``, ``"fp8"`` or None (fp8
+    on CUDA compute capability >= 8.9, else fp16).
+    """
+    check_launch_device("q", q)
+    out, launches = plan_attention_int8(q, k, v, arch=launch_arch(q.device), mask=mask, causal=causal,
+                                        scale=scale, out=out, block_m=block_m, block_n=block_n,
+                                        autotune=autotune, pv=pv)
+    run_launches(launches)
     return out

@@ -57,6 +57,12 @@ def default_blocks(head_dim: int) -> tuple[int, int]:
     return (128, 64) if head_dim <= 128 else (64, 64)
 
 
+def int8_shape_class(head_dim: int, pv: str) -> str:
+    """Launch-config class: P.V's type and the head dim's range, ``"fp8-d64"`` (up to 64), ``"fp8-d128"``
+    (65..128), ``"fp8-d256"`` (129..256); each class's config must fit its widest member."""
+    return f"{pv}-d{64 if head_dim <= 64 else 128 if head_dim <= 128 else 256}"
+
+
 def check_blocks(block_m: int, block_n: int) -> None:
     """Powers of two, ``block_m >= 16`` (tl.dot's M) and ``block_n >= 32`` (K of the fp8 P @ V dot)."""
     for name, blk, lo in (("block_m", block_m, 16), ("block_n", block_n, 32)):

@@ -21,7 +21,8 @@ import torch
 
 from fastgen.errors import InvalidArgumentError
 
-__all__ = ["attention_reference", "check_attention_args", "visible_keys"]
+__all__ = ["attention_reference", "attention_shape_class", "check_attention_args", "head_dim_chunks",
+           "visible_keys"]
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -86,3 +87,33 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ma
     denom = p.sum(dim=-1, keepdim=True)
     o = torch.matmul(p, vf) / torch.where(denom > 0, denom, torch.ones_like(denom))
     return o.transpose(1, 2).to(q.dtype)
+
+
+def head_dim_chunks(head_dim: int, minimum: int = 16) -> tuple[int, int]:
+    """``(D0, D1)``: power-of-two chunks, each >= ``minimum``, covering head_dim (D1 = 0 when one suffices).
+
+    D0 is the largest power of two <= head_dim, D1 the next power of two >= the remainder: 40 = 32 + 16,
+    80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32 (see :mod:`fastgen.kernels.attention`).
+    """
+    d0 = max(1 << (head_dim.bit_length() - 1), minimum)
+    rem = head_dim - d0
+    if rem <= 0:
+        return d0, 0
+    return d0, max(minimum, 1 << (rem - 1).bit_length())
+
+
+def attention_shape_class(head_dim: int, dtype: torch.dtype) -> str:
+    """The launch-config class of an attention call, what the per-architecture default tables are keyed
+    by: registers and shared memory follow the padded head-dim width (``head_dim_chunks``) and the
+    element size. fp16/bf16: ``"f16-d32"`` (widths 16, 32), ``"f16-d48"`` (33..48, e.g. SD's 40),
+    ``f16-d64``, ``f16-d80``, ``f16-d96``, ``f16-d128``, ``"f16-d160"`` (129..160), ``"f16-d256"``
+    (161..256); fp32: ``"f32-d64"`` (up to 64) and ``"f32-d256"``. Each class's config must fit its
+    widest member."""
+    d0, d1 = head_dim_chunks(head_dim)
+    width = d0 + d1
+    if dtype == torch.float32:
+        return "f32-d64" if width <= 64 else "f32-d256"
+    for top in (32, 48, 64, 80, 96, 128, 160):
+        if width <= top:
+            return f"f16-d{top}"
+    return "f16-d256"

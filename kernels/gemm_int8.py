@@ -23,14 +23,14 @@ import triton.language as tl
 from fastgen.kernels._gemm_common import (
     SCALED_GEMM_AUTOTUNE_CONFIGS,
     launch_scaled_gemm,
+    plan_scaled_gemm,
     scaled_gemm_body,
-    scaled_gemm_default_config,
 )
-from fastgen.kernels.device import capability, interpreting
+from fastgen.kernels.launch import KernelLaunch
 from fastgen.kernels.launch_configs import ConfigTable
 from fastgen.kernels.quant_reference import int8_gemm_reference
 
-__all__ = ["AUTOTUNE_CONFIGS", "int8_gemm_fwd", "int8_gemm_reference"]
+__all__ = ["AUTOTUNE_CONFIGS", "int8_gemm_fwd", "int8_gemm_reference", "plan_int8_gemm"]
 
 
 @triton.jit
@@ -50,25 +50,33 @@ def _int8_gemm_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, HAS_BIAS, ACTIVATION, IS_FP8=False, FAST_ACCUM=False)
 
 
-def _default_config(m: int, n: int, k: int, device: torch.device) -> dict[str, int]:
-    """The scaled GEMMs' default tiles for this device (:func:`~fastgen.kernels._gemm_common.scaled_gemm_default_config`)."""
-    return scaled_gemm_default_config(m, None if interpreting() else capability(device)[0])
-
-
-# GPU autotuning candidates (never used under the interpreter or in tests).
+# GPU autotuning candidates (never used under the interpreter or in tests; those that do not fit the GPU
+# are dropped before timing).
 AUTOTUNE_CONFIGS = SCALED_GEMM_AUTOTUNE_CONFIGS
 CONFIGS = ConfigTable("gemm_int8", AUTOTUNE_CONFIGS)
 
 
+def plan_int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *, arch: str,
+             bias: torch.Tensor | None = None, activation: str | None = None,
+             out_dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None,
+             block_k: int | None = None, autotune: bool = False, config: dict[str, int] | None = None,
+             ) -> tuple[torch.Tensor, list[KernelLaunch]]:
+    """``(out, launches)`` on ``arch`` (see :func:`~fastgen.kernels._gemm_common.plan_scaled_gemm`)."""
+    return plan_scaled_gemm(_int8_gemm_kernel, torch.int8, CONFIGS, xq, x_scale, wq, w_scale, arch=arch, bias=bias,
+                            activation=activation, out_dtype=out_dtype, block_m=block_m, block_n=block_n,
+                            block_k=block_k, autotune=autotune, config=config)
+
+
 def int8_gemm_fwd(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *,
-                  bias: torch.Tensor | None = None, activation: str | None = None,
-                  out_dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None,
-                  block_k: int | None = None, autotune: bool = False) -> torch.Tensor:
-    """Launch the W8A8 kernel; returns a new contiguous ``(M, N)`` tensor in ``out_dtype``.
+             bias: torch.Tensor | None = None, activation: str | None = None,
+             out_dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None,
+             block_k: int | None = None, autotune: bool = False) -> torch.Tensor:
+    """Launch the kernel on the operands' device; returns a new contiguous ``(M, N)`` tensor in ``out_dtype``.
 
     ``block_*``: override the default tiles (powers of two >= 16). ``autotune``: on CUDA, time
-    :data:`AUTOTUNE_CONFIGS` once per (M bucket, N, K, epilogue) and persist the fastest.
+    :data:`AUTOTUNE_CONFIGS` (those that fit the GPU) once per (M bucket, N, K, epilogue) and persist the
+    fastest.
     """
-    return launch_scaled_gemm(_int8_gemm_kernel, torch.int8, CONFIGS, _default_config, xq, x_scale, wq, w_scale,
-                              bias=bias, activation=activation, out_dtype=out_dtype, block_m=block_m,
-                              block_n=block_n, block_k=block_k, autotune=autotune)
+    return launch_scaled_gemm(_int8_gemm_kernel, torch.int8, CONFIGS, xq, x_scale, wq, w_scale, bias=bias, activation=activation,
+                              out_dtype=out_dtype, block_m=block_m, block_n=block_n, block_k=block_k,
+                              autotune=autotune)

@@ -27,11 +27,12 @@ import triton.language as tl
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.kernels._gemm_common import check_block, config_key, m_bucket, tile_ids
-from fastgen.kernels.device import capability, check_launch_device, interpreting
-from fastgen.kernels.launch_configs import ConfigTable
+from fastgen.kernels.device import check_launch_device
+from fastgen.kernels.launch import KernelLaunch, compiled_misfit, launch_arch, run_launches
+from fastgen.kernels.launch_configs import ConfigTable, arch_default
 from fastgen.kernels.quant_reference import GROUP_SIZES, weight_only_gemm_reference
 
-__all__ = ["AUTOTUNE_CONFIGS", "weight_only_gemm_fwd", "weight_only_gemm_reference"]
+__all__ = ["AUTOTUNE_CONFIGS", "plan_weight_only_gemm", "weight_only_gemm_fwd", "weight_only_gemm_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,18 +96,28 @@ def _weight_only_gemm_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
-def _default_config(m: int, n: int, k: int, group_size: int | None, device: torch.device) -> dict[str, int]:
-    """Small-M tiles (the point of weight-only); BLOCK_K capped by the group size."""
-    cap_k = group_size or 128
-    if interpreting():
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(32, cap_k), "GROUP_M": 4, "num_warps": 4,
-                "num_stages": 1}
-    major, _ = capability(device)
+def weight_only_shape_class(m: int, dtype: torch.dtype) -> str:
+    """Launch-config class: fp16/bf16 activations by M's tile bucket, ``"f16-m16"`` (M <= 16), ``f16-m32``,
+    ``f16-m64``, ``"f16-m128"`` (M > 64); fp32 activations (double the shared memory per tile, no tensor
+    cores) ``"f32-m64"`` (M <= 64) and ``"f32-m128"``."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if dtype == torch.float32:
+        return f"f32-m{64 if bm <= 64 else 128}"
+    return f"f16-m{bm}"
+
+
+def _default_config(m: int, n: int, k: int, group_size: int | None, dtype: torch.dtype,
+                    arch: str) -> dict[str, int]:
+    """Small-M tiles (the point of weight-only) from the architecture's default table; BLOCK_K is capped
+    by the group size at launch."""
+    if arch == "cpu":
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(32, group_size or 128), "GROUP_M": 4,
+                "num_warps": 4, "num_stages": 1}
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     bn = 64 if m <= 64 else 128
-    stages = 4 if major >= 8 else 2
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(128, cap_k), "GROUP_M": 8,
-            "num_warps": 4 if bm * bn <= 64 * 128 else 8, "num_stages": stages}
+    fallback = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64 if dtype == torch.float32 else 128, "GROUP_M": 8,
+                "num_warps": 4 if bm * bn <= 64 * 128 else 8, "num_stages": 3}
+    return arch_default(CONFIGS.kernel, arch, weight_only_shape_class(m, dtype), fallback)
 
 
 # GPU autotuning candidates (never used under the interpreter or in tests); BLOCK_K is capped at the
@@ -119,14 +130,16 @@ AUTOTUNE_CONFIGS = [
 CONFIGS = ConfigTable("gemm_weight_only", AUTOTUNE_CONFIGS)
 
 
-def weight_only_gemm_fwd(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *, bits: int,
-                         group_size: int | None = None, bias: torch.Tensor | None = None,
-                         block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                         autotune: bool = False) -> torch.Tensor:
-    """Launch the weight-only kernel; returns a new contiguous ``(M, N)`` tensor in x's dtype.
+def plan_weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *, arch: str, bits: int,
+                          group_size: int | None = None, bias: torch.Tensor | None = None,
+                          block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                          autotune: bool = False, config: dict[str, int] | None = None,
+                          ) -> tuple[torch.Tensor, list[KernelLaunch]]:
+    """Check the arguments, allocate the ``(M, N)`` output (x's dtype) and plan the launch on ``arch``.
 
     ``block_*``: override the default tiles (powers of two >= 16; ``block_k`` must divide
-    ``group_size``). ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per shape bucket.
+    ``group_size``); ``config``: a whole config instead of the tables. ``autotune``: on CUDA, time
+    :data:`AUTOTUNE_CONFIGS` (those that fit the GPU) once per shape bucket.
     """
     if x.dtype not in _DTYPES or x.dim() != 2:
         raise InvalidArgumentError("x", (x.dtype, tuple(x.shape)), "a 2-d float16/bfloat16/float32 tensor")
@@ -152,26 +165,44 @@ def weight_only_gemm_fwd(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tenso
         check_block(name, blk)
     if block_k is not None and group_size is not None and group_size % block_k:
         raise InvalidArgumentError("block_k", block_k, f"a divisor of group_size={group_size}")
-    check_launch_device("x", x)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return out
+        return out, []
     s2 = w_scale if w_scale.dim() == 2 else w_scale[:, None]
     bias_arg = bias.contiguous() if bias is not None else s2  # never read without HAS_BIAS
     args = (x, wq, s2, bias_arg, out, m, n, k, *x.stride(), *wq.stride(), *s2.stride(), *out.stride())
     meta = {"BITS": bits, "GROUP_SIZE": group_size or 0, "HAS_BIAS": bias is not None,
             "IS_FP32": x.dtype == torch.float32}
 
-    def launch(cfg: dict[str, int]) -> None:
+    def plan(cfg: dict[str, int]) -> list[KernelLaunch]:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         kernel_cfg = dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], group_size or cfg["BLOCK_K"]))
-        _weight_only_gemm_kernel[grid](*args, **meta, **kernel_cfg)
+        return [KernelLaunch(_weight_only_gemm_kernel, grid, args, {**meta, **kernel_cfg}, CONFIGS.kernel)]
 
-    key = config_key(m=m_bucket(m), n=n, k=k, bits=bits, group=group_size, dtype=x.dtype, bias=bias is not None)
-    cfg = CONFIGS.choose(key, x.device, launch, _default_config(m, n, k, group_size, x.device),
-                         autotune and block_m is None and block_n is None and block_k is None)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        key = config_key(m=m_bucket(m), n=n, k=k, bits=bits, group=group_size, dtype=x.dtype,
+                         bias=bias is not None)
+        cfg = CONFIGS.choose(key, arch, lambda c: run_launches(plan(c)),
+                             _default_config(m, n, k, group_size, x.dtype, arch),
+                             autotune and block_m is None and block_n is None and block_k is None,
+                             fits=lambda c: compiled_misfit(plan(c)))
     for name, blk in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k)):
         if blk is not None:
             cfg[name] = blk
-    launch(cfg)
+    return out, plan(cfg)
+
+
+def weight_only_gemm_fwd(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, *, bits: int,
+                         group_size: int | None = None, bias: torch.Tensor | None = None,
+                         block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                         autotune: bool = False) -> torch.Tensor:
+    """Launch the weight-only kernel on x's device; returns a new contiguous ``(M, N)`` tensor in x's dtype
+    (arguments as :func:`plan_weight_only_gemm`)."""
+    check_launch_device("x", x)
+    out, launches = plan_weight_only_gemm(x, wq, w_scale, arch=launch_arch(x.device), bits=bits,
+                                          group_size=group_size, bias=bias, block_m=block_m, block_n=block_n,
+                                          block_k=block_k, autotune=autotune)
+    run_launches(launches)
     return out

@@ -1,13 +1,18 @@
 """Launch configs per kernel, per GPU architecture: shipped tables, a persistent autotune cache, defaults.
 
 A kernel's launch config (block sizes, warps, stages) depends on the GPU architecture and the problem
-shape. :class:`ConfigTable` answers ``config(key, device)`` from, in order:
+shape. :class:`ConfigTable` answers ``config(key, arch)`` from, in order:
 
 1. the user's autotune cache, ``<kernel>.json`` in :func:`autotune_dir` (``$FASTGEN_AUTOTUNE_DIR``, else
    ``$XDG_CACHE_HOME/fastgen/autotune``, else ``~/.cache/fastgen/autotune``), filled by :meth:`tune`;
 2. the table shipped with fastgen, ``kernels/configs/<kernel>.json`` (tuned on our GPUs and committed;
    see ``kernels/configs/README.md``);
-3. the caller's default (the kernel's heuristic by shape).
+3. the per-architecture default table, ``kernels/configs/<table>.json`` (:func:`arch_default`): one
+   entry per kernel and shape class, each chosen with its static figures (registers, spills, shared
+   memory, MMA kind) by ``benchmarks/static_gpu_report.py`` so that it compiles without spills and
+   within the target's shared memory; the compile gate (``tests/kernels/test_compile_gate.py``) holds
+   every entry to that. An entry may be ``null``: no config fits that class on that architecture, and
+   the launcher refuses it (:class:`NoFittingConfig`) so that dispatch routes around it.
 
 Both files are JSON, ``{"format": 1, "kernel": ..., "archs": {"sm90": {"<key>": {config}}}}``, keyed by
 the compute capability and by a shape key the kernel builds (bucketed, so the table stays small). Entries
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fastgen.core.paths import cache_dir
+from fastgen.errors import UnsupportedError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,70 @@ def _cuda_arch(index: int) -> str:  # cached: this sits on every kernel launch
 
     major, minor = torch.cuda.get_device_capability(index)
     return f"sm{major}{minor}"
+
+
+#: The default table serving each architecture. Tables follow the resources that bound a config (shared
+#: memory per block, registers, MMA kind), so GPUs that share them share a table.
+TABLE_FOR_ARCH = {"sm80": "sm80", "sm87": "sm80", "sm86": "sm89", "sm89": "sm89", "sm120": "sm89",
+                  "sm121": "sm89", "sm90": "sm90", "sm100": "sm100", "sm103": "sm100"}
+#: Targets the compile gate and the static report cover, with the GPUs they stand for.
+GATE_ARCHS = {"sm80": "A100", "sm89": "L4 / RTX 4090", "sm90": "H100 / H200", "sm100": "B200"}
+#: cudaDevAttrMaxSharedMemoryPerBlockOptin: the most shared memory one block may use (what Triton's
+#: launcher compares a compiled kernel's ``metadata.shared`` with).
+SMEM_LIMIT = {"sm80": 166912, "sm86": 101376, "sm87": 166912, "sm89": 101376, "sm90": 232448,
+              "sm100": 232448, "sm103": 232448, "sm120": 101376, "sm121": 101376}
+
+
+class NoFittingConfig(UnsupportedError):
+    """No launch config of this kernel fits this shape class on this architecture (the table says null)."""
+
+
+def table_for(arch: str) -> str:
+    """The default table serving ``arch``: exact, else the smallest-shared-memory table (sm89's) for an
+    unknown sm80+ target; older GPUs are refused."""
+    if arch in TABLE_FOR_ARCH:
+        return TABLE_FOR_ARCH[arch]
+    digits = arch[2:] if arch.startswith("sm") else ""
+    if not digits.isdigit() or int(digits) < 80:
+        raise UnsupportedError(f"fastgen's Triton kernels need an NVIDIA GPU of compute capability >= 8.0 "
+                               f"(sm80, sm86, sm89, sm90, sm100, sm120); got {arch!r}")
+    return "sm89"
+
+
+@functools.cache
+def _arch_table(table: str) -> dict[str, Any]:
+    path = SHIPPED_DIR / f"{table}.json"
+    data = json.loads(path.read_text())  # shipped with the package: a broken one is a packaging bug
+    if data.get("format") != _FORMAT or data.get("arch") != table:
+        raise ValueError(f"{path}: not a format-{_FORMAT} default table for {table}")
+    return data["kernels"]
+
+
+def arch_default(kernel: str, arch: str, shape_class: str, fallback: Config) -> Config:
+    """The default config of ``kernel`` for ``shape_class`` on ``arch`` from its default table.
+
+    ``fallback`` (the kernel's own heuristic) serves a class the table does not list, and every class
+    under the interpreter (``arch == "cpu"``). Raises :class:`NoFittingConfig` for a ``null`` entry.
+    """
+    if not arch.startswith("sm"):
+        return dict(fallback)
+    table = table_for(arch)
+    entries = _arch_table(table).get(kernel, {})
+    if shape_class not in entries:
+        return dict(fallback)
+    entry = entries[shape_class]
+    if entry is None:
+        raise NoFittingConfig(f"kernel {kernel!r} has no launch config that fits {shape_class} on {arch} "
+                              f"(kernels/configs/{table}.json: it would spill or exceed shared memory)")
+    return dict(entry["config"])
+
+
+def has_fitting_config(kernel: str, arch: str, shape_class: str) -> bool:
+    """Whether :func:`arch_default` has a config for this class (what dispatch asks before choosing)."""
+    try:
+        return not arch.startswith("sm") or _arch_table(table_for(arch)).get(kernel, {}).get(shape_class, 0) is not None
+    except UnsupportedError:
+        return False
 
 
 def triton_version() -> str:
@@ -123,9 +193,9 @@ class ConfigTable:
             return None  # tuned under another Triton
         return {k: v for k, v in cfg.items() if k != "triton"}
 
-    def config(self, key: str, device: Any, default: Config) -> Config:
-        """The config for ``key`` on ``device``: autotune cache, then shipped table, then ``default``."""
-        arch = device_arch(device)
+    def config(self, key: str, arch: str, default: Config) -> Config:
+        """The config for ``key`` on ``arch`` (``"sm90"``): autotune cache, then shipped table, then
+        ``default`` (the per-architecture default table's entry, :func:`arch_default`)."""
         memo = self._memo.get((arch, key))
         if memo is not None:
             return dict(memo)
@@ -136,15 +206,17 @@ class ConfigTable:
         self._memo[(arch, key)] = cfg
         return dict(cfg)
 
-    def tune(self, key: str, device: Any, launch: Callable[[Config], None], default: Config, *,
-             timer: Callable[[Callable[[], None]], float] | None = None, force: bool = False) -> Config:
+    def tune(self, key: str, arch: str, launch: Callable[[Config], None], default: Config, *,
+             timer: Callable[[Callable[[], None]], float] | None = None, force: bool = False,
+             fits: Callable[[Config], str | None] | None = None) -> Config:
         """Time every candidate with ``launch(cfg)``, keep the fastest, persist it; returns it.
 
-        A cached entry is reused unless ``force``. A candidate that fails to compile or launch (e.g.
-        out of shared memory on this GPU) is skipped. ``timer(fn) -> ms`` defaults to Triton's
-        ``do_bench``.
+        A cached entry is reused unless ``force``. Before anything is timed, ``fits(cfg)`` (the
+        launcher's check of the *compiled* kernel: register spills, shared memory over the device's
+        limit; see :func:`fastgen.kernels.launch.compiled_misfit`) drops candidates that would spill
+        or fail to launch on this GPU; a candidate that still fails to compile or launch is skipped.
+        ``timer(fn) -> ms`` defaults to Triton's ``do_bench``.
         """
-        arch = device_arch(device)
         version = triton_version() if arch.startswith("sm") else None
         if not force:
             hit = self._lookup_file(self.path, arch, key, version)
@@ -155,6 +227,10 @@ class ConfigTable:
             from triton.testing import do_bench as timer
         best, best_ms = None, float("inf")
         for cfg in self.candidates:
+            misfit = fits(dict(cfg)) if fits is not None else None
+            if misfit is not None:
+                logger.debug("%s: candidate %s skipped on %s for %s: %s", self.kernel, cfg, arch, key, misfit)
+                continue
             try:
                 ms = timer(lambda cfg=cfg: launch(dict(cfg)))
             except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run is just disqualified
@@ -164,7 +240,7 @@ class ConfigTable:
                 best, best_ms = cfg, ms
         if best is None:
             logger.warning("%s: no candidate config ran for %s; using the default", self.kernel, key)
-            return self.config(key, device, default)
+            return self.config(key, arch, default)
         logger.info("%s: tuned %s on %s: %s (%.3f ms)", self.kernel, key, arch, best, best_ms)
         self._memo[(arch, key)] = dict(best)
         self._persist(arch, {key: {**best, **({"triton": version} if version else {})}})
@@ -186,17 +262,15 @@ class ConfigTable:
             except OSError as exc:
                 logger.warning("could not save tuned configs to %s: %s", path, exc)
 
-    def choose(self, key: str, device: Any, launch: Callable[[Config], None], default: Config,
-               autotune: bool) -> Config:
-        """What a launcher uses: ``default`` off CUDA (the interpreter), else :meth:`tune` when
-        ``autotune``, else :meth:`config`."""
-        import torch
-
-        if torch.device(device).type != "cuda":
+    def choose(self, key: str, arch: str, launch: Callable[[Config], None], default: Config,
+               autotune: bool, fits: Callable[[Config], str | None] | None = None) -> Config:
+        """What a launcher uses: ``default`` under the interpreter (``arch == "cpu"``), else :meth:`tune`
+        when ``autotune``, else :meth:`config`."""
+        if not arch.startswith("sm"):
             return dict(default)
         if autotune:
-            return self.tune(key, device, launch, default)
-        return self.config(key, device, default)
+            return self.tune(key, arch, launch, default, fits=fits)
+        return self.config(key, arch, default)
 
     def export(self, archs: Iterable[str] | None = None) -> dict[str, Any]:
         """The user's cache as a shippable table (to commit as ``kernels/configs/<kernel>.json``)."""

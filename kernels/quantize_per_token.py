@@ -27,13 +27,14 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fastgen.errors import InvalidArgumentError
+from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.kernels._gemm_common import check_block, config_key, m_bucket
-from fastgen.kernels.device import check_launch_device, interpreting
+from fastgen.kernels.device import check_launch_device
+from fastgen.kernels.launch import KernelLaunch, arch_capability, compiled_misfit, launch_arch, run_launches
 from fastgen.kernels.launch_configs import ConfigTable
 from fastgen.kernels.quant_reference import quantize_per_token_reference
 
-__all__ = ["quantize_per_token_fwd", "quantize_per_token_reference"]
+__all__ = ["plan_quantize_per_token", "quantize_per_token_fwd", "quantize_per_token_reference"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC rounds x to an integer (half to even) for |x| < 2**22
@@ -139,12 +140,14 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-2], x.shape[-1])  # copy: strides not expressible as (batch, seq)
 
 
-def _default_config(k: int) -> dict[str, int]:
+def _default_config(k: int, arch: str) -> dict[str, int]:
     block_k = min(triton.next_power_of_2(k), _MAX_SINGLE_K)
-    if interpreting():
+    if arch == "cpu":
         return {"BLOCK_M": max(2, min(16, 1024 // block_k)), "BLOCK_K": block_k, "num_warps": 4}
     # ~4K elements per program in flight: small K packs several rows, big K one row with more warps.
     block_m = max(2, min(64, 4096 // block_k))  # >= 2: no 1-long aranges
+    # No per-architecture table: an elementwise pass (no MMA, no shared memory) whose blocks follow K; the
+    # compile gate holds these to no spills on every target at K = 320 ... 14336.
     return {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": 4 if block_m * block_k <= 4096 else 8}
 
 
@@ -157,49 +160,64 @@ AUTOTUNE_CONFIGS = [
 CONFIGS = ConfigTable("quantize_per_token", AUTOTUNE_CONFIGS)
 
 
-def quantize_per_token_fwd(x: torch.Tensor, *, smooth: torch.Tensor | None = None, fp8: bool = False,
-                           block_m: int | None = None, block_k: int | None = None,
-                           autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the quantizer; returns ``(xq, scale)`` (new contiguous tensors).
+def plan_quantize_per_token(x: torch.Tensor, *, arch: str, smooth: torch.Tensor | None = None, fp8: bool = False,
+                            block_m: int | None = None, block_k: int | None = None, autotune: bool = False,
+                            config: dict[str, int] | None = None,
+                            ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[KernelLaunch]]:
+    """``((xq, scale), launches)`` on ``arch``: the outputs (new contiguous tensors) and their launch.
 
     ``block_m`` / ``block_k``: override the defaults (powers of two); a ``block_k`` smaller than K
-    selects the two-read path (tests use it to cover that path at small K). ``autotune``: on CUDA,
-    time :data:`AUTOTUNE_CONFIGS` once per (rows bucket, K, dtypes) and reuse the fastest.
+    selects the two-read path (tests use it to cover that path at small K); ``config``: a whole config.
+    ``autotune``: on CUDA, time :data:`AUTOTUNE_CONFIGS` once per (rows bucket, K, dtypes) and reuse
+    the fastest.
     """
     if x.dtype not in _DTYPES:
         raise InvalidArgumentError("x.dtype", x.dtype, "float16, bfloat16, float32")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise InvalidArgumentError("x.shape", tuple(x.shape), "(..., K) with K >= 1")
-    check_launch_device("x", x)
     k = x.shape[-1]
     if smooth is not None and (smooth.dtype != torch.float32 or tuple(smooth.shape) != (k,)):
         raise InvalidArgumentError("smooth", (smooth.dtype, tuple(smooth.shape)), f"float32 of shape ({k},)")
     check_block("block_m", block_m, 2)
     check_block("block_k", block_k)
+    if fp8 and arch != "cpu" and arch_capability(arch) < (8, 9):
+        raise UnsupportedError(f"fp8 e4m3 quantization needs compute capability >= 8.9; got {arch}")
     qdtype = torch.float8_e4m3fn if fp8 else torch.int8
     xq = torch.empty(x.shape, dtype=qdtype, device=x.device)
     scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rows = scale.numel()
     if rows == 0:
-        return xq, scale
+        return (xq, scale), []
     x3 = _as_3d(x)
     smooth_arg = smooth.contiguous() if smooth is not None else scale  # never read without HAS_SMOOTH
 
-    def launch(cfg: dict[str, int]) -> None:
+    def plan(cfg: dict[str, int]) -> list[KernelLaunch]:
         grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
-        _quantize_per_token_kernel[grid](
-            x3, smooth_arg, xq, scale,
-            rows, x3.shape[1], k,
-            x3.stride(0), x3.stride(1), x3.stride(2), k, 1,
-            SINGLE_PASS=cfg["BLOCK_K"] >= k, HAS_SMOOTH=smooth is not None, IS_FP8=fp8,
-            USE_LIBDEVICE=not interpreting(), **cfg)
+        args = (x3, smooth_arg, xq, scale, rows, x3.shape[1], k, x3.stride(0), x3.stride(1), x3.stride(2), k, 1)
+        meta = dict(SINGLE_PASS=cfg["BLOCK_K"] >= k, HAS_SMOOTH=smooth is not None, IS_FP8=fp8,
+                    USE_LIBDEVICE=arch != "cpu")
+        return [KernelLaunch(_quantize_per_token_kernel, grid, args, {**meta, **cfg}, CONFIGS.kernel)]
 
-    key = config_key(m=m_bucket(rows), k=k, dtype=x.dtype, fp8=fp8, smooth=smooth is not None)
-    cfg = CONFIGS.choose(key, x.device, launch, _default_config(k),
-                         autotune and block_m is None and block_k is None)
+    if config is not None:
+        cfg = dict(config)
+    else:
+        key = config_key(m=m_bucket(rows), k=k, dtype=x.dtype, fp8=fp8, smooth=smooth is not None)
+        cfg = CONFIGS.choose(key, arch, lambda c: run_launches(plan(c)), _default_config(k, arch),
+                             autotune and block_m is None and block_k is None,
+                             fits=lambda c: compiled_misfit(plan(c)))
     if block_m is not None:
         cfg["BLOCK_M"] = block_m
     if block_k is not None:
         cfg["BLOCK_K"] = block_k
-    launch(cfg)
-    return xq, scale
+    return (xq, scale), plan(cfg)
+
+
+def quantize_per_token_fwd(x: torch.Tensor, *, smooth: torch.Tensor | None = None, fp8: bool = False,
+                           block_m: int | None = None, block_k: int | None = None,
+                           autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the quantizer on x's device; returns ``(xq, scale)`` (arguments as :func:`plan_quantize_per_token`)."""
+    check_launch_device("x", x)
+    outs, launches = plan_quantize_per_token(x, arch=launch_arch(x.device), smooth=smooth, fp8=fp8,
+                                             block_m=block_m, block_k=block_k, autotune=autotune)
+    run_launches(launches)
+    return outs

@@ -262,3 +262,43 @@ def test_import_is_cheap():
             "assert 'triton' not in sys.modules, 'triton imported eagerly'")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_dispatch_declines_a_class_with_no_fitting_config(monkeypatch):
+    """On a GPU whose default table has no config for a head dim / dtype (null), the Triton backends
+    decline it by name, so ``backend=None`` falls through to SDPA instead of failing at launch."""
+    from fastgen.kernels import launch_configs
+    from fastgen.ops import attention as dispatch
+
+    q = torch.zeros(1, 4, 1, 256, dtype=torch.float32)
+    monkeypatch.setattr(launch_configs, "device_arch", lambda device: "sm89")
+    monkeypatch.setattr(launch_configs, "_arch_table",
+                        lambda table: {"attention": {"f32-d256": None}, "attention_int8": {}})
+    reason = dispatch._no_fitting_config("triton", q)
+    assert reason is not None and "head_dim 256" in reason and "sm89" in reason
+    assert dispatch._no_fitting_config("triton", q[..., :64].contiguous()) is None  # class not null
+    assert dispatch._no_fitting_config("triton-int8", q) is None
+    monkeypatch.setattr(launch_configs, "device_arch", lambda device: "sm75")
+    assert "sm75" in dispatch._no_fitting_config("triton", q)
+
+
+def test_tma_path_is_planned_on_hopper_for_contiguous_fp16_only():
+    """plan_attention picks the TMA kernel on sm90+ for TMA-able layouts and the pointer kernel
+    otherwise (strides not 16-byte multiples, fp32, or an older GPU); nothing is launched."""
+    from fastgen.kernels.attention import plan_attention
+
+    q, k, v = (torch.empty(2, 77, 8, 40, dtype=torch.float16) for _ in range(3))
+    name = lambda arch, *t, **kw: plan_attention(*t, arch=arch, **kw)[1][0].name  # noqa: E731
+    assert name("sm90", q, k, v) == "_attn_fwd_tma_kernel"
+    assert name("sm100", q, k, v) == "_attn_fwd_tma_kernel"
+    assert name("sm89", q, k, v) == "_attn_fwd_kernel"
+    assert name("sm90", q, k, v, tma=False) == "_attn_fwd_kernel"
+    assert name("sm90", q.float(), k.float(), v.float()) == "_attn_fwd_kernel"
+    odd = torch.empty(2, 77, 8, 36, dtype=torch.float16)[..., :36]  # 72-byte head stride: no TMA
+    assert name("sm90", odd, odd, odd) == "_attn_fwd_kernel"
+    with pytest.raises(UnsupportedError, match="TMA"):
+        plan_attention(odd, odd, odd, arch="sm90", tma=True)
+    launch = plan_attention(q, k, v, arch="sm90", tma=False)[1][0]
+    assert launch.kwargs["ALIGNED"] and launch.kwargs["HEAD_DIM"] == 40
+    strided = torch.empty(2, 77, 8, 41, dtype=torch.float16)[..., :40]
+    assert not plan_attention(strided, strided, strided, arch="sm80")[1][0].kwargs["ALIGNED"]

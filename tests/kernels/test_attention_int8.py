@@ -305,6 +305,7 @@ def test_reference_imports_no_triton():
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 160])
 def test_cuda_kernel_matches_simulation(pv, head_dim):
     from fastgen.kernels.attention_int8 import _default_config, attention_int8_fwd
+    from fastgen.kernels.launch import launch_arch
 
     if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 P.V needs compute capability >= 8.9")
@@ -313,7 +314,7 @@ def test_cuda_kernel_matches_simulation(pv, head_dim):
     for causal in (False, True):
         ref = attention_reference(q.float(), k.float(), v.float(), mask=mask, causal=causal)
         out = attention_int8_fwd(q, k, v, mask=mask, causal=causal, pv=pv)
-        cfg = _default_config(head_dim)
+        cfg = _default_config(head_dim, pv, launch_arch(q.device))
         sim = attention_int8_reference(q, k, v, mask=mask, causal=causal, pv=pv,
                                        block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"])
         assert cosine(out, ref) >= COS_MIN and cosine(sim, ref) >= COS_MIN

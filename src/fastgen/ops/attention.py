@@ -14,6 +14,9 @@ Backends declare their constraints as data (:data:`BACKENDS`). ``backend=None`` 
 fits in the order ``triton`` (CUDA tensors only), ``sdpa``, ``reference`` (``triton-int8`` is lossy,
 so only ever used when named: SageAttention-style int8 Q/K with fp16 or fp8 P.V); naming a backend whose
 constraints the call violates raises :class:`UnsupportedError` naming the backend and the constraint.
+On CUDA, a Triton backend also declines a head dim and dtype for which its kernel has no launch config
+that fits the GPU (``kernels/configs/<arch>.json`` says null: it would spill or exceed shared memory),
+so ``backend=None`` routes such calls to SDPA instead of failing at launch.
 ``triton`` also runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``; slow, for
 tests only, so never picked automatically there). Triton is imported only when its backend runs.
 :func:`attention_reference` and :func:`check_attention_args` live next to the kernels, in
@@ -32,7 +35,12 @@ import torch
 
 from fastgen.core.lazy import callable_module
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.kernels.attention_reference import attention_reference, check_attention_args, visible_keys
+from fastgen.kernels.attention_reference import (
+    attention_reference,
+    attention_shape_class,
+    check_attention_args,
+    visible_keys,
+)
 from fastgen.kernels.device import interpreting
 
 __all__ = ["BACKENDS", "BackendConstraints", "attention", "attention_reference", "check_attention_args",
@@ -75,7 +83,34 @@ class BackendConstraints:
             return f"mask kind {kind!r} (allowed: {', '.join(self.masks)})"
         if causal and not self.causal:
             return "causal=True"
+        if triton_kernel and device == "cuda":
+            return _no_fitting_config(self.name, q)
         return None
+
+
+def _no_fitting_config(backend: str, q: torch.Tensor) -> str | None:
+    """Why a Triton backend cannot serve this call on this GPU: no launch config of its kernel fits the
+    head dim and dtype there (the architecture's default table says null: it would spill or exceed
+    shared memory), or the GPU is older than the kernels' sm80 floor. None if it can."""
+    from fastgen.errors import UnsupportedError as _Unsupported
+    from fastgen.kernels.attention_int8_reference import int8_shape_class
+    from fastgen.kernels.launch import arch_capability
+    from fastgen.kernels.launch_configs import device_arch, has_fitting_config, table_for
+
+    arch = device_arch(q.device)
+    try:
+        table_for(arch)
+    except _Unsupported:
+        return f"GPU architecture {arch} (allowed: sm80 and newer)"
+    hd = q.shape[-1]
+    if backend == "triton":
+        kernel, cls = "attention", attention_shape_class(hd, q.dtype)
+    else:
+        pv = "fp8" if arch_capability(arch) >= (8, 9) else "fp16"  # the kernel's own default
+        kernel, cls = "attention_int8", int8_shape_class(hd, pv)
+    if not has_fitting_config(kernel, arch, cls):
+        return f"head_dim {hd} in {q.dtype} on {arch} (no launch config of its kernel fits this GPU)"
+    return None
 
 
 BACKENDS: dict[str, BackendConstraints] = {

@@ -74,6 +74,10 @@ def _triton_violation(device: torch.device, fp8: bool) -> str | None:
         return f"device {device.type!r} (allowed: cuda)"
     if fp8 and torch.version.hip is not None:
         return "fp8 on ROCm (e4m3fn kernels are written for NVIDIA sm_89+)"
+    if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
+        # Launch configs exist for sm80+ only (kernels/configs/<arch>.json, compiled by the CI gate).
+        cap = torch.cuda.get_device_capability(device)
+        return f"compute capability {cap[0]}.{cap[1]} (allowed: 8.0 and newer)"
     if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
         # Triton's float8e4nv (e4m3fn) exists on sm_89+ only (Ada, Hopper and newer).
         cap = torch.cuda.get_device_capability(device)
