@@ -149,7 +149,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- GPU
-def _time_ms(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
+def call_times_ms(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
     """Per-call milliseconds: CUDA events on a GPU, perf_counter on the CPU (the --device cpu dry run)."""
     for _ in range(warmup):
         fn()
@@ -224,7 +224,7 @@ def run_gpu(args: argparse.Namespace) -> int:
                 entry["layers_quantized"] = len(quantized_layers(module))
             with torch.inference_mode():
                 out = module(*dev_inputs)[0].float()
-                times = _time_ms(lambda: module(*dev_inputs), args.warmup, args.iters, cuda)
+                times = call_times_ms(lambda: module(*dev_inputs), args.warmup, args.iters, cuda)
             entry.update({"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
                           "weight_bytes": report.weight_bytes(module)})
             if cuda:

@@ -40,5 +40,5 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (none on this machine)"))
-        if "tensorrt" in item.keywords and not has_trt:
+        if item.get_closest_marker("tensorrt") is not None and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs the TensorRT Python package (not installable here)"))

@@ -21,6 +21,7 @@ _LAZY = {
     "BuildConfig": "fastgen.engines.config",
     "ExecutionOptions": "fastgen.engines.config",
     "RuntimeOptions": "fastgen.engines.config",  # deprecated name of ExecutionOptions
+    "TensorRTOptions": "fastgen.engines.trt_options",
     "Engine": "fastgen.engines.base",
     "EngineCache": "fastgen.engines.cache",
     "load_engine": "fastgen.engines.loading",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.engines.config import BuildConfig, ExecutionOptions
     from fastgen.engines.config import ExecutionOptions as RuntimeOptions
     from fastgen.engines.loading import load_engine
+    from fastgen.engines.trt_options import TensorRTOptions
     from fastgen.errors import FastgenError, InvalidArgumentError
     from fastgen.export.api import ExportResult, export
     from fastgen.export.config import ExportConfig

@@ -42,13 +42,6 @@ def test_unknown_backend_names_the_registered_ones():
                                      version=str))
 
 
-def test_tensorrt_is_registered_but_unavailable(mlp):
-    spec = get_backend("tensorrt")
-    assert not spec.available() and "not available in this fastgen release" in spec.unavailable_message()
-    with pytest.raises(UnsupportedError, match="backend 'tensorrt' is not available"):
-        fastgen.build(mlp, backend="tensorrt", device="cpu", cache=False, out="never")
-
-
 def test_cli_help_lists_the_backends_without_importing_torch():
     code = ("import sys; from fastgen.cli.main import cli; from fastgen.cli.options import field_choices; "
             "from fastgen.engines.config import BuildConfig; print(list(field_choices(BuildConfig, 'backend'))); "

@@ -17,6 +17,7 @@ import click
 
 from fastgen.cli.options import dataclass_options, pop_config
 from fastgen.engines.config import BuildConfig, ExecutionOptions
+from fastgen.engines.trt_options import TensorRTOptions
 from fastgen.errors import FastgenError, InvalidArgumentError, VerificationError
 from fastgen.export.config import ExportConfig
 from fastgen.version import __version__
@@ -106,11 +107,16 @@ def export_cmd(model: str, component: str | None, out: str, profile: str | None,
 @click.option("--profile", help="Shape profile overrides, e.g. batch=1:4:8,height=512.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
 @click.option("--no-cache", is_flag=True, help="Build without the cache (needs --out).")
+@click.option("--trt-profile", "trt_profiles", multiple=True,
+              help="tensorrt: an extra optimization profile (repeatable), e.g. height=512,width=512.")
+@click.option("--trt-bucket-profiles", is_flag=True,
+              help="tensorrt: one extra profile per text bucket of the runtime (components with a seq dim).")
 @dataclass_options(BuildConfig)
 @dataclass_options(ExportConfig)
 @dataclass_options(ExecutionOptions)
+@dataclass_options(TensorRTOptions, prefix="trt_")
 def build_cmd(model: str, component: str | None, out: str | None, profile: str | None, cache_dir: str | None,
-              no_cache: bool, **kwargs: Any) -> None:
+              no_cache: bool, trt_profiles: tuple[str, ...], trt_bucket_profiles: bool, **kwargs: Any) -> None:
     """Build an engine for one component of MODEL, or for any .onnx file (MODEL_OR_ONNX).
 
     Engines are content-addressed in the cache: a second build of the same inputs is a cache hit.
@@ -121,7 +127,14 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
 
     export_cfg = pop_config(ExportConfig, kwargs)
     execution = pop_config(ExecutionOptions, kwargs)
-    config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, execution=execution)
+    buckets = None
+    if trt_bucket_profiles:
+        from fastgen.runtime.config import RuntimeConfig
+
+        buckets = RuntimeConfig().text_buckets
+    tensorrt = pop_config(TensorRTOptions, kwargs, extra_profiles=trt_profiles or None, seq_buckets=buckets)
+    config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, execution=execution,
+                        tensorrt=tensorrt)
     cache: Any = False if no_cache else (EngineCache(cache_dir) if cache_dir else None)
     if component == "all":
         from fastgen.models import model_components

@@ -44,6 +44,8 @@ def dataclass_options(cls: type, *, exclude: Iterable[str] = (), prefix: str = "
         choices = field_choices(cls, f.name)
         help_text = docs.get(f.name, "")
         args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple:
+            continue  # sequences have their own flags (repeatable options)
         if choices is not None:
             kind: Any = click.Choice([str(c) for c in choices])
         elif hint is bool:

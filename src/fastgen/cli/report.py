@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,58 @@ def describe_path(path: str) -> dict[str, Any]:
                 "cache_key": manifest.get("cache_key"), "built_at": manifest.get("built_at"),
                 "build_seconds": manifest.get("build_seconds"), "fastgen_version": manifest.get("fastgen_version"),
                 "backend_version": manifest.get("backend_version"), "origin": manifest.get("origin"),
-                "quantization": quantization_summary(manifest), "artifacts": manifest.get("artifacts", {})}
+                "quantization": quantization_summary(manifest), "artifacts": manifest.get("artifacts", {}),
+                **_tensorrt_info(p, manifest)}
     onnx_files = sorted(p.glob("*.onnx")) if p.is_dir() else []
     if len(onnx_files) == 1:
         return describe_path(str(onnx_files[0]))
     raise InvalidArgumentError("engine", path, reason="not an .onnx file or an engine directory")
+
+
+def _tensorrt_info(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A TensorRT engine's profiles, builder settings, IO tensors and layers (recorded at build time,
+    by TensorRT's engine inspector, so they show on machines without TensorRT)."""
+    record = manifest.get("tensorrt")
+    if not isinstance(record, dict):
+        return {}
+    info: dict[str, Any] = {"tensorrt": {"settings": record.get("settings"), "profiles": record.get("profiles"),
+                                         "refitted_from": record.get("refitted_from")}}
+    engine_info = directory / "engine_info.json"
+    if engine_info.is_file():
+        try:
+            data = json.loads(engine_info.read_text())
+        except ValueError:
+            data = {}
+        info["tensorrt"].update({k: data.get(k) for k in ("io", "num_layers", "device_memory_bytes", "layers")})
+    return info
+
+
+def _tensorrt_tables(console, trt: dict[str, Any]) -> None:
+    settings = Table(show_header=False, title="TensorRT")
+    for key, value in (trt.get("settings") or {}).items():
+        settings.add_row(key, str(value))
+    for key in ("num_layers", "device_memory_bytes", "refitted_from"):
+        if trt.get(key) is not None:
+            settings.add_row(key, str(trt[key]))
+    console.print(settings)
+    profiles = Table(title="optimization profiles")
+    for col in ("#", "input", "min", "opt", "max"):
+        profiles.add_column(col)
+    for entry in trt.get("io") or []:
+        for index, (lo, opt, hi) in enumerate(entry.get("profiles") or []):
+            profiles.add_row(str(index), entry["name"], _shape(lo), _shape(opt), _shape(hi))
+    console.print(profiles)
+    layers = trt.get("layers") or []
+    if layers:
+        table = Table(title=f"layers ({len(layers)})")
+        for col in ("name", "type"):
+            table.add_column(col)
+        for layer in layers[:40]:
+            if isinstance(layer, dict):
+                table.add_row(str(layer.get("Name", "")), str(layer.get("LayerType", "")))
+            else:
+                table.add_row(str(layer), "")
+        console.print(table)
 
 
 def inspect_tables(console, info: dict[str, Any]) -> None:
@@ -105,6 +153,8 @@ def inspect_tables(console, info: dict[str, Any]) -> None:
         for name, rng in info["profile"].items():
             prof.add_row(name, str(rng["min"]), str(rng["opt"]), str(rng["max"]))
         console.print(prof)
+    if info.get("tensorrt"):
+        _tensorrt_tables(console, info["tensorrt"])
 
 
 def bench_table(console, engine, rows: list[dict]) -> None:

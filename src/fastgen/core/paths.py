@@ -7,12 +7,13 @@ from pathlib import Path
 
 #: Cache kinds and the environment variable that overrides each one's directory (None: no override).
 CACHE_ENV: dict[str, str | None] = {"engines": "FASTGEN_CACHE_DIR", "autotune": "FASTGEN_AUTOTUNE_DIR",
-                                    "ort-tensorrt": None}
+                                    "ort-tensorrt": None, "tensorrt-timing": None}
 
 
 def cache_dir(kind: str) -> Path:
     """The directory of one cache ``kind``: ``engines`` (fastgen's engine cache), ``autotune`` (tuned
-    Triton launch configs) or ``ort-tensorrt`` (ONNX Runtime's TensorRT execution provider's engines).
+    Triton launch configs), ``ort-tensorrt`` (ONNX Runtime's TensorRT execution provider's engines) or
+    ``tensorrt-timing`` (TensorRT's timing caches, one per GPU model and TensorRT version).
 
     ``$FASTGEN_CACHE_DIR`` (engines) or ``$FASTGEN_AUTOTUNE_DIR`` (autotune) when set, else
     ``$XDG_CACHE_HOME/fastgen/<kind>``, else ``~/.cache/fastgen/<kind>``. Nothing is created here.

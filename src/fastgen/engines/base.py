@@ -175,6 +175,17 @@ class Engine(abc.ABC):
         return f"<{type(self).__name__} {self.spec.component} {self.backend}/{self.precision} on {self.device}>"
 
 
+def root_sizes(spec: ExportSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Root symbol sizes (``height`` in pixels, not ``height/8``) read off validated inputs."""
+    sizes: dict[str, int] = {}
+    for t in spec.inputs:
+        for entry, size in zip(t.shape, inputs[t.name].shape, strict=True):
+            parsed = parse_dim(entry)
+            if parsed is not None:
+                sizes[parsed[0]] = size * parsed[1]
+    return sizes
+
+
 def quantization_summary(manifest: Mapping[str, Any]) -> str | None:
     """``"w8a8-dynamic: 48 layers"`` for an engine built from a quantized component, else None."""
     recipe = manifest.get("quantization") or {}

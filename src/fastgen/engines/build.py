@@ -138,6 +138,19 @@ class BuildPlan:
     """Everything that decides the artifacts (recorded in the manifest as ``key_material``)."""
     spec_dict: dict[str, Any]
     progress: bool = False
+    cache: Any = None
+    """The ``EngineCache`` the engine is written into (None: none), whose entries a backend may reuse:
+    TensorRT refits a cached refittable engine of the same graph instead of rebuilding it."""
+
+    @property
+    def graph_key(self) -> str:
+        """The key without the weights: equal for two builds that differ only in weight values (a
+        fine-tuned checkpoint, fused LoRA weights). A third-party ``.onnx`` file's graph and weights
+        are hashed together, so there it is the key."""
+        source = self.material.get("source", {})
+        if "weights" not in source:
+            return self.key
+        return sha256_json({**self.material, "source": {**source, "weights": None}})
 
     @property
     def component(self) -> Component | None:
@@ -254,7 +267,7 @@ def publish(plan: BuildPlan, *, out: str | os.PathLike | None = None, cache: Any
             write_manifest(staging, plan.write(staging))
         return Path(out).absolute(), False
     cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
-    entry, hit = cache.get_or_build(plan.key, plan.write)
+    entry, hit = cache.get_or_build(plan.key, dataclasses.replace(plan, cache=cache).write)
     if out is not None:
         publish_dir(entry, Path(out))
         entry = Path(out).absolute()

@@ -330,6 +330,18 @@ class EngineCache:
             out.append(row)
         return out
 
+    def find(self, match: Callable[[dict[str, Any]], bool]) -> list[Path]:
+        """Entries whose manifest satisfies ``match`` (read, not verified: ``lookup`` an entry before use)."""
+        out = []
+        for path in self._entry_dirs():
+            try:
+                manifest = read_manifest(path)
+            except CacheCorruptionError:
+                continue
+            if match(manifest):
+                out.append(path)
+        return out
+
     def remove(self, key: str) -> bool:
         """Delete one entry; False if there was none."""
         path = self.path_for(key)

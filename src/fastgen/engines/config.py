@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from fastgen.core.config import ConfigMixin
 from fastgen.engines.registry import backend_names, check_backend
+from fastgen.engines.trt_options import TensorRTOptions
 from fastgen.errors import InvalidArgumentError
 from fastgen.export.config import ExportConfig
 from fastgen.models.spec import ShapeProfile
@@ -41,7 +42,7 @@ class ExecutionOptions(ConfigMixin):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
     """torch: torch.compile mode, or none for eager."""
     cuda_graphs: bool = False
-    """torch: capture one CUDA graph per input-shape bucket and replay it (GPU only)."""
+    """torch and tensorrt: capture one CUDA graph per input-shape bucket and replay it (GPU only)."""
     attention: Literal["default", "triton", "triton-int8", "sdpa", "reference"] = "default"
     """torch: run the model's attention layers on this fastgen.ops.attention backend (fastgen.optimize);
     default keeps the model's own attention. triton-int8 is lossy (int8 Q.K^T)."""
@@ -71,6 +72,8 @@ class BuildConfig(ConfigMixin):
     """How the component is exported to ONNX (onnxruntime and tensorrt backends)."""
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
     """How the engine executes once built (not part of the cache key)."""
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    """TensorRT builder settings (tensorrt backend only: then they enter the cache key)."""
     quantization: QuantPreset | QuantConfig = "none"
     """Quantize the component's nn.Linear and 1x1 conv layers before building (fastgen.quantize_ with
     fastgen.quant.DEFAULT_SKIP): a named recipe or, from Python, any fastgen.quant config. Static and
@@ -104,6 +107,7 @@ class BuildConfig(ConfigMixin):
         return {"backend": self.backend, "precision": self.precision,
                 "profile": self.profile.to_dict() if self.profile else None,
                 "export": self.export.artifact_dict() if get_backend(self.backend).consumes_onnx else None,
+                **({"tensorrt": self.tensorrt.artifact_dict()} if self.backend == "tensorrt" else {}),
                 # The config itself, not its preset name: one artifact, one key.
                 "quantization": self.quant_config.to_dict() if self.quant_config else None}
 

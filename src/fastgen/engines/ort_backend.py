@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from fastgen.core.ort import session_options as ort_session_options
-from fastgen.engines.base import Engine
+from fastgen.engines.base import Engine, root_sizes
 from fastgen.engines.config import ExecutionOptions, execution_options
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.models.spec import ExportSpec, parse_dim
+from fastgen.models.spec import ExportSpec
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +96,6 @@ def session_options(execution: ExecutionOptions):
                                inter_op_threads=execution.inter_op_threads,
                                spin_wait=execution.spin_wait, graph_optimization=execution.graph_optimization,
                                exact_quant=True, log_severity=1 if logger.isEnabledFor(logging.DEBUG) else 3)
-
-
-def root_sizes(spec: ExportSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Root symbol sizes (``height`` in pixels, not ``height/8``) read off validated inputs."""
-    sizes: dict[str, int] = {}
-    for t in spec.inputs:
-        for entry, size in zip(t.shape, inputs[t.name].shape, strict=True):
-            parsed = parse_dim(entry)
-            if parsed is not None:
-                sizes[parsed[0]] = size * parsed[1]
-    return sizes
 
 
 class OrtEngine(Engine):

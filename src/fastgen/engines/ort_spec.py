@@ -58,22 +58,37 @@ def write_onnx(staging: Path, plan: BuildPlan) -> tuple[dict[str, Any], ExportSp
     return fields, spec, ort_runner(staging / ONNX_FILE)
 
 
-def _write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
-    """model.onnx (exported or copied, then fp16-converted and verified at fp16)."""
+def convert_precision(onnx_path: Path, spec: ExportSpec, reference: Callable[..., Any], config: BuildConfig,
+                      label: str) -> dict[str, Any]:
+    """Convert the fp32 graph at ``onnx_path`` in place to ``config.precision`` (fp16 or bf16; fp32 leaves it).
+
+    A fp16 graph is verified against ``reference`` with onnxruntime; a bf16 one cannot be (onnxruntime's
+    CPU provider has no bf16 kernels): the backend verifies what it builds. Returns manifest fields.
+    """
     from fastgen.export.verify import ort_runner, verify
 
-    fields, spec, reference = write_onnx(staging, plan)
-    config = plan.config
+    fields: dict[str, Any] = {}
     if config.precision == "fp16":
         from fastgen.export.fp16 import convert_to_fp16
 
-        convert_to_fp16(staging / ONNX_FILE, staging / ONNX_FILE)
+        convert_to_fp16(onnx_path, onnx_path)
         shapes = ["opt"] if config.export.verify == "opt" else ["min", "opt", "max"]
         if config.export.verify != "none":
             fields["fp16_verification"] = verify(
-                spec, reference, ort_runner(staging / ONNX_FILE), shapes=shapes, tolerance=FP16_TOLERANCE,
+                spec, reference, ort_runner(onnx_path), shapes=shapes, tolerance=FP16_TOLERANCE,
                 min_cosine=FP16_MIN_COSINE, seed=config.export.seed + 100, float_dtype=torch.float16,
-                label="onnxruntime fp16")
+                label=f"{label} fp16 graph")
+    elif config.precision == "bf16":
+        from fastgen.export.fp16 import convert_to_bf16
+
+        convert_to_bf16(onnx_path, onnx_path)
+    return fields
+
+
+def _write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
+    """model.onnx (exported or copied, then fp16-converted and verified at fp16)."""
+    fields, spec, reference = write_onnx(staging, plan)
+    fields.update(convert_precision(staging / ONNX_FILE, spec, reference, plan.config, "onnxruntime"))
     fields["spec"] = spec.to_dict()
     return fields
 
@@ -140,4 +155,4 @@ SPEC = register_backend(BackendSpec(
     version=_version, consumes_onnx=True, resolve_device=_resolve_device, can_run=_can_run, check=_check))
 
 
-__all__ = ["FP16_MIN_COSINE", "FP16_TOLERANCE", "SPEC", "load_ort_engine", "onnx_in_dir", "write_onnx"]
+__all__ = ["FP16_MIN_COSINE", "FP16_TOLERANCE", "SPEC", "convert_precision", "load_ort_engine", "onnx_in_dir", "write_onnx"]

@@ -17,6 +17,7 @@ import torch
 
 from fastgen.engines.base import PRECISION_FLOAT, Engine
 from fastgen.engines.config import BuildConfig, ExecutionOptions, execution_options
+from fastgen.engines.cuda_graphs import GraphBucket, ShapeKey, capture, shape_key
 from fastgen.engines.registry import BackendSpec, register_backend
 from fastgen.errors import CacheCorruptionError, InvalidArgumentError, UnsupportedError
 from fastgen.models.component import Component
@@ -29,19 +30,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 _ALIASES_KEY = "fastgen_aliases"  # safetensors metadata: JSON {tied name: saved name}
-
-# One CUDA graph per input signature: (name, shape, dtype) of every input.
-ShapeKey = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
-
-
-class _GraphBucket:
-    """A captured CUDA graph with its static input and output buffers."""
-
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...]):
-        self.graph = graph
-        self.inputs = inputs
-        self.outputs = outputs
-
 
 class TorchEngine(Engine):
     """The component's wrapper module on a device, at a precision, in inference mode.
@@ -77,7 +65,7 @@ class TorchEngine(Engine):
         if execution.compile != "none":
             # Compilation happens lazily on the first call of each new input shape.
             self._fn = torch.compile(self.module, mode=execution.compile)
-        self._graphs: dict[ShapeKey, _GraphBucket] = {}
+        self._graphs: dict[ShapeKey, GraphBucket] = {}
         self._graphs_revision = self._model_revision()
 
     def _call(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -109,33 +97,14 @@ class TorchEngine(Engine):
         if revision != self._graphs_revision:  # fastgen.optimize changed the model: graphs replay old kernels
             self._graphs.clear()
             self._graphs_revision = revision
-        key: ShapeKey = tuple((n, tuple(a.shape), a.dtype) for n, a in zip(self.spec.input_names, args, strict=True))
+        key = shape_key(self.spec.input_names, args)
         bucket = self._graphs.get(key)
         if bucket is None:
-            bucket = self._capture(args)
+            bucket = capture(self._call, args, self.device)
             self._graphs[key] = bucket
             logger.info("torch engine: captured a CUDA graph for %s (%d graphs)",
                         {n: s for n, s, _ in key}, len(self._graphs))
-        for static, arg in zip(bucket.inputs, args, strict=True):
-            static.copy_(arg)
-        bucket.graph.replay()
-        # Clones: the static outputs are overwritten by the next replay.
-        return tuple(o.clone() for o in bucket.outputs)
-
-    def _capture(self, args: list[torch.Tensor]) -> _GraphBucket:
-        static_inputs = [a.clone() for a in args]
-        # Warm up on a side stream (lazy initialisation, cuDNN autotuning, compilation) so none of
-        # it is recorded, as the CUDA graphs documentation prescribes.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._call(static_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_outputs = self._call(static_inputs)
-        return _GraphBucket(graph, static_inputs, static_outputs)
+        return bucket.replay(args)
 
     @property
     def runtime(self) -> ExecutionOptions:

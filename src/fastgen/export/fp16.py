@@ -1,10 +1,11 @@
-"""fp32 -> fp16 conversion of ONNX graphs (for fp16 onnxruntime and TensorRT engines).
+"""fp32 -> fp16 (and bf16) conversion of ONNX graphs (for fp16 onnxruntime and TensorRT engines).
 
 :func:`convert_to_fp16` runs onnxruntime's ``float16`` converter with a wider block list and then
 repairs what the converter leaves behind: decomposed norms kept fp32 as whole chains, fp32 -> fp16 ->
 fp32 cast round trips between kept nodes folded away, duplicated casts dropped, nodes re-sorted. A
 graph transformation, not a backend: ``fastgen.build`` applies it to the exported graph before an
-engine loads it.
+engine loads it. :func:`convert_to_bf16` runs the same conversion and retypes its float16 to
+bfloat16 (:mod:`fastgen.export.bf16`), for strongly typed TensorRT networks.
 """
 
 from __future__ import annotations
@@ -141,6 +142,10 @@ def _drop_duplicate_nodes(graph) -> int:
     return dropped
 
 
+#: Opset a bf16 graph is converted to first: where Conv, the pools, Sin and Cos take bfloat16.
+BF16_OPSET = 22
+
+
 def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
                     keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> None:
     """Convert an fp32 ONNX model to fp16 (float16 inputs and outputs), written atomically to ``dst``.
@@ -149,6 +154,44 @@ def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
     fp32 with casts around them. Models with external data (over 2 GB) are read with it and written
     with ``dst.name + ".data"`` beside ``dst``.
     """
+    _convert(src, dst, keep_fp32_ops=keep_fp32_ops, bf16=False)
+
+
+def convert_to_bf16(src: str | os.PathLike, dst: str | os.PathLike, *,
+                    keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS, min_opset: int | None = BF16_OPSET) -> None:
+    """Convert an fp32 ONNX model to bf16 (bfloat16 inputs and outputs), written atomically to ``dst``.
+
+    Same contract as :func:`convert_to_fp16` (kept fp32 ops and norm chains, external data, atomic
+    write), with bfloat16 wherever the fp16 graph has float16. On top of those, nodes whose op does
+    not take bfloat16 at the model's opset (per the ONNX schemas; before opset 22 Conv, Sin, Cos, the
+    pools, ...) stay fp32 with casts around them; see :mod:`fastgen.export.bf16`. So a graph of an
+    older opset is first converted to ``min_opset`` (ONNX's version converter; None: never), where
+    those ops take bfloat16 (the TorchScript exporter writes at most opset 20).
+    """
+    _convert(src, dst, keep_fp32_ops=keep_fp32_ops, bf16=True, min_opset=min_opset)
+
+
+def _upgrade_opset(model: Any, opset: int) -> Any:
+    """``model`` at default-domain ``opset`` when older (weights stay where they are: the converter
+    sees the graph only); unchanged, with a warning, when ONNX's version converter cannot do it."""
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+    except Exception as exc:  # an op without an adapter: keep the graph's own opset
+        logger.warning("could not convert the graph from opset %d to %d (%s); ops without bf16 at opset %d "
+                       "stay fp32", current, opset, str(exc).splitlines()[0] if str(exc) else exc, current)
+        return model
+    logger.info("graph converted from opset %d to %d for bf16", current, opset)
+    return upgraded
+
+
+def _convert(src: str | os.PathLike, dst: str | os.PathLike, *, keep_fp32_ops: Sequence[str], bf16: bool,
+             min_opset: int | None = None) -> None:
+    """fp16 conversion, then (``bf16``) every float16 retyped to bfloat16 before the atomic write."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -169,6 +212,8 @@ def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
         except Exception as exc:  # best effort: the converter can still infer types itself
             logger.debug("shape inference of %s failed (%s); converting without it", src, exc)
             model = graph_only
+        if bf16 and min_opset is not None:
+            model = _upgrade_opset(model, min_opset)  # before the weights load: converting never copies them
         if external:
             load_external_data_for_model(model, str(src.parent))
         names = {n.name for n in model.graph.node}
@@ -180,14 +225,22 @@ def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
                 names.add(node.name)
         block_ops = {*DEFAULT_OP_BLOCK_LIST, *keep_fp32_ops}
         chains = _norm_chains(model.graph)
+        no_bf16: set[str] = set()
+        if bf16:
+            from fastgen.export.bf16 import Bf16Plan
+
+            plan = Bf16Plan.of(model, block_ops)  # before the converter rounds (and clamps) the weights to fp16
+            no_bf16 = plan.fp32_nodes
         model = convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=external,
-                                         op_block_list=sorted(block_ops), node_block_list=sorted(chains))
-        fp32_nodes = chains | {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)}
+                                         op_block_list=sorted(block_ops), node_block_list=sorted(chains | no_bf16))
+        fp32_nodes = chains | no_bf16 | {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)}
         folded = _fold_cast_round_trips(model.graph, fp32_nodes)
         _drop_duplicate_nodes(model.graph)
         _topological_sort(model.graph)
-        logger.debug("fp16 conversion of %s: %d nodes kept fp32 in norm chains, %d cast round trips folded",
-                     src.name, len(chains), folded)
+        if bf16:
+            plan.retype(model)
+        logger.debug("%s conversion of %s: %d nodes kept fp32 in norm chains, %d cast round trips folded",
+                     "bf16" if bf16 else "fp16", src.name, len(chains), folded)
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
         out = work / dst.name
         if external or weight_bytes > 1_800_000_000:  # protobuf cannot serialise 2 GB in one message
@@ -202,4 +255,4 @@ def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["FP16_KEEP_FP32_OPS", "convert_to_fp16"]
+__all__ = ["BF16_OPSET", "FP16_KEEP_FP32_OPS", "convert_to_bf16", "convert_to_fp16"]
