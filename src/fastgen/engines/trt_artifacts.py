@@ -9,6 +9,7 @@ engine's own verification) and the ONNX graph is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -34,6 +35,9 @@ INFO_FILE = "engine_info.json"
 #: reduced precision's own error; TF32 tactics in fp32 engines stay well inside it).
 TOLERANCE = {"fp32": 1e-2, "fp16": 3e-2, "bf16": 6e-2}
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995}
+#: Quantized engines: TensorRT fuses Q/DQ into int8 / fp8 kernels whose rounding of activations differs
+#: from the PyTorch module's reference math by about one quantization step.
+QUANT_TOLERANCE, QUANT_MIN_COSINE = 5e-2, 0.999
 
 
 def options_of(config: Any) -> TensorRTOptions:
@@ -83,8 +87,13 @@ def _verify_engine(engine: TrtEngine, spec: Any, reference: Any, plan: BuildPlan
     def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.float().cpu() for k, v in engine.run(inputs).items()}
 
-    return verify(spec, reference, run, shapes=shapes, tolerance=TOLERANCE[config.precision],
-                  min_cosine=MIN_COSINE[config.precision], seed=config.export.seed + 200,
+    tolerance, min_cosine = TOLERANCE[config.precision], MIN_COSINE[config.precision]
+    from fastgen.quant.components import component_recipe
+
+    if config.quant_config is not None or (plan.component is not None and component_recipe(plan.component)):
+        tolerance, min_cosine = max(tolerance, QUANT_TOLERANCE), min(min_cosine, QUANT_MIN_COSINE)
+    return verify(spec, reference, run, shapes=shapes, tolerance=tolerance, min_cosine=min_cosine,
+                  seed=config.export.seed + 200,
                   label=f"TensorRT {config.precision} engine")
 
 
@@ -115,7 +124,7 @@ def write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
     else:
         timing = timing_cache_path(device_fingerprint(plan.device), str(trt.__version__)) \
             if options.timing_cache else None
-        with (torch.cuda.device(plan.device) if plan.device.type == "cuda" else _nullcontext()):
+        with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
             built = build_plan(staging / ONNX_FILE, spec, profiles, options, timing_cache=timing,
                                progress=plan.progress, name=plan.onnx_file.name if plan.onnx_file else None)
         data = built.plan
@@ -132,12 +141,6 @@ def write_artifacts(staging: Path, plan: BuildPlan) -> dict[str, Any]:
     fields["tensorrt"] = record
     fields["spec"] = spec.to_dict()
     return fields
-
-
-def _nullcontext() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def load(directory: Path, manifest: dict[str, Any], *, device: torch.device, execution: Any = None) -> TrtEngine:

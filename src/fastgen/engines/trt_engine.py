@@ -146,8 +146,7 @@ class TrtEngine(Engine):
             self._graphs[key] = bucket
             logger.info("tensorrt engine: captured a CUDA graph for %s (%d graphs)",
                         {n: s for n, s, _ in key[1]}, len(self._graphs))
-        elif self._active != index:
-            self._bind(index, dict(zip(self.spec.input_names, bucket.inputs, strict=True)))
+        # The graph replays the kernels it recorded, whatever profile the context holds now.
         return bucket.replay(args)
 
     @property

@@ -174,6 +174,26 @@ def test_fp16_engine(trt, conv, tmp_path):
     torch.testing.assert_close(out["features"].float(), want[0], atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_engine_from_the_bf16_graph(trt, conv, tmp_path):
+    engine = _build(conv, tmp_path, precision="bf16")
+    inputs = conv.spec.sample_inputs("opt")
+    out = engine.run(inputs)
+    assert out["features"].dtype == torch.bfloat16
+    with torch.no_grad():
+        want = conv.module(*inputs.values())
+    torch.testing.assert_close(out["features"].float(), want[0], atol=5e-2, rtol=5e-2)
+    assert engine.manifest["tensorrt_verification"]  # the engine itself checked against PyTorch at bf16
+
+
+@pytest.mark.parametrize("recipe", ["int8-weight-only", "w8a8-static"])
+def test_quantized_engines_build_from_qdq_graphs(trt, mlp, tmp_path, recipe):
+    engine = _build(mlp, tmp_path, quantization=recipe)
+    assert engine.manifest["tensorrt_verification"] and engine.describe()["quantization"].startswith(recipe)
+    # The graph TensorRT parsed holds the Q/DQ nodes that carry the precision (strongly typed).
+    layers = json.loads((engine.path / "engine_info.json").read_text())["layers"]
+    assert {"DequantizeLinear"} <= {layer["LayerType"] for layer in layers}
+
+
 def test_refusals_name_the_allowed_values(trt, mlp, tmp_path):
     with pytest.raises(UnsupportedError, match="allowed: int8-weight-only"):
         _build(mlp, tmp_path, quantization="w8a8-dynamic")
