@@ -17,7 +17,11 @@ Conventions (symmetric quantization, ``x ~= q * scale``, amax over the row / cha
   with the even k in the low nibble, as two's complement nibbles.
 - ``x / scale`` is a true fp32 division (as in ONNX QuantizeLinear), not a multiply by a reciprocal.
 - An all-zero row (or group) has ``amax == 0``; its scale is 1.0 (not 0, so ``x / scale`` stays
-  finite) and its codes are all 0. Non-finite inputs give unspecified results.
+  finite) and its codes are all 0.
+- Non-finite values are never hidden: an activation row holding a NaN or an infinity gets scale NaN
+  (and codes 0), so the GEMM's output row is NaN (an int8 code has no NaN: clamping would turn the
+  row into finite garbage); :func:`quantize_weight` refuses a weight holding one. Finite rows are
+  unaffected, bit for bit.
 - Every fp32 division (``amax / qmax``, ``x / scale``, ``x / smooth``) is IEEE round-to-nearest in the
   kernel too (``div_rn``), so the Triton quantizer is bit-exact against the reference.
 
@@ -143,11 +147,13 @@ def _round_clamp(v: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """``amax / qmax``, 1 for an all-zero row/group."""
+    """``amax / qmax``, 1 for an all-zero row/group, NaN for one holding a NaN or an infinity."""
     # Tensor / tensor: on CUDA torch computes ``tensor / float`` as ``tensor * (1 / float)``, which is
     # not the IEEE division the kernel does.
     scale = amax / torch.full_like(amax, qmax)
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    # torch's amax propagates NaN; a NaN (or infinite) amax would otherwise get scale 1 (or inf).
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 def quantize_per_token_reference(x: torch.Tensor, *, dtype: Literal["int8", "fp8"] = "int8",
@@ -158,7 +164,10 @@ def quantize_per_token_reference(x: torch.Tensor, *, dtype: Literal["int8", "fp8
     if smooth is not None:
         xf = xf / smooth
     scale = _scale_from_amax(xf.abs().amax(dim=-1), QMAX[dtype])  # (...,)
-    return _round_clamp(xf / scale[..., None], dtype), scale
+    # A non-finite row's codes: 0 (a NaN cast to int8 is undefined); its NaN scale carries the NaN.
+    v = torch.where(torch.isnan(scale)[..., None], torch.zeros((), dtype=xf.dtype, device=xf.device),
+                    xf / scale[..., None])
+    return _round_clamp(v, dtype), scale
 
 
 # ----------------------------------------------------------------------------- weights
@@ -206,7 +215,13 @@ def quantize_weight(w: torch.Tensor, *, dtype: Literal["int8", "fp8", "int4"],
     wf = w.float()
     g = k if group_size is None else group_size
     wg = wf.reshape(n, k // g, g)
-    scale = _scale_from_amax(wg.abs().amax(dim=-1), QMAX[dtype])  # (N, K // g)
+    amax = wg.abs().amax(dim=-1)  # (N, K // g); NaN / inf where the weight holds one
+    if amax.device.type != "meta" and not bool(torch.isfinite(amax).all()):
+        bad = int((~torch.isfinite(wf)).sum())
+        raise InvalidArgumentError("w", f"a {tuple(w.shape)} weight with {bad} non-finite value(s)",
+                                   reason="NaN and inf cannot be quantized (an int8 code has none: they would "
+                                          "become finite garbage)")
+    scale = _scale_from_amax(amax, QMAX[dtype])  # (N, K // g)
     q = _round_clamp(wg / scale[..., None], dtype).reshape(n, k)
     if dtype == "int4":
         q = pack_int4(q)

@@ -98,12 +98,16 @@ def _quantize_per_token_kernel(
             sm = tl.load(SMOOTH + offs_k, mask=k_ok, other=1.0)
             x = tl.math.div_rn(x, tl.broadcast_to(sm[None, :], [BLOCK_M, BLOCK_K]))
         amax = tl.max(tl.abs(x), axis=1)  # (BLOCK_M,)
+        bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1) > 0  # NaN / inf in the row
         scale = tl.where(amax > 0.0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = tl.where(bad, float("nan"), scale)
         tl.store(SCALE + rows, scale, mask=row_ok)
         v = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
+        v = tl.where(bad[:, None], 0.0, v)
         tl.store(q_rows[:, None] + offs_k[None, :] * stride_qk, _codes(v, IS_FP8, USE_LIBDEVICE), mask=ok)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        nonfinite = tl.zeros([BLOCK_M], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
             ok = row_ok[:, None] & k_ok[None, :]
@@ -112,7 +116,10 @@ def _quantize_per_token_kernel(
                 sm = tl.load(SMOOTH + k0 + offs_k, mask=k_ok, other=1.0)
                 x = tl.math.div_rn(x, tl.broadcast_to(sm[None, :], [BLOCK_M, BLOCK_K]))
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            nonfinite = tl.maximum(nonfinite, tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1))
+        bad = nonfinite > 0
         scale = tl.where(amax > 0.0, tl.math.div_rn(amax, qmax), 1.0)
+        scale = tl.where(bad, float("nan"), scale)
         tl.store(SCALE + rows, scale, mask=row_ok)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
@@ -122,6 +129,7 @@ def _quantize_per_token_kernel(
                 sm = tl.load(SMOOTH + k0 + offs_k, mask=k_ok, other=1.0)
                 x = tl.math.div_rn(x, tl.broadcast_to(sm[None, :], [BLOCK_M, BLOCK_K]))
             v = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], [BLOCK_M, BLOCK_K]))
+            v = tl.where(bad[:, None], 0.0, v)
             tl.store(q_rows[:, None] + (k0 + offs_k)[None, :] * stride_qk, _codes(v, IS_FP8, USE_LIBDEVICE),
                      mask=ok)
 

@@ -49,6 +49,10 @@ class CacheCorruptionError(FastgenError):
     """An engine directory or cache entry whose files do not match their manifest."""
 
 
+class NumericalError(FastgenError):
+    """A model produced non-finite values (NaN or infinity); the message names where (step, prompt, input)."""
+
+
 def check_choice(argument: str, value: object, allowed: Iterable[object]) -> None:
     """Raise :class:`InvalidArgumentError` unless ``value`` is one of ``allowed``."""
     allowed = tuple(allowed)

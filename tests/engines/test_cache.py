@@ -18,6 +18,7 @@ import pytest
 
 from fastgen.engines.cache import (
     FORMAT_VERSION,
+    MARKER,
     EngineCache,
     default_root,
     hash_file,
@@ -242,7 +243,7 @@ def test_entries_remove_clear(tmp_path):
     assert (tmp_path / "user-file.txt").read_text() == "not ours"  # clear only touches its own dirs
 
 
-def test_stale_staging_is_cleaned_on_construction(tmp_path):
+def test_stale_staging_is_cleaned_only_in_a_cache_of_fastgens_own(tmp_path):
     staging = tmp_path / ".staging"
     old = staging / f"{key_of('a')}-999999999-abc"
     fresh = staging / f"{key_of('b')}-999999999-def"
@@ -254,7 +255,10 @@ def test_stale_staging_is_cleaned_on_construction(tmp_path):
     for d in (old, live):
         os.utime(d / "f", (hour_ago, hour_ago))
         os.utime(d, (hour_ago, hour_ago))
-    EngineCache(tmp_path)
+    cache = EngineCache(tmp_path)
+    assert old.exists()  # constructing deletes nothing: the folder may not be fastgen's
+    (tmp_path / MARKER).write_text("{}")
+    cache.clean_staging()
     assert not old.exists()
     assert fresh.exists()  # recent: maybe a build in progress
     assert live.exists()  # its builder process is alive

@@ -352,7 +352,7 @@ def test_a_crashed_loop_fails_everything_and_refuses_new_requests(monkeypatch):
     assert gate.entered.wait(TIMEOUT)
     second, _ = submit(worker, "text", "b")
 
-    def broken(now=None):
+    def broken(now=None, kinds=None):
         raise RuntimeError("scheduler bug")
 
     monkeypatch.setattr(worker.scheduler, "schedule", broken)

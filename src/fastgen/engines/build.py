@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fastgen.core.config import sha256_json
+from fastgen.core.onnx_files import check_external_data, open_checked
 from fastgen.engines.base import PRECISION_FLOAT, Engine
 from fastgen.engines.config import BuildConfig
 from fastgen.engines.registry import BackendSpec, backends, get_backend
@@ -44,19 +45,15 @@ def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
+        with open_checked(p) as f:  # regular files only: a FIFO or /dev/zero swapped in must not hang this
             while chunk := f.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
 
 
 def _onnx_with_data(path: Path) -> list[Path]:
-    """The file and the external-data files its initializers point at."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
-    return [path, *(path.parent / loc for loc in sorted(locations))]
+    """The file and the external-data files its tensors point at, checked before any is read."""
+    return [path, *check_external_data(path)]
 
 
 def _tokenizer_digest(tokenizer: Any) -> str | None:
@@ -102,6 +99,10 @@ def resolve_source(model: Any, component: str | None, config: BuildConfig, backe
     if config.quant_config is None and calibration is not None:
         raise InvalidArgumentError("calibration", type(calibration).__name__,
                                    reason="given without a quantization to calibrate")
+    if calibration is not None:  # structural mistakes fail now, before the model loads
+        from fastgen.quant.calibration import check_calibration
+
+        calibration = check_calibration(calibration)
     comp = resolve_component(model, component, config.profile)
     owned = isinstance(model, (str, os.PathLike))
     qconfig = config.quant_config
@@ -250,13 +251,62 @@ def plan_build(source: BuildSource, config: BuildConfig, backend: BackendSpec, d
 
 # --- 3. publishing and loading -----------------------------------------------------------------
 
+def _brief(value: Any) -> Any:
+    """A bad argument as an error message shows it: short values as they are, anything else by its type."""
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, (str, bytes)) and len(value) <= 80):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def _check_path(argument: str, value: Any) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise InvalidArgumentError(argument, _brief(value), reason="must be a path (str or os.PathLike)")
+
+
+def resolve_cache(cache: Any) -> Any:
+    """The ``cache`` argument of :func:`build` as an ``EngineCache``, or False for none."""
+    from fastgen.engines.cache import EngineCache
+
+    if cache is False:
+        return False
+    if cache is None or cache is True:
+        return EngineCache()
+    if isinstance(cache, EngineCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return EngineCache(cache)
+    raise InvalidArgumentError("cache", _brief(cache), reason="must be an EngineCache, a directory path, "
+                               "None (the default cache) or False (no cache)")
+
+
+def resolve_config(config: Any, overrides: dict[str, Any]) -> BuildConfig:
+    """``config`` (a BuildConfig or None) with keyword ``overrides`` of its fields applied."""
+    if config is None:
+        config = BuildConfig()
+    elif not isinstance(config, BuildConfig):
+        raise InvalidArgumentError("config", f"<{type(config).__name__}>", reason="must be a fastgen.BuildConfig "
+                                   "(BuildConfig.from_dict reads a dict; its fields may also be given as keywords)")
+    if "runtime" in overrides:  # the old name of the execution field
+        import warnings
+
+        warnings.warn("build(runtime=...) is deprecated; use execution=", DeprecationWarning, stacklevel=3)
+        overrides["execution"] = overrides.pop("runtime")
+    names = sorted(f.name for f in dataclasses.fields(BuildConfig))
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InvalidArgumentError("build option", unknown[0], names, reason="not a BuildConfig field")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
 def publish(plan: BuildPlan, *, out: str | os.PathLike | None = None, cache: Any = None) -> tuple[Path, bool]:
     """Write the plan's engine into the cache (unless there already) and/or ``out``: ``(directory, cache hit)``.
 
     ``cache``: an ``EngineCache``, None for the default one, or False for none (then ``out`` is required).
     """
-    from fastgen.engines.cache import EngineCache, publish_dir
+    from fastgen.engines.cache import publish_dir
 
+    _check_path("out", out)
+    cache = resolve_cache(cache)
     if cache is False:
         if out is None:
             raise InvalidArgumentError("out", None, reason="required when the cache is disabled")
@@ -266,7 +316,8 @@ def publish(plan: BuildPlan, *, out: str | os.PathLike | None = None, cache: Any
         with atomic_dir(out) as staging:
             write_manifest(staging, plan.write(staging))
         return Path(out).absolute(), False
-    cache = cache if isinstance(cache, EngineCache) else EngineCache(cache)
+    if out is not None:
+        cache.check_outside(out)
     entry, hit = cache.get_or_build(plan.key, dataclasses.replace(plan, cache=cache).write)
     if out is not None:
         publish_dir(entry, Path(out))
@@ -291,14 +342,12 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     """
     from fastgen.engines.loading import load_engine
 
-    config = config or BuildConfig()
-    if "runtime" in overrides:  # the old name of the execution field
-        import warnings
-
-        warnings.warn("build(runtime=...) is deprecated; use execution=", DeprecationWarning, stacklevel=2)
-        overrides["execution"] = overrides.pop("runtime")
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+    config = resolve_config(config, overrides)
+    # Arguments first, before minutes of export: a bad cache or out fails now, in one line.
+    _check_path("out", out)
+    cache = resolve_cache(cache)
+    if cache is not False and out is not None:
+        cache.check_outside(out)
     backend, device = select_backend(config)
     source = resolve_source(model, component, config, backend, calibration=calibration)
     if source.component is not None and _in_memory(backend, source.component):
@@ -317,5 +366,5 @@ def build(model: Any, *, component: str | None = None, config: BuildConfig | Non
     return engine
 
 
-__all__ = ["BuildPlan", "BuildSource", "PRECISION_FLOAT", "build", "plan_build", "publish", "resolve_source",
-           "select_backend"]
+__all__ = ["BuildPlan", "BuildSource", "PRECISION_FLOAT", "build", "plan_build", "publish", "resolve_cache",
+           "resolve_config", "resolve_source", "select_backend"]

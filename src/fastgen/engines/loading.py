@@ -44,10 +44,11 @@ def _pick_device(device: str | None, manifest: dict[str, Any], backend: BackendS
 
 def _load_onnx_file(path: Path, device: str | None, execution: ExecutionOptions | None) -> Engine:
     # A bare graph has no manifest to name its backend: onnxruntime runs any ONNX file.
-    from fastgen.engines.onnx_io import onnx_precision, spec_from_onnx
+    from fastgen.engines.onnx_io import load_graph, onnx_precision, spec_from_onnx
     from fastgen.engines.ort_backend import OrtEngine, resolve_ort_device
 
-    spec = spec_from_onnx(path, component=path.stem)
+    # onnxruntime reads the weights next: every external data file must be there, whole, inside the folder.
+    spec = spec_from_onnx(load_graph(path, data=True), component=path.stem)
     dev = resolve_ort_device(device)
     return OrtEngine(path, spec, device=dev, precision=onnx_precision(spec), execution=execution, path=path)
 
@@ -62,6 +63,11 @@ def load_engine(path: str | os.PathLike, *, device: str | None = None, execution
     the engine executes (``runtime`` is its deprecated name).
     """
     execution = execution_options(execution, runtime)
+    raw = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(raw, str) or not raw.strip() or "\x00" in raw:
+        # None, bytes, numbers, "" (which would mean the current directory), a NUL byte (os refuses it)
+        shown = path if path is None or isinstance(path, (str, bytes, int, float)) else f"<{type(path).__name__}>"
+        raise InvalidArgumentError("engine", shown, reason="must be the path of an .onnx file or an engine directory")
     p = Path(path).expanduser()
     if not p.exists():
         raise InvalidArgumentError("engine", str(path), reason="no such file or directory")
@@ -71,7 +77,7 @@ def load_engine(path: str | os.PathLike, *, device: str | None = None, execution
         if p.suffix.lower() == ".onnx":
             return _load_onnx_file(p, device, execution)
         raise InvalidArgumentError("engine", str(path), reason="not an .onnx file or an engine directory")
-    if not (p / MANIFEST).is_file():
+    if not os.path.lexists(p / MANIFEST):  # a manifest that is a link, FIFO or folder is verify_dir's to refuse
         onnx_files = sorted(p.glob("*.onnx"))
         if len(onnx_files) == 1:
             return _load_onnx_file(onnx_files[0], device, execution)

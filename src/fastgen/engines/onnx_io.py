@@ -9,6 +9,7 @@ from typing import Literal
 
 import onnx
 
+from fastgen.core.onnx_files import check_external_data
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.models.spec import DimRange, ExportSpec, ShapeProfile, TensorSpec
 
@@ -37,7 +38,9 @@ _KNOWN_DIMS: dict[str, tuple[int, int, int]] = {
 _DERIVED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)_div(\d+)$")
 
 
-def _load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+def load_graph(model: str | Path | onnx.ModelProto, *, data: bool = False) -> onnx.ModelProto:
+    """The graph of an ONNX file without its external data, whose locations are checked
+    (:func:`fastgen.core.onnx_files.check_external_data`; ``data``: the files must be there, whole)."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
@@ -45,9 +48,14 @@ def _load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise InvalidArgumentError("onnx model", str(model), reason="no such file")
     try:
         # Only the graph: weights in external data files are not needed to read the IO signature.
-        return onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise InvalidArgumentError("onnx model", str(model), reason=f"not a readable ONNX file ({exc})") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgumentError("onnx model", str(model), reason=f"not a readable ONNX file ({reason})") from exc
+    # The weights are not read here (they may even be absent), but whatever runs this graph next
+    # reads them: a location outside the model's folder, a link or a FIFO is refused now.
+    check_external_data(path, proto, data=data)
+    return proto
 
 
 def _identifier(text: str) -> str:
@@ -103,7 +111,7 @@ def spec_from_onnx(model: str | Path | onnx.ModelProto, component: str = "onnx")
     symbol gets min = opt = max = 1 unless its name is a known one (batch, seq, height...): a guess
     that users override with ``--profile``.
     """
-    proto = _load(model)
+    proto = load_graph(model)
     graph = proto.graph
     # Before IR version 4, initializers were also listed as graph inputs; they are weights, not inputs.
     weights = {init.name for init in graph.initializer}

@@ -37,7 +37,9 @@ def write_onnx(staging: Path, plan: BuildPlan) -> tuple[dict[str, Any], ExportSp
     or onnxruntime on the copied graph), to verify what a backend makes of the graph against.
     """
     import onnx
+    import onnx.external_data_helper
 
+    from fastgen.core.onnx_files import check_external_data
     from fastgen.export.api import export_into
     from fastgen.export.config import ExportConfig
     from fastgen.export.onnx_export import name_dims, save
@@ -50,7 +52,10 @@ def write_onnx(staging: Path, plan: BuildPlan) -> tuple[dict[str, Any], ExportSp
         return fields, plan.component.spec, plan.component
     from fastgen.engines.onnx_io import spec_from_onnx
 
-    model = onnx.load(str(plan.onnx_file))
+    # The graph alone first: its external data is checked before onnx reads any of it.
+    model = onnx.load(str(plan.onnx_file), load_external_data=False)
+    check_external_data(plan.onnx_file, model)
+    onnx.external_data_helper.load_external_data_for_model(model, str(plan.onnx_file.parent))
     spec = spec_from_onnx(model).with_profile(plan.config.profile)
     name_dims(model, spec)
     save(model, staging, ExportConfig(external_data="auto"))
@@ -131,6 +136,7 @@ def onnx_in_dir(directory: Path, manifest: Mapping[str, Any]) -> Path:
 def load_ort_engine(directory: str | os.PathLike, manifest: Mapping[str, Any], *, device: str | torch.device = "cpu",
                     execution: ExecutionOptions | None = None) -> OrtEngine:
     """Open an onnxruntime engine directory (its manifest already verified)."""
+    from fastgen.core.onnx_files import check_external_data
     from fastgen.engines.cache import MANIFEST
     from fastgen.engines.ort_backend import OrtEngine
     from fastgen.models.spec import ExportSpec
@@ -139,7 +145,11 @@ def load_ort_engine(directory: str | os.PathLike, manifest: Mapping[str, Any], *
     if not isinstance(manifest.get("spec"), dict):
         raise CacheCorruptionError(f"{directory / MANIFEST}: no spec")
     spec = ExportSpec.from_dict(manifest["spec"])
-    return OrtEngine(onnx_in_dir(directory, manifest), spec, device=device,
+    onnx_path = onnx_in_dir(directory, manifest)
+    # The manifest covers the files, not where the graph says its weights are: a crafted model.onnx
+    # may still point outside the directory.
+    check_external_data(onnx_path)
+    return OrtEngine(onnx_path, spec, device=device,
                      precision=manifest.get("precision", "fp32"), execution=execution, manifest=manifest,
                      path=directory)
 

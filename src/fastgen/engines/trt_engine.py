@@ -161,6 +161,9 @@ class TrtEngine(Engine):
             raise UnsupportedError("this TensorRT engine was not built refittable; rebuild it with "
                                    "--trt-refittable (TensorRTOptions(refittable=True))")
         if isinstance(weights, (str, os.PathLike)) and str(weights).endswith(".onnx"):
+            from fastgen.core.onnx_files import check_external_data
+
+            check_external_data(Path(weights))  # TensorRT's parser reads the user's external data
             refit_from_onnx(self._engine, Path(weights))
         else:
             with tempfile.TemporaryDirectory(prefix="fastgen-refit-") as tmp:

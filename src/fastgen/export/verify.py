@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.core.onnx_files import check_external_data
 from fastgen.core.ort import cpu_session
 from fastgen.errors import VerificationError
 from fastgen.models.spec import ExportSpec
@@ -45,6 +46,7 @@ def ort_runner(onnx_path: Path, threads: int = 0) -> Callable[[Mapping[str, torc
 
     Quantized graphs compute the math they state (``fastgen.core.ort.EXACT_QUANT_ENTRIES``).
     """
+    check_external_data(onnx_path)  # before onnxruntime reads a user's external data files
     session = cpu_session(onnx_path, intra_op_threads=threads)
     names = [o.name for o in session.get_outputs()]
 

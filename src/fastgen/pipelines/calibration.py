@@ -11,6 +11,7 @@ calibration of a build without ``calibration=``.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from fastgen.errors import InvalidArgumentError
 from fastgen.models.metadata import UNetMetadata
 from fastgen.pipelines.conditioning import Conditioning
-from fastgen.pipelines.config import GenerateConfig
+from fastgen.pipelines.config import MAX_SEED, GenerateConfig
 from fastgen.pipelines.sampling import make_scheduler, set_timesteps, step_kwargs
 from fastgen.pipelines.stepping import SampleState, denoise_loop
 
@@ -63,6 +64,41 @@ def unet_conditioning(comp: Any, *, batch: int, seed: int, seq: int = 77) -> tup
     return torch.randn(batch, seq, dim, generator=gen), torch.randn(batch, seq, dim, generator=gen)
 
 
+#: Seeds a loop derives from its ``seed``: the embeddings' (seed + 7919) and each image's (seed + 1 + j).
+_SEED_SPAN = 7920
+
+
+def _positive(argument: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidArgumentError(argument, value, "integers >= 1")
+    return int(value)
+
+
+def _check_seed(argument: str, value: Any, batch: int) -> int:
+    high = MAX_SEED - _SEED_SPAN - batch
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= high:
+        raise InvalidArgumentError(argument, value, f"integers from 0 to {high}")
+    return int(value)
+
+
+def check_loop(comp: Any, *, height: Any, width: Any, steps: Any, guidance: Any = 7.5, batch: Any = 1,
+               scheduler: str | None = None) -> GenerateConfig:
+    """Every argument of a calibration loop checked before any work (one line naming the first bad one):
+    an SD UNet component with a scheduler config, an image size its spec takes (its multiples), steps
+    and batch >= 1, a finite guidance >= 0, a known scheduler. Returns the loop's GenerateConfig."""
+    names = tuple(getattr(getattr(comp, "spec", None), "input_names", ()))
+    if tuple(names) != SD_UNET_INPUTS:
+        raise InvalidArgumentError("comp", getattr(comp, "name", type(comp).__name__), f"an SD 1.x/2.x UNet "
+                                   f"component (inputs {', '.join(SD_UNET_INPUTS)})")
+    if scheduler_config(comp) is None:
+        raise InvalidArgumentError("comp", getattr(comp, "name", type(comp).__name__),
+                                   reason="its metadata records no scheduler config")
+    size = {"height": _positive("height", height), "width": _positive("width", width)}
+    comp.spec.check_dims(size)  # e.g. height 40 for a UNet that needs multiples of 16
+    _positive("batch", batch)
+    return GenerateConfig(steps=steps, guidance_scale=guidance, scheduler=scheduler)
+
+
 def denoise(unet: Any, comp: Any, *, height: int, width: int, steps: int = 20, guidance: float = 7.5,
             batch: int = 1, seed: int = 0, scheduler: str | None = None) -> torch.Tensor:
     """Final latents (batch, C, height/8, width/8) of a text-to-image loop of the UNet component ``comp``.
@@ -71,15 +107,16 @@ def denoise(unet: Any, comp: Any, *, height: int, width: int, steps: int = 20, g
     mapping the UNet feeds to ``{"noise_pred": ...}``. The same ``seed`` gives the same initial
     noise and embeddings whatever the UNet, so two UNets' latents compare directly. Classifier-free
     guided (unconditional rows from other random embeddings) with ``comp``'s own scheduler unless
-    ``scheduler`` names another. SD 1.x/2.x UNets only (no SDXL added conditioning).
+    ``scheduler`` names another. SD 1.x/2.x UNets only (no SDXL added conditioning). Every argument
+    is checked before any work (:func:`check_loop`).
     """
+    cfg = check_loop(comp, height=height, width=width, steps=steps, guidance=guidance, batch=batch,
+                     scheduler=scheduler)
+    seed = _check_seed("seed", seed, batch)
     if isinstance(unet, torch.nn.Module):
         unet = ModuleUNet(unet, comp.spec.input_names)
     config = scheduler_config(comp)
-    if config is None:
-        raise InvalidArgumentError("comp", getattr(comp, "name", type(comp).__name__),
-                                   reason="its metadata records no scheduler config")
-    sched = make_scheduler(scheduler, config)
+    sched = make_scheduler(scheduler, config)  # type: ignore[arg-type]
     set_timesteps(sched, steps)
     channels = comp.spec.inputs[0].shape[1]
     gen = torch.Generator().manual_seed(seed)
@@ -89,8 +126,7 @@ def denoise(unet: Any, comp: Any, *, height: int, width: int, steps: int = 20, g
     # What a stochastic scheduler's steps draw: one generator per image, on seeds after the noise's.
     seeds = [seed + 1 + j for j in range(batch)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    state = SampleState(prompt="", config=GenerateConfig(steps=steps, guidance_scale=guidance, scheduler=scheduler),
-                        seeds=seeds, height=height, width=width, scheduler=sched,
+    state = SampleState(prompt="", config=cfg, seeds=seeds, height=height, width=width, scheduler=sched,
                         timesteps=sched.timesteps, generators=generators, guided=True,
                         guidance=torch.full((batch, 1, 1, 1), float(guidance)),
                         extra=step_kwargs(sched, eta=0.0, generators=generators), zero_negative=False,
@@ -104,7 +140,12 @@ def denoise(unet: Any, comp: Any, *, height: int, width: int, steps: int = 20, g
 def unet_calibration_loop(comp: Any, *, height: int, width: int, steps: int,
                           seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> Callable[[torch.nn.Module], None]:
     """A ``forward_loop`` for ``fastgen.calibrate``: full denoising loops of ``steps`` steps, one per
-    seed of ``seeds`` (other seeds than any measurement), over the module it is given."""
+    seed of ``seeds`` (other seeds than any measurement), over the module it is given. The arguments
+    are checked here, not when the loop first runs (after the model was copied and hooked)."""
+    check_loop(comp, height=height, width=width, steps=steps)
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise InvalidArgumentError("seeds", seeds, "a non-empty tuple of seeds")
+    seeds = tuple(_check_seed(f"seeds[{i}]", s, 1) for i, s in enumerate(seeds))
 
     def loop(module: torch.nn.Module) -> None:
         for s in seeds:
@@ -123,5 +164,5 @@ def sd_unet_calibration(component: Any) -> Callable[[torch.nn.Module], None] | N
     return unet_calibration_loop(component, height=dims["height"].opt, width=dims["width"].opt, steps=5)
 
 
-__all__ = ["CALIBRATION_SEEDS", "ModuleUNet", "denoise", "scheduler_config", "sd_unet_calibration",
+__all__ = ["CALIBRATION_SEEDS", "ModuleUNet", "check_loop", "denoise", "scheduler_config", "sd_unet_calibration",
            "unet_calibration_loop", "unet_conditioning"]

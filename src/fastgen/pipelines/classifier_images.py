@@ -2,8 +2,15 @@
 
 Accepted images (one, or a list / tuple of them):
 
-- ``PIL.Image.Image``, any mode (converted to RGB, or L for a one-channel model; alpha is dropped);
-- a file path (``str`` / ``os.PathLike``), opened with PIL;
+- ``PIL.Image.Image``, any mode (converted to RGB, or L for a one-channel model; alpha is dropped).
+  16-bit and 32-bit integer modes (``I;16``, ``I;16B``, ``I;16L``, ``I``) are scaled from
+  [0, 65535] and float images (``F``) from [0, 1], as the float tensors below, instead of being
+  clipped; palette images with transparency go through RGBA; an EXIF orientation is applied
+  (the image as a viewer shows it);
+- a file path (``str`` / ``os.PathLike``) of a regular file, opened with PIL (first frame of an
+  animation); FIFOs, devices, sockets and directories are refused before anything is read, and so
+  are images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL itself only warns up to twice
+  that: a decompression bomb is a few bytes that decode to gigabytes);
 - a ``numpy.ndarray`` of dtype uint8, ``(H, W)`` or ``(H, W, C)`` with C in 1, 3, 4 (RGB order);
   a 4-D ``(N, H, W, C)`` array is a batch of N images;
 - a ``torch.Tensor`` of dtype uint8 laid out as the numpy arrays (channels last, as
@@ -19,18 +26,32 @@ cover the target and the centre cut out. An image already at the model's size is
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
+import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.models.metadata import DEFAULT_CENTER_CROP, DEFAULT_RESAMPLE, RESAMPLE_FILTERS
 
+logger = logging.getLogger(__name__)
+
 _IMAGE_TYPES = "PIL images, image file paths, uint8 (H, W, C) arrays or float (C, H, W) tensors in [0, 1]"
+#: PIL formats never opened: loading EPS runs Ghostscript (an interpreter) on the file's contents.
+UNSAFE_FORMATS = frozenset({"EPS"})
+#: Centre-crop resizes whose intermediate image would exceed this many pixels (and 16x the target)
+#: resample only the kept window: a 100000 x 1 strip is 92 bytes as a PNG, but 6.4 million x 64 pixels
+#: once its short side is scaled to 64. Below it the exact resize-then-crop of torchvision is kept.
+EXACT_CROP_PIXELS = 1 << 22
+# What PIL's decoders raise on malformed files (a broken EXIF or TIFF directory: struct.error, KeyError...).
+_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                KeyError, ZeroDivisionError, struct.error, Image.DecompressionBombError)
 
 
 def resample_code(value: Any) -> int:
@@ -43,26 +64,125 @@ def resample_code(value: Any) -> int:
     raise InvalidArgumentError("resample", value, [*RESAMPLE_FILTERS, *sorted(RESAMPLE_FILTERS.values())])
 
 
-def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether PIL can identify the file (reads the header only)."""
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def open_regular(path: str | os.PathLike, argument: str = "image") -> IO[bytes]:
+    """``path`` opened for binary reading when it is a regular file (symlinks followed), else a one-line
+    :class:`InvalidArgumentError` naming it. Never blocks: a FIFO is opened non-blocking and refused
+    from the open descriptor's own ``fstat``, so nothing can swap the file between check and open."""
+    name = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with Image.open(path):
+        fd = os.open(name, flags)
+    except FileNotFoundError:
+        raise InvalidArgumentError(argument, name, reason="no such file") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise InvalidArgumentError(argument, name, reason=str(exc)) from None
+    except OSError as exc:  # a socket (ENXIO), a directory on some systems, no permission...
+        try:
+            mode = os.stat(name).st_mode
+        except (OSError, ValueError):
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise InvalidArgumentError(argument, name, reason=f"not a regular file ({_file_kind(mode)})") from None
+        raise InvalidArgumentError(argument, name, reason=f"cannot open: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidArgumentError(argument, name, reason=f"not a regular file ({_file_kind(mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_pixels(width: int, height: int, argument: str, name: str) -> None:
+    """Refuse an image (or video frame) larger than ``PIL.Image.MAX_IMAGE_PIXELS`` before decoding it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise InvalidArgumentError(argument, name, reason=f"{width}x{height} is {width * height} pixels, more than "
+                                   f"PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression bomb? raise that limit "
+                                   "to read it")
+
+
+def _formats() -> list[str]:
+    Image.init()
+    return [f for f in Image.ID if f not in UNSAFE_FORMATS]
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL reads"  # PIL's own message shows the file object's repr
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file PIL can identify, within the pixel limit (reads the header only)."""
+    try:
+        with open_regular(path) as f, Image.open(f, formats=_formats()) as im:
+            check_pixels(im.width, im.height, "image", os.fspath(path))
             return True
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+    except (InvalidArgumentError, *_READ_ERRORS):
         return False
 
 
-def open_image(path: str | os.PathLike, argument: str = "image") -> Image.Image:
-    """Open and fully decode an image file; any failure is one line naming the file."""
+def standard_mode(im: Image.Image, argument: str = "image") -> Image.Image:
+    """``im`` upright (EXIF orientation applied) in L, RGB or RGBA, by the range its own mode holds.
+
+    PIL's ``convert`` clips 16-bit, 32-bit and float pixels at 255 (a 16-bit photo turns white):
+    integer modes are scaled from [0, 65535] (``I`` too: PIL opens 16-bit files as ``I`` as well),
+    ``F`` from [0, 1] (NaN as 0), as float tensors are. Palette images with transparency go through
+    RGBA, which PIL asks for; any other mode (1, CMYK, YCbCr, LAB, HSV, La, PA...) through ``convert``.
+    """
+    if im.width < 1 or im.height < 1:
+        raise InvalidArgumentError(argument, f"{im.width}x{im.height} pixels", "images of at least 1x1 pixels")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy() if im.mode in ("RGB", "L") else im.convert("RGBA" if "A" in im.getbands() else "RGB")
-    except FileNotFoundError:
-        raise InvalidArgumentError(argument, os.fspath(path), reason="no such file") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidArgumentError(argument, os.fspath(path), reason=f"cannot read image: {detail}") from None
+        orientation = im.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except _READ_ERRORS as exc:  # a malformed EXIF block does not make the pixels unreadable
+        logger.debug("ignoring an unreadable EXIF block: %s", exc)
+        orientation = 1
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        try:
+            im = ImageOps.exif_transpose(im)
+        except _READ_ERRORS as exc:
+            logger.debug("ignoring an EXIF orientation that cannot be applied: %s", exc)
+    mode = im.mode
+    if mode in ("L", "RGB", "RGBA"):
+        return im
+    if mode == "I" or mode.startswith("I;16"):
+        levels = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((levels + 128) // 257).astype(np.uint8))  # round(v * 255 / 65535), exact ints
+    if mode == "F":
+        levels = np.rint(np.clip(np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0), 0.0, 1.0)
+                         * np.float32(255.0))
+        return Image.fromarray(levels.astype(np.uint8))
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        return im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, argument: str = "image") -> Image.Image:
+    """Open and fully decode a regular image file (its first frame) into L, RGB or RGBA
+    (:func:`standard_mode`); any failure, or more than ``MAX_IMAGE_PIXELS`` pixels, is one line
+    naming the file."""
+    name = os.fspath(path)
+    with open_regular(path, argument) as f:
+        try:
+            with Image.open(f, formats=_formats()) as im:
+                check_pixels(im.width, im.height, argument, name)
+                im.load()
+                out = standard_mode(im, argument)
+                return out.copy() if out is im else out  # a copy: the file closes here
+        except _READ_ERRORS as exc:
+            raise InvalidArgumentError(argument, name, reason=f"cannot read image: {_detail(exc)}") from None
 
 
 def flatten_images(images: Any, argument: str = "images") -> list[Any]:
@@ -137,8 +257,13 @@ def _resize(im: Image.Image, size: tuple[int, int], resample: int, center_crop: 
     # Shorter side scaled to cover the target, then the centre cut out (torchvision's CenterCrop offsets).
     scale = max(h / im.height, w / im.width)
     rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-    im = im.resize((rw, rh), resample=resample)
     left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
+    if rw * rh > max(16 * w * h, EXACT_CROP_PIXELS):
+        # The same window, resampled straight from the source (the filter scaled alike): an elongated
+        # image is never blown up to millions of pixels only to have nearly all of them cut away.
+        box = (left * im.width / rw, top * im.height / rh, (left + w) * im.width / rw, (top + h) * im.height / rh)
+        return im.resize((w, h), resample=resample, box=box)
+    im = im.resize((rw, rh), resample=resample)
     return im.crop((left, top, left + w, top + h))
 
 
@@ -146,7 +271,9 @@ def image_to_uint8(image: Any, size: tuple[int, int], *, channels: int = 3, resa
                    center_crop: bool = DEFAULT_CENTER_CROP, argument: str = "image") -> np.ndarray:
     """One image (any accepted kind) -> (height, width, channels) uint8 at the model's size."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image, argument)
+        image = open_image(image, argument)  # already in a standard mode
+    elif isinstance(image, Image.Image):
+        image = standard_mode(image, argument)
     if isinstance(image, torch.Tensor):
         image = _tensor_to_hwc(image, argument)
     if isinstance(image, np.ndarray):

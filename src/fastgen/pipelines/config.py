@@ -13,23 +13,62 @@ from fastgen.errors import InvalidArgumentError
 SchedulerName = Literal["euler", "euler-ancestral", "ddim", "dpm++", "lcm", "pndm"]
 OutputType = Literal["pil", "np", "uint8", "latent"]
 
-#: Largest seed: image ``j`` of a prompt uses ``seed + j``, which must stay a valid torch seed.
+#: Largest seed: image ``j`` of a prompt uses ``seed + j``, which must stay a valid torch seed (and
+#: every seed a result reports must be one ``--seed`` / ``seed=`` takes back).
 MAX_SEED = 2**63 - 1
+#: Longest prompt or text, in characters. CLIP reads 77 tokens and classifiers a few hundred, but the
+#: tokenizers (and the truncation warning) go through the whole text first: a 10 MB prompt took a
+#: minute of CPU before anything was refused.
+MAX_TEXT_CHARS = 100_000
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as a plain int (numpy integers included), else one line naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
             high is not None and value > high):
         allowed = f"integers >= {low}" if high is None else f"integers from {low} to {high}"
         raise InvalidArgumentError(name.replace("_", "-"), value, allowed)
+    return int(value)
 
 
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> None:
+def _check_float(name: str, value: Any, low: float, high: float | None = None) -> float:
     ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value
           and value >= low and (high is None or value <= high) and value != float("inf"))
     if not ok:
         allowed = f"finite numbers >= {low}" if high is None else f"numbers from {low} to {high}"
         raise InvalidArgumentError(name.replace("_", "-"), value, allowed)
+    return float(value)
+
+
+def check_seed(seed: Any, images: int = 1, argument: str = "seed") -> int:
+    """``seed`` as a plain int (numpy integers included) such that ``seed + images - 1``, the seed of the
+    last image, is still at most :data:`MAX_SEED`; else one line naming ``argument``."""
+    high = MAX_SEED - max(int(images), 1) + 1
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= high:
+        reason = (f"image j uses seed + j, so with {images} images the largest seed is {high}"
+                  if images > 1 and isinstance(seed, numbers.Integral) and high < seed <= MAX_SEED else None)
+        raise InvalidArgumentError(argument, seed, f"integers from 0 to {high}", reason=reason)
+    return int(seed)
+
+
+def check_text(argument: str, value: Any, what: str = "strings (the empty string is allowed)") -> str:
+    """``value`` if it is a str that a tokenizer can take: at most :data:`MAX_TEXT_CHARS` characters
+    and encodable as UTF-8 (no lone surrogate: invalid UTF-8 from a command line or a file read with
+    ``surrogateescape`` arrives as one, and the Rust tokenizers raise a raw error on it). NUL and
+    other control characters are characters like any other."""
+    if not isinstance(value, str):
+        shown = value if isinstance(value, (int, float, type(None))) else type(value).__name__
+        raise InvalidArgumentError(argument, shown, what)
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidArgumentError(argument, f"a text of {len(value)} characters",
+                                   f"at most {MAX_TEXT_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(argument, value[max(exc.start - 10, 0):exc.end + 10],
+                                   reason=f"a lone surrogate {value[exc.start]!r} at character {exc.start} (invalid "
+                                          "UTF-8, e.g. decoded with surrogateescape): pass valid Unicode") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,18 +103,22 @@ class GenerateConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         self.validate_literals()
-        _check_int("steps", self.steps, 1)
-        _check_float("guidance_scale", self.guidance_scale, 0.0)
-        _check_float("strength", self.strength, 0.0, 1.0)
-        _check_float("eta", self.eta, 0.0)
-        _check_int("num_images_per_prompt", self.num_images_per_prompt, 1)
+        # Numbers are stored as plain ints and floats: numpy scalars are accepted, and the config (and
+        # every result's to_dict) stays JSON-serialisable.
+        normal = {"steps": _check_int("steps", self.steps, 1),
+                  "guidance_scale": _check_float("guidance_scale", self.guidance_scale, 0.0),
+                  "strength": _check_float("strength", self.strength, 0.0, 1.0),
+                  "eta": _check_float("eta", self.eta, 0.0),
+                  "num_images_per_prompt": _check_int("num_images_per_prompt", self.num_images_per_prompt, 1)}
         for name in ("height", "width"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                normal[name] = _check_int(name, getattr(self, name), 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise InvalidArgumentError("negative-prompt", self.negative_prompt, "a string")
+            normal["seed"] = check_seed(self.seed, normal["num_images_per_prompt"])
+        if self.negative_prompt is not None:
+            check_text("negative-prompt", self.negative_prompt, "a string")
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
 
     def replace(self, **overrides: Any) -> GenerateConfig:
         """A copy with some fields changed (validated again); unknown names raise."""

@@ -27,13 +27,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from fastgen.errors import InvalidArgumentError
+from fastgen.errors import InvalidArgumentError, NumericalError
 from fastgen.models.metadata import UNetMetadata, VaeMetadata
 from fastgen.models.spec import parse_dim
 from fastgen.pipelines import stepping
 from fastgen.pipelines import vae_images as imaging
 from fastgen.pipelines.conditioning import PromptEncoder
-from fastgen.pipelines.config import MAX_SEED, GenerateConfig, GenerationResult, Latencies
+from fastgen.pipelines.config import GenerateConfig, GenerationResult, Latencies, check_seed, check_text
 from fastgen.pipelines.sampling import make_scheduler, set_timesteps
 
 logger = logging.getLogger(__name__)
@@ -201,9 +201,9 @@ class Generator:
         start = time.perf_counter()
         cfg = (config or GenerateConfig()).replace(**overrides) if overrides else (config or GenerateConfig())
         prompts = _check_prompts(prompts)
-        seeds = _prompt_seeds(cfg, seeds, len(prompts))
         best_of = _check_best_of(candidates, scorer, keep, rank_by, cfg)
         per_prompt = candidates if best_of else cfg.num_images_per_prompt
+        seeds = _prompt_seeds(cfg, seeds, len(prompts), per_prompt)
         # An unknown scheduler, or a step count it refuses, fails before any work.
         set_timesteps(make_scheduler(cfg.scheduler, self.scheduler_config), cfg.steps)
         init_images = imaging.load_images(image, len(prompts)) if image is not None else None
@@ -259,6 +259,7 @@ class Generator:
         if cfg.output_type != "latent":
             decoded = torch.cat(stepping.decode(self, states))
             timings["vae_decode_ms"] = states[0].vae_decode_ms
+            _check_decoded(decoded, states)
         return latents, decoded, timings
 
     def torch_modules(self) -> dict[str, torch.nn.Module | None]:
@@ -304,28 +305,44 @@ def _metadata(engine: Any, kind: type[_M]) -> _M:
 
 
 def _check_prompts(prompts: Any) -> list[str]:
+    """A list of prompts; a bad one is named by its index (``prompts[1]``)."""
     if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, Sequence) or not prompts:
-        raise InvalidArgumentError("prompts", prompts if not isinstance(prompts, Sequence) else list(prompts),
-                                   "a string or a non-empty list of strings")
-    bad = next((p for p in prompts if not isinstance(p, str)), None)
-    if bad is not None:
-        raise InvalidArgumentError("prompt", bad, "strings (the empty string is allowed)")
-    return list(prompts)
+        return [check_text("prompts[0]", prompts)]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence) or not prompts:
+        shown = type(prompts).__name__ if isinstance(prompts, (bytes, bytearray)) or not isinstance(
+            prompts, Sequence) else list(prompts)
+        raise InvalidArgumentError("prompts", shown, "a string or a non-empty list of strings")
+    return [check_text(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
 
 
-def _prompt_seeds(cfg: GenerateConfig, seeds: Sequence[int] | None, count: int) -> list[int]:
+def _prompt_seeds(cfg: GenerateConfig, seeds: Sequence[int] | None, count: int, per_prompt: int) -> list[int]:
+    """One base seed per prompt; image j of a prompt uses base + j, so base + per_prompt - 1 must be a seed."""
     if seeds is None:
         if cfg.seed is not None:
-            return [cfg.seed] * count
+            return [check_seed(cfg.seed, per_prompt)] * count  # per_prompt: best-of-N's candidates too
         return [secrets.randbelow(2**31) for _ in range(count)]
-    if isinstance(seeds, (int, str)) or len(seeds) != count:
-        raise InvalidArgumentError("seeds", seeds, f"a list of {count} seeds, one per prompt")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise InvalidArgumentError("seed", s, f"integers from 0 to {MAX_SEED}")
-    return list(seeds)
+    if hasattr(seeds, "tolist") and getattr(seeds, "ndim", None) == 1:  # a numpy array or a tensor of seeds
+        seeds = seeds.tolist()
+    if isinstance(seeds, (int, str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) != count:
+        shown = seeds if isinstance(seeds, (int, str)) else type(seeds).__name__
+        raise InvalidArgumentError("seeds", shown, f"a list of {count} seeds, one per prompt")
+    return [check_seed(s, per_prompt, f"seeds[{i}]") for i, s in enumerate(seeds)]
+
+
+def _check_decoded(decoded: torch.Tensor, states: Sequence[stepping.SampleState]) -> None:
+    """A NaN or an infinity in the VAE decoder's output fails the call, naming the first prompt and
+    image it is in (state i is prompt i; its images are consecutive rows)."""
+    bad = imaging.nonfinite_rows(decoded)
+    if not bad:
+        return
+    row, offset = bad[0], 0
+    for p, s in enumerate(states):
+        if row < offset + s.images:
+            raise NumericalError(f"the VAE decoder returned non-finite pixels (NaN or inf) for prompt {p}, image "
+                                 f"{row - offset} (seed {s.seeds[row - offset]}); {len(bad)} of {len(decoded)} "
+                                 "images are affected")
+        offset += s.images
+    raise NumericalError(f"the VAE decoder returned non-finite pixels (NaN or inf) for image(s) {bad}")
 
 
 def _check_best_of(candidates: int | None, scorer: Any, keep: int, rank_by: Any, cfg: GenerateConfig) -> bool:

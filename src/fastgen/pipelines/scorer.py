@@ -11,7 +11,9 @@ invisible to the model), and returned in the caller's order. Videos are sampled 
 probability of every label over the frames.
 
 Probabilities are the softmax of the logits (``multi_label``: the sigmoid of each logit), computed
-in float32 with numpy by :meth:`Scorer.scores`, the one way logits become scores.
+in float32 with numpy by :meth:`Scorer.scores`, the one way logits become scores. Logits with a NaN
+or an infinity are a :class:`~fastgen.errors.NumericalError` naming the input, never a score
+(:meth:`Scorer.score_rows` gives the error per row, for callers that batch requests together).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import numpy as np
 import torch
 
 from fastgen.engines.base import Engine
-from fastgen.errors import InvalidArgumentError, UnsupportedError, check_choice
+from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError, check_choice
 from fastgen.models.metadata import ImageClassifierMetadata, TextClassifierMetadata
 from fastgen.models.spec import parse_dim
+from fastgen.pipelines.config import check_text
 from fastgen.pipelines.preprocess import ImagePreprocessor, TextPreprocessor, positive_int
 from fastgen.pipelines.video import sample_video
 
@@ -325,19 +328,49 @@ class Scorer:
         return logits[:n].float().cpu()
 
     def scores(self, logits: torch.Tensor | np.ndarray) -> list[Score]:
-        """One :class:`Score` per row of a (n, num_labels) logits batch (:meth:`logits`)."""
+        """One :class:`Score` per row of a (n, num_labels) logits batch (:meth:`logits`); a row with a
+        NaN or an infinity raises :class:`NumericalError` naming it."""
         return self._scores(logits)[0]
 
-    def _scores(self, logits: torch.Tensor | np.ndarray) -> tuple[list[Score], np.ndarray]:
-        """(one Score per row, the (n, num_labels) float32 probabilities) of a logits batch.
+    def score_rows(self, logits: torch.Tensor | np.ndarray) -> list[Score | NumericalError]:
+        """:meth:`scores`, but a non-finite row gives its :class:`NumericalError` in its place instead of
+        failing the batch: what a caller scoring many requests in one batch fails each request by."""
+        logits = self._as_array(logits)
+        bad = set(self._nonfinite(logits))
+        if not bad:
+            return list(self.scores(logits))
+        good = [i for i in range(len(logits)) if i not in bad]
+        scores = iter(self.scores(logits[good]) if good else [])
+        return [self._numerical_error([i], "row") if i in bad else next(scores) for i in range(len(logits))]
+
+    @staticmethod
+    def _as_array(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().float().cpu().numpy()
+        return np.asarray(logits, dtype=np.float32)  # (n, num_labels)
+
+    @staticmethod
+    def _nonfinite(logits: np.ndarray) -> list[int]:
+        return np.flatnonzero(~np.isfinite(logits.reshape(len(logits), -1)).all(axis=1)).tolist()
+
+    def _numerical_error(self, rows: Sequence[int], what: str) -> NumericalError:
+        where = ", ".join(f"{what}[{i}]" for i in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        return NumericalError(f"the {self.engine.spec.component} engine returned non-finite logits (NaN or inf) "
+                              f"for {where}")
+
+    def _scores(self, logits: torch.Tensor | np.ndarray, offset: int = 0, what: str = "row"
+                ) -> tuple[list[Score], np.ndarray]:
+        """(one Score per row, the (n, num_labels) float32 probabilities) of a logits batch; a non-finite
+        row raises :class:`NumericalError` naming it as ``what[offset + i]``.
 
         The probabilities are computed with numpy in float32: on a busy CPU, PyTorch's softmax over a
         batch can wait milliseconds for its intra-op threads (5 to 12 ms per call measured on a loaded
         2-core machine), longer than the engine call of a small classifier.
         """
-        if isinstance(logits, torch.Tensor):
-            logits = logits.detach().float().cpu().numpy()
-        logits = np.asarray(logits, dtype=np.float32)  # (n, num_labels)
+        logits = self._as_array(logits)
+        bad = self._nonfinite(logits)
+        if bad:  # a softmax of NaN is NaN, and an argsort of it a made-up "top" label
+            raise self._numerical_error([offset + i for i in bad], what)
         if self.multi_label:
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
@@ -370,7 +403,8 @@ class Scorer:
         self._require("image", "images", images)
         return self._image()(images)
 
-    def _image_probs(self, items: list[Any], batch_size: int | None) -> tuple[list[Score], torch.Tensor]:
+    def _image_probs(self, items: list[Any], batch_size: int | None, what: str = "images"
+                     ) -> tuple[list[Score], torch.Tensor]:
         bs = self._check_batch(batch_size)
         prep = self._image()
         scores: list[Score] = []
@@ -378,7 +412,7 @@ class Scorer:
         with _progress(-(-len(items) // bs), "scoring images", self.progress) as advance:
             for start in range(0, len(items), bs):
                 pixels = prep.to_uint8(items[start:start + bs])  # (n, H, W, C) uint8
-                batch_scores, batch_probs = self._scores(self.logits(prep.feeds(pixels)))
+                batch_scores, batch_probs = self._scores(self.logits(prep.feeds(pixels)), start, what)
                 scores += batch_scores
                 probs.append(batch_probs)
                 advance()
@@ -404,8 +438,7 @@ class Scorer:
         if not items:
             return []
         for i, t in enumerate(items):
-            if not isinstance(t, str):
-                raise InvalidArgumentError(f"texts[{i}]", type(t).__name__, "str")
+            check_text(f"texts[{i}]", t, "str")
         prep = self._text()
         bs = self._check_batch(batch_size)
         if not prep.can_pad:
@@ -416,7 +449,11 @@ class Scorer:
         with _progress(-(-len(items) // bs), "scoring texts", self.progress) as advance:
             for start in range(0, len(items), bs):
                 chunk = order[start:start + bs]
-                for i, s in zip(chunk, self.scores(self.logits(prep.feeds([items[i] for i in chunk])))):
+                logits = self.logits(prep.feeds([items[i] for i in chunk]))
+                bad = self._nonfinite(self._as_array(logits))
+                if bad:  # named by the caller's index, not the length-sorted one
+                    raise self._numerical_error(sorted(chunk[i] for i in bad), "texts")
+                for i, s in zip(chunk, self.scores(logits)):
                     results[i] = s
                 advance()
         return results  # type: ignore[return-value]
@@ -430,7 +467,7 @@ class Scorer:
         """
         self._require("image", "video", os.fspath(video) if isinstance(video, os.PathLike) else video)
         sampled = sample_video(video, frames)
-        scores, probs = self._image_probs(sampled.frames, batch_size)  # probs: (K, num_labels) float32
+        scores, probs = self._image_probs(sampled.frames, batch_size, "frames")  # probs: (K, num_labels) float32
         labels = self.labels
         mean = probs.double().mean(dim=0)  # (num_labels,) float64
         peak = probs.max(dim=0).values.tolist()

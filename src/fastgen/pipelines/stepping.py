@@ -24,6 +24,12 @@ prompts in one call. Per-image randomness comes from the image's own generator o
 its VAE posterior sample (image-to-image), its initial noise, then whatever the scheduler's steps
 draw; so a request gives the same images whatever else shares its UNet calls (equal to
 floating-point rounding: a batched matrix product may round differently from a smaller one).
+
+Numerical failures stay with their request too: after each step every request's latents are checked
+(one ``isfinite`` reduction per request, one host sync per step), and a request whose latents hold a
+NaN or an infinity gets a :class:`~fastgen.errors.NumericalError` naming the step, as its entry of
+:func:`unet_step`'s per-request errors, while the others go on. :func:`nonfinite_rows` tells which
+rows of any batched output (the VAE decoder's) are affected.
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ from typing import Any
 import torch
 
 from fastgen.core.progress import steps as progress_steps
-from fastgen.errors import InvalidArgumentError, UnsupportedError
+from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError
 from fastgen.pipelines import vae_images
 from fastgen.pipelines.conditioning import Conditioning, assemble_conditioning
-from fastgen.pipelines.config import MAX_SEED, GenerateConfig
+from fastgen.pipelines.config import GenerateConfig, check_seed, check_text
 from fastgen.pipelines.engine_calls import run_chunked
 from fastgen.pipelines.sampling import (
     img2img_timesteps,
@@ -49,6 +55,7 @@ from fastgen.pipelines.sampling import (
     set_timesteps,
     step_kwargs,
 )
+from fastgen.pipelines.vae_images import nonfinite_rows
 
 
 @dataclass(eq=False)
@@ -124,14 +131,14 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
     if image is not None and not _is_pil(image):
         raise UnsupportedError(f"step-level image-to-image takes a decoded PIL image, not {type(image).__name__}: "
                                "read it with fastgen.pipelines.vae_images.load_image, or use Generator.generate")
-    if not isinstance(prompt, str):
-        raise InvalidArgumentError("prompt", prompt, "strings (the empty string is allowed)")
+    check_text("prompt", prompt)
     cfg = config or GenerateConfig()
+    count = cfg.num_images_per_prompt if images is None else images
     base = seed if seed is not None else cfg.seed
     if base is None:
         base = secrets.randbelow(2**31)  # as Generator.generate draws an unseeded prompt's seed
-    elif isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= MAX_SEED:
-        raise InvalidArgumentError("seed", base, f"integers from 0 to {MAX_SEED}")
+    else:  # image j uses base + j: the last one must still be a seed a caller can pass back
+        base = check_seed(base, count)
     engines = [generator.unet, generator.vae_decoder]
     if image is not None:
         if generator.vae_encoder is None:
@@ -142,7 +149,6 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
     scheduler = make_scheduler(cfg.scheduler, generator.scheduler_config)
     set_timesteps(scheduler, cfg.steps, _device(generator))
     timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength) if image is not None else scheduler.timesteps
-    count = cfg.num_images_per_prompt if images is None else images
     seeds = [base + j for j in range(count)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     guided = cfg.guidance_scale > 1.0
@@ -236,6 +242,12 @@ def _encode_images(generator: Any, states: Sequence[SampleState], device: torch.
         logvar = out["latent_logvar"][index].to(device)
         noise = per_sample_noise(mean.shape, s.generators, device)
         s.latents = generator.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+    bad = nonfinite_rows(torch.cat([s.latents for s in states]))  # type: ignore[misc]
+    if bad:  # state i is prompt i of Generator.generate; its images are consecutive rows
+        ends = torch.tensor([s.images for s in states]).cumsum(0).tolist()
+        which = sorted({next(i for i, end in enumerate(ends) if row < end) for row in bad})
+        raise NumericalError("the VAE encoder returned non-finite latents (NaN or inf) for the input image of "
+                             f"prompt(s) {', '.join(map(str, which))}")
     for s in states:
         if len(s.timesteps):  # strength 0 (or too few steps to run one): the encoded image as it is
             noise = per_sample_noise(_latent_shape(generator, s), s.generators, device)
@@ -308,8 +320,10 @@ def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | N
     noise_pred = run_chunked(unet, {"sample": sample, "timestep": timestep,
                                     **_feeds(states, feeds_cache)})["noise_pred"]
     errors: list = []
+    previous: list = []
     for s, (uncond_row, cond_row) in zip(states, _layout(states)):
         own = noise_pred[cond_row:cond_row + s.images].to(s.latents.device)
+        previous.append(s.latents)
         try:
             if uncond_row is not None:
                 own = combine_guidance(noise_pred[uncond_row:uncond_row + s.images].to(s.latents.device), own,
@@ -319,11 +333,42 @@ def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | N
             errors.append(None)
         except Exception as exc:  # one request's scheduler failing must not fail the batch
             errors.append(exc)
+    _check_finite(states, errors, previous, noise_pred)
     ms = (time.perf_counter() - start) * 1e3
     for s, err in zip(states, errors):
         if err is None:
             s.step_ms.append(ms)
     return errors
+
+
+def _check_finite(states: Sequence[SampleState], errors: list, previous: list, noise_pred: torch.Tensor) -> None:
+    """Turn each stepped state whose new latents hold a NaN or an infinity into a :class:`NumericalError`
+    (its entry of ``errors``), the state put back as it was before the step; the others are untouched.
+
+    One ``isfinite`` reduction per state and one host sync for the whole step: a NaN never recovers,
+    so a request that went non-finite fails at that step instead of "succeeding" as a NaN image.
+    """
+    stepped = [i for i, e in enumerate(errors) if e is None]
+    if not stepped:
+        return
+    finite = torch.stack([torch.isfinite(states[i].latents).all() for i in stepped]).tolist()  # type: ignore[arg-type]
+    layout = _layout(states)
+    for i, ok in zip(stepped, finite):
+        if ok:
+            continue
+        s = states[i]
+        images = nonfinite_rows(s.latents) or list(range(s.images))  # type: ignore[arg-type]
+        s.index -= 1
+        s.latents = previous[i]
+        uncond_row, cond_row = layout[i]
+        rows = noise_pred[cond_row:cond_row + s.images]
+        if uncond_row is not None:
+            rows = torch.cat([noise_pred[uncond_row:uncond_row + s.images], rows])
+        source = ("the UNet returned non-finite noise predictions" if nonfinite_rows(rows)
+                  else f"{type(s.scheduler).__name__}.step produced them")
+        errors[i] = NumericalError(
+            f"non-finite latents (NaN or inf) at denoising step {s.index + 1} of {s.total_steps}: {source} "
+            f"(image(s) {', '.join(map(str, images))}, seed(s) {', '.join(str(s.seeds[j]) for j in images)})")
 
 
 def denoise_step(generator: Any, states: Sequence[SampleState], *, feeds_cache: dict | None = None) -> list:
@@ -340,15 +385,20 @@ def denoise_step(generator: Any, states: Sequence[SampleState], *, feeds_cache: 
 
 def denoise_loop(unet: Any, states: Sequence[SampleState], *, progress: bool = False) -> None:
     """Step all ``states`` together until every one is done (one UNet call per step); the first
-    scheduler error is raised. ``progress``: a progress bar over the longest schedule."""
+    scheduler error is raised, a :class:`NumericalError` naming the prompt (state ``i`` is prompt ``i``,
+    as :meth:`Generator.generate` lays them out). ``progress``: a progress bar over the longest schedule."""
     total = max((s.total_steps - s.index for s in states), default=0)
     cache: dict = {}
     with progress_steps("denoising", total, enabled=progress) as bar:
         for i in range(total):
             bar.advance(f"step {i + 1}/{total}")
             active = [s for s in states if not s.done]
-            error = next((e for e in unet_step(unet, active, feeds_cache=cache) if e is not None), None)
-            if error is not None:
+            failed = next(((s, e) for s, e in zip(active, unet_step(unet, active, feeds_cache=cache))
+                           if e is not None), None)
+            if failed is not None:
+                state, error = failed
+                if isinstance(error, NumericalError):
+                    raise NumericalError(f"prompt {states.index(state)} ({state.prompt[:40]!r}): {error}") from None
                 raise error
 
 
@@ -370,4 +420,4 @@ def decode(generator: Any, states: Sequence[SampleState]) -> list[torch.Tensor]:
 
 
 __all__ = ["SampleState", "combine_guidance", "decode", "denoise_loop", "denoise_step", "encode_prompts",
-           "init_latents", "prepare", "unet_step"]
+           "init_latents", "nonfinite_rows", "prepare", "unet_step"]

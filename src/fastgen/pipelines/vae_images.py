@@ -2,10 +2,13 @@
 
 (The classifier's image loading and resizing is :mod:`fastgen.pipelines.classifier_images`.)
 
-Input: a PIL image, a path to an image file, or a uint8 (H, W, 3) array; pixels become
-``2 * x / 255 - 1`` in NCHW float32, as diffusers' ``VaeImageProcessor`` does (through
+Input: a PIL image, a path to an image file, or a uint8 (H, W, 3) array; files and PIL images are
+read as the classifier reads them (regular files only, the pixel limit, 16-bit and float modes
+scaled by their range, EXIF orientation: :func:`~fastgen.pipelines.classifier_images.standard_mode`);
+pixels become ``2 * x / 255 - 1`` in NCHW float32, as diffusers' ``VaeImageProcessor`` does (through
 :func:`fastgen.ops.normalize_nchw`). Output: the decoder's (N, 3, H, W) in [-1, 1] becomes PIL images,
-diffusers-style float arrays in [0, 1], or uint8 arrays (via :func:`fastgen.ops.to_uint8_nhwc`).
+diffusers-style float arrays in [0, 1], or uint8 arrays (via :func:`fastgen.ops.to_uint8_nhwc`); a
+decoder output with a NaN or an infinity is a :class:`~fastgen.errors.NumericalError`, never an image.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastgen.errors import InvalidArgumentError
+from fastgen.errors import InvalidArgumentError, NumericalError
 from fastgen.ops import normalize_nchw, to_uint8_nhwc
 
 IMAGE_KINDS = "a PIL image, a path to an image file, or a uint8 (height, width, 3) array"
@@ -36,10 +39,12 @@ def load_image(item: Any):
     """One input image as an RGB PIL image."""
     from PIL import Image
 
+    from fastgen.pipelines.classifier_images import standard_mode
+
     if isinstance(item, (str, os.PathLike)):
         return _open(item)
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return standard_mode(item, "image").convert("RGB")
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
             raise InvalidArgumentError("image", f"array of shape {item.shape} and dtype {item.dtype}", IMAGE_KINDS)
@@ -75,8 +80,25 @@ def to_pixels(images: Sequence, height: int, width: int) -> torch.Tensor:
     return normalize_nchw(batch, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (N, 3, H, W): (x/255 - 0.5) / 0.5
 
 
+def nonfinite_rows(t: torch.Tensor) -> list[int]:
+    """Indices of the rows (dim 0) of ``t`` holding a NaN or an infinity; empty when all are finite.
+
+    One reduction and one host sync, whatever the batch: a batched caller (``fastgen.Runtime``) fails
+    just the requests whose rows these are."""
+    if t.numel() == 0:
+        return []
+    return torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)).flatten().tolist()
+
+
 def to_output(decoded: torch.Tensor, output_type: str) -> Any:
-    """Decoder output (N, 3, H, W) in [-1, 1] as ``pil`` / ``np`` / ``uint8`` (see :class:`GenerateConfig`)."""
+    """Decoder output (N, 3, H, W) in [-1, 1] as ``pil`` / ``np`` / ``uint8`` (see :class:`GenerateConfig`).
+
+    A NaN or an infinity raises :class:`NumericalError` (clamping would turn it into a plausible
+    black or white image)."""
+    bad = nonfinite_rows(decoded)
+    if bad:
+        raise NumericalError(f"the VAE decoder returned non-finite pixels (NaN or inf) for image(s) "
+                             f"{', '.join(map(str, bad))} of {decoded.shape[0]}")
     if output_type == "np":
         # diffusers' postprocess: denormalise, clamp, NHWC float32 on the host.
         return (decoded.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()

@@ -13,6 +13,11 @@
 Decoding is sequential (no seeking): a K-frame sample of a long video costs one decode of the video
 up to its last chosen frame, which is what a seek per frame costs too for the usual short-GOP
 clips, without its keyframe-accuracy pitfalls.
+
+Files are opened as images are (:func:`fastgen.pipelines.classifier_images.open_regular`): regular
+files only (a FIFO, device, socket or directory is refused before anything is read), and PyAV reads
+the very descriptor that was checked. Frames larger than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused
+before they are converted, as images are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.pipelines.classifier_images import check_pixels, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -80,34 +86,60 @@ def _fail(path: Any, exc: BaseException | str) -> InvalidArgumentError:
     return InvalidArgumentError("video", os.fspath(path), reason=f"cannot decode video: {detail}")
 
 
-def _open(path: Any):
+class _Video:
+    """An open container, its first video stream and the file PyAV reads from (closed together)."""
+
+    def __init__(self, container: Any, stream: Any, file: Any) -> None:
+        self.container, self.stream, self.file = container, stream, file
+
+    def close(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.file.close()
+
+    def __enter__(self) -> _Video:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _open(path: Any) -> _Video:
     import av
 
-    if not os.path.isfile(path):
-        reason = "not a file" if os.path.exists(path) else "no such file"
-        raise InvalidArgumentError("video", os.fspath(path), reason=reason)
+    name = os.fspath(path)
+    file = open_regular(path, "video")  # never blocks: a FIFO or a device is refused here
     try:
-        container = av.open(os.fspath(path))
+        container = av.open(file)  # the descriptor that was checked: nothing can be swapped in between
     except Exception as exc:  # PyAV raises many error types (FFmpegError subclasses, OSError...)
+        file.close()
         raise _fail(path, exc) from None
-    if not container.streams.video:
-        container.close()
-        raise _fail(path, "no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame + slice threads; the frames come out in the same order
-    return container, stream
+    video = _Video(container, None, file)
+    try:
+        if not container.streams.video:
+            raise _fail(path, "no video stream")
+        video.stream = container.streams.video[0]
+        video.stream.thread_type = "AUTO"  # frame + slice threads; the frames come out in the same order
+        ctx = video.stream.codec_context
+        check_pixels(int(ctx.width or 0), int(ctx.height or 0), "video", name)
+    except BaseException:
+        video.close()
+        raise
+    return video
 
 
-def _rgb(frame: Any) -> np.ndarray:
+def _rgb(frame: Any, path: Any) -> np.ndarray:
+    # A stream may change size mid-way: every converted frame counts against the pixel limit.
+    check_pixels(int(frame.width), int(frame.height), "video", os.fspath(path))
     return frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
 
 
 def _decode(path: Any):
     """Yield decoded frames of the first video stream; decoder errors become one-line errors."""
-    container, stream = _open(path)
-    with container:
+    with _open(path) as video:
         try:
-            yield from container.decode(stream)
+            yield from video.container.decode(video.stream)
         except InvalidArgumentError:
             raise
         except Exception as exc:
@@ -125,7 +157,7 @@ def _by_index(path: Any, wanted: list[int]) -> tuple[SampledFrames, int]:
         for i, frame in enumerate(gen):
             count = i + 1
             if i in chosen:
-                out.frames.append(_rgb(frame))
+                out.frames.append(_rgb(frame, path))
                 out.indices.append(i)
                 out.timestamps.append(frame.time)
             if i >= last:
@@ -171,7 +203,7 @@ def _by_time(path: Any, targets: list[float]) -> SampledFrames:
 
     def take(item: tuple[int, float, Any]) -> None:
         if not out.indices or out.indices[-1] != item[0]:  # several targets may land on one frame
-            out.frames.append(_rgb(item[2]))
+            out.frames.append(_rgb(item[2], path))
             out.indices.append(item[0])
             out.timestamps.append(item[1])
 
@@ -202,10 +234,9 @@ def _by_time(path: Any, targets: list[float]) -> SampledFrames:
 def sample_file(path: str | os.PathLike, frames: int) -> SampledFrames:
     """Sample ``frames`` frames uniformly from a video file (see the module docstring)."""
     frames = check_frames(frames)
-    container, stream = _open(path)
-    with container:
-        total = _header_frames(stream)
-        start, duration, period = _duration(container, stream)
+    with _open(path) as video:
+        total = _header_frames(video.stream)
+        start, duration, period = _duration(video.container, video.stream)
     if total <= 0 and duration:
         last = start + max(0.0, duration - (period or 0.0))
         out = _by_time(path, [float(t) for t in np.linspace(start, last, frames)])
@@ -239,8 +270,8 @@ def sample_video(video: Any, frames: int) -> SampledFrames:
 def is_video_file(path: str | os.PathLike) -> bool:
     """Whether PyAV opens the file and finds a video stream (reads the header only)."""
     try:
-        container, _ = _open(path)
+        video = _open(path)
     except InvalidArgumentError:
         return False
-    container.close()
+    video.close()
     return True

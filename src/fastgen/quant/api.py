@@ -8,7 +8,9 @@ Rules, in the order they apply to each ``nn.Linear`` / 1x1 ``nn.Conv2d`` under `
    INFO level): models mix sizes (CLIP's 37-wide tiny MLP), and one odd layer should not make a
    whole model unquantizable;
 4. SmoothQuant / static configs: the layer must have ``fastgen.calibrate`` statistics, else
-   :class:`InvalidArgumentError` names the first layer without them.
+   :class:`InvalidArgumentError` names the first layer without them;
+5. the layer's weight and bias must be finite, else :class:`InvalidArgumentError` names the layer: an
+   int8 / int4 code has no NaN, so quantizing would hide a broken weight as finite garbage.
 
 Idempotence: a layer already quantized with the same config (skip list aside) is left as it is, so
 calling ``quantize_`` twice is a no-op; one quantized with a different config raises
@@ -23,6 +25,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fastgen.errors import InvalidArgumentError
@@ -85,8 +88,23 @@ def _plan(module: nn.Module, config: QuantConfig, filter_fn: FilterFn | None) ->
             raise InvalidArgumentError("module", type(module).__name__,
                                        reason="quantize_ replaces child layers; wrap the layer in a container "
                                               "or use QuantLinear.from_float")
+        _check_finite(module, name, layer)
         plan.swap[id(layer)] = (name, layer, cls)  # type: ignore[assignment]
     return plan
+
+
+def _check_finite(module: nn.Module, name: str, layer: nn.Module) -> None:
+    """Refuse a layer whose weight or bias holds a NaN or an infinity (one line naming it)."""
+    for what in ("weight", "bias"):
+        param = getattr(layer, what, None)
+        if (isinstance(param, torch.Tensor) and param.device.type != "meta"  # meta: shapes only, no values
+                and not bool(torch.isfinite(param.detach()).all())):
+            count = int((~torch.isfinite(param.detach())).sum())
+            raise InvalidArgumentError(
+                "module", type(module).__name__,
+                reason=f"layer {name!r} has {count} non-finite {what} value(s) (NaN or inf), which quantization "
+                       "would hide (an int8 code has no NaN): fix the weights, or keep the layer in float "
+                       "(skip=, filter_fn=)")
 
 
 def _replace_all(module: nn.Module, new: dict[int, nn.Module]) -> None:

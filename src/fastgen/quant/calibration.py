@@ -5,18 +5,22 @@ of each layer gets on representative data. ``calibrate`` hooks every eligible la
 and 1x1 ``nn.Conv2d``), runs the caller's forward loop, and leaves the running maximum of
 ``|input|`` per input channel on each layer (``fastgen_act_amax``, fp32 ``(in_features,)``), where
 ``quantize_`` finds it, even after the layer was moved to another parent.
+
+:func:`check_calibration` validates a list of input batches against a component's spec before any
+work (a build loads, copies and calibrates the model before the first malformed batch would fail).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastgen.errors import InvalidArgumentError, VerificationError
+from fastgen.models.spec import parse_dim
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,69 @@ def _run_loop(module: nn.Module, forward_loop: ForwardLoop) -> None:
             module(*batch)
         else:
             module(batch)
+
+
+_LOOP_KINDS = "a forward loop fn(module), or a non-empty list of input batches"
+
+
+def check_calibration(calibration: Any, spec: Any = None, argument: str = "calibration") -> ForwardLoop:
+    """``calibration`` checked before any work, one line naming the first bad batch (``calibration[i]``).
+
+    A callable (a forward loop) is returned as it is. Anything else must be a non-empty iterable of
+    batches, returned as a list (a one-shot iterator is read here, once). With ``spec`` (the
+    component's :class:`~fastgen.models.spec.ExportSpec`; its module takes the inputs positionally,
+    in order) every batch must be the inputs: a tuple / list of them, a dict by input name, or one
+    tensor for a one-input component; each a ``torch.Tensor`` of the spec's rank, float where the spec
+    is float (and finite) and integer where it is not, its static dims equal and its symbolic dims
+    consistent across the inputs (one batch size, one image size).
+    """
+    if callable(calibration):
+        return calibration
+    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        raise InvalidArgumentError(argument, type(calibration).__name__, _LOOP_KINDS)
+    batches = list(calibration)
+    if not batches:
+        raise InvalidArgumentError(argument, "an empty list", _LOOP_KINDS)
+    if spec is not None:
+        for i, batch in enumerate(batches):
+            _check_batch(batch, spec, f"{argument}[{i}]")
+    return batches
+
+
+def _check_batch(batch: Any, spec: Any, where: str) -> None:
+    names = list(spec.input_names)
+    expected = ", ".join(f"{t.name} {t.dtype} {tuple(t.shape)}" for t in spec.inputs)
+    allowed = f"the {spec.component} inputs ({expected}): a tuple, a dict by name" + (
+        ", or one tensor" if len(names) == 1 else "")
+    if isinstance(batch, Mapping):
+        if sorted(map(str, batch)) != sorted(names):
+            raise InvalidArgumentError(where, f"a dict of {sorted(map(str, batch))}", allowed)
+        values = [batch[n] for n in names]
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) != len(names):
+            raise InvalidArgumentError(where, f"{len(batch)} inputs", allowed)
+        values = list(batch)
+    elif isinstance(batch, torch.Tensor) and len(names) == 1:
+        values = [batch]
+    else:
+        raise InvalidArgumentError(where, type(batch).__name__, allowed)
+    roots: dict[str, int] = {}
+    for t, value in zip(spec.inputs, values):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(where, f"{t.name}: {type(value).__name__}", allowed)
+        is_float = t.dtype.startswith(("float", "bfloat"))
+        shape = tuple(value.shape)
+        if value.is_floating_point() != is_float or value.dim() != len(t.shape):
+            raise InvalidArgumentError(where, f"{t.name}: {value.dtype} {shape}", allowed)
+        for entry, size in zip(t.shape, shape):
+            parsed = parse_dim(entry)
+            root = size if parsed is None else size * parsed[1]
+            if (parsed is None and size != entry) or (parsed is not None and roots.setdefault(parsed[0], root) != root):
+                raise InvalidArgumentError(where, f"{t.name}: {value.dtype} {shape}", allowed,
+                                           reason="a static dim differs, or dims of one symbol disagree")
+        if is_float and not bool(torch.isfinite(value).all()):
+            raise InvalidArgumentError(where, f"{t.name}: {value.dtype} {shape}",
+                                       reason="holds NaN or inf: statistics from it would be meaningless")
 
 
 def calibrate(module: nn.Module, forward_loop: ForwardLoop, *,

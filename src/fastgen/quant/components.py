@@ -15,7 +15,7 @@ import torch
 
 from fastgen.core import plugins
 from fastgen.quant.api import quantization_recipe, quantize_, quantized_layers
-from fastgen.quant.calibration import AMAX_ATTR, ForwardLoop, calibrate
+from fastgen.quant.calibration import AMAX_ATTR, ForwardLoop, calibrate, check_calibration
 from fastgen.quant.config import QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ def quantize_component(component: Any, config: QuantConfig, *, calibration: Forw
     """``component`` with its model quantized by ``config`` (``DEFAULT_SKIP`` unless the config says
     otherwise); a deep copy unless ``inplace``. Calibrates first when the config needs statistics:
     on ``calibration`` (a forward loop or an iterable of input batches for ``component.module``),
-    else on :func:`default_calibration` (logged as a warning)."""
+    else on :func:`default_calibration` (logged as a warning). Input batches are checked against the
+    component's spec first, before the model is copied or run (:func:`check_calibration`)."""
+    if calibration is not None and config.needs_calibration:
+        calibration = check_calibration(calibration, component.spec)
     comp = component if inplace else copy.deepcopy(component)
     seen = None
     if config.needs_calibration:

@@ -52,13 +52,18 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, smooth: torch.Te
 
     fp32 division and round half to even as ``quantize_per_token``, but clamped to [-128, 127], the
     range ONNX QuantizeLinear and TensorRT saturate to, so the exported graph computes the same codes
-    (inputs beyond the calibrated range saturate either way).
+    (inputs beyond the calibrated range saturate either way). A row of x holding a NaN or an infinity
+    gets scale NaN (and codes 0), so the GEMM's output row is NaN, not saturated or zeroed garbage;
+    finite rows are unaffected, bit for bit.
     """
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth
-    xq = torch.round(xf / input_scale).clamp(-128.0, 127.0).to(torch.int8)
-    return xq, input_scale.expand(x.shape[:-1]).contiguous()
+    finite = torch.isfinite(x).all(dim=-1)  # (...,): of x itself, so finite rows stay exactly as they were
+    v = torch.where(finite[..., None], xf / input_scale, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    xq = torch.round(v).clamp(-128.0, 127.0).to(torch.int8)
+    scale = torch.where(finite, input_scale, torch.full((), float("nan"), device=input_scale.device))
+    return xq, scale.expand(x.shape[:-1]).contiguous()
 
 
 def quant_linear(x: torch.Tensor, config: QuantConfig, qweight: torch.Tensor, weight_scale: torch.Tensor,

@@ -1,7 +1,8 @@
-"""Batched serving: ``Runtime`` turns single requests from many clients into full batches on one device loop.
+"""Batched serving: ``Runtime`` turns single requests from many clients into full batches, one device thread per engine.
 
 Scoring is batched per request (shape buckets, count and token / pixel budgets), generation per
-denoising step (continuous batching). See :mod:`fastgen.runtime.runtime`.
+denoising step (continuous batching), each engine kind on its own device thread under a watchdog.
+See :mod:`fastgen.runtime.runtime`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _LAZY = {
     "DeadlineExceededError": "fastgen.runtime.requests",
     "ShutdownError": "fastgen.runtime.requests",
     "OutOfMemoryError": "fastgen.runtime.requests",
+    "EngineError": "fastgen.runtime.requests",
+    "EngineTimeoutError": "fastgen.runtime.requests",
     "RequestScheduler": "fastgen.runtime.request_scheduler",
     "LatencyProfile": "fastgen.runtime.batch_tuning",
     "TuningChoice": "fastgen.runtime.batch_tuning",
@@ -42,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.runtime.request_scheduler import RequestScheduler
     from fastgen.runtime.requests import (
         DeadlineExceededError,
+        EngineError,
+        EngineTimeoutError,
         GenerateRequest,
         OutOfMemoryError,
         OverloadedError,

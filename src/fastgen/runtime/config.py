@@ -82,10 +82,22 @@ class RuntimeConfig(ConfigMixin):
     newer ones of higher priority, so nothing starves."""
     default_deadline_s: float | None = None
     """Deadline of requests that set none (seconds after submission); none: no deadline."""
+    call_timeout_s: float | None = 300.0
+    """Seconds one run of an engine (a scoring batch, or a generation step with its encoder and
+    decoder calls) may take before the watchdog gives up on it: its requests and those queued for
+    that engine fail with EngineTimeoutError, and new ones for it are refused at once until the call
+    returns (then it serves again); the other engines, each on its own thread, keep serving. Generous
+    by default (a first call that compiles counts); none: no watchdog."""
+    oom_probe_after: int = 8
+    """After the device runs out of memory, a queue's batch limit drops to the largest size that fit
+    (or half the size that failed), and is raised again, by bisection towards the size that failed
+    (then towards the configured limit), once this many batches at the lower limit have fit; retrying
+    the very size that failed waits twice as long each time it fails again."""
 
     def __post_init__(self) -> None:
         self.validate_literals()
-        for name in ("max_queue", "max_batch_size", "max_batch_tokens", "max_batch_pixels", "max_step_rows"):
+        for name in ("max_queue", "max_batch_size", "max_batch_tokens", "max_batch_pixels", "max_step_rows",
+                     "oom_probe_after"):
             _int(name, getattr(self, name), 1)
         if self.max_active_rows is not None:
             _int("max_active_rows", self.max_active_rows, 1)
@@ -97,6 +109,7 @@ class RuntimeConfig(ConfigMixin):
         _float("max_wait_ms", self.max_wait_ms, 0.0)
         _float("priority_aging_s", self.priority_aging_s, 0.0, strict=True)
         _float("default_deadline_s", self.default_deadline_s, 0.0, strict=True, optional=True)
+        _float("call_timeout_s", self.call_timeout_s, 0.0, strict=True, optional=True)
         buckets = tuple(self.text_buckets)
         if (any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in buckets)
                 or list(buckets) != sorted(set(buckets))):

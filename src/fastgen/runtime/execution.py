@@ -3,9 +3,10 @@
 A batch that raises is split in two and each half retried, down to single requests, so one bad
 request fails alone and the others still run (:func:`isolate`); a device out-of-memory error is
 handled the same way (split and retry), and a request that does not fit even alone fails with
-:class:`~fastgen.runtime.requests.OutOfMemoryError`. Executors report what a run measured (a lower
-batch limit after running out of memory, a step's time, the price of padding) in their
-:class:`Outcomes`, and the worker applies it to the request scheduler.
+:class:`~fastgen.runtime.requests.OutOfMemoryError`. Executors report what a run measured (the
+sizes that fit in device memory and those that did not, a step's time, the price of padding) in
+their :class:`Outcomes`, and the worker applies it to the request scheduler (the batch limit after
+running out of memory: :mod:`fastgen.runtime.backoff`).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class Outcomes:
     ended: list[Outcome] = field(default_factory=list)
     """One per request that ended (a scoring batch: all of them; a generation step: those that ended)."""
     max_batch: int | None = None
-    """The device ran out of memory: the decision's queue takes at most this many requests per batch
-    (generation: UNet rows per step) from now on."""
+    """A hard cap: the decision's queue takes at most this many requests per batch (generation: UNet
+    rows per step) from now on (executors that report ``memory`` leave it to the back-off instead)."""
+    memory: list[tuple[int, bool]] = field(default_factory=list)
+    """The device calls of this run, in order: ``(size, fit)``, size in requests (generation: UNet rows),
+    fit False when it ran out of memory. The worker lowers the queue's batch limit from these and
+    raises it again once batches fit (:class:`~fastgen.runtime.backoff.MemoryBackoff`)."""
     merge_cost: float | None = None
     """Texts: padded tokens worth one engine call, refitted to the batches timed so far."""
     step: tuple[int, int, float] | None = None

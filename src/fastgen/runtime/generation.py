@@ -10,15 +10,17 @@ One :meth:`GenerationExecutor.run` is one denoising step of one shape bucket (im
 3. the requests whose last step this was are decoded in ONE VAE-decoder call and leave.
 
 Failures stay with their request: a call that raises is retried in halves down to the request
-that causes it (:func:`fastgen.runtime.execution.isolate`); running out of device memory also lowers
-the bucket's row limit, and the step is then run in chunks under it. What a step measured (its
-time, a lower row limit) goes back to the worker in the step's :class:`~fastgen.runtime.execution.Outcomes`.
+that causes it (:func:`fastgen.runtime.execution.isolate`); the UNet row counts that fit in device
+memory and those that did not go back to the worker, which lowers the bucket's row limit after an
+out-of-memory error and raises it again once steps fit (:mod:`fastgen.runtime.backoff`); an active set
+formed under a higher limit runs in chunks under the current one. What a step measured (its time,
+the row counts) goes back to the worker in the step's :class:`~fastgen.runtime.execution.Outcomes`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +41,6 @@ class GenerationExecutor:
         self.generator = generator
         self.clock = clock
         self._feeds_cache: dict = {}
-        self._row_cap: dict[Hashable, int] = {}
 
     def prepare(self, request: GenerateRequest) -> tuple[Any, int, float, stepping.SampleState]:
         """(bucket, rows, cost, state) of one request, in the caller's thread; bad input raises here."""
@@ -58,11 +59,10 @@ class GenerationExecutor:
 
     def run(self, decision: Decision) -> Outcomes:
         """One step of ``decision.queue``'s active set: the requests that ended at it, the step's time
-        (when it ran whole) and, after an out-of-memory error, the bucket's new row limit."""
-        bucket = decision.queue[1]  # type: ignore[index]
+        (when it ran whole) and the UNet row counts that fit in device memory or did not."""
         ended: list[Outcome] = []
         failed: set[int] = set()
-        row_caps: list[int] = []  # set by out-of-memory errors during this step, lowest last
+        memory: list[tuple[int, bool]] = []
         step: tuple[int, int, float] | None = None
 
         def fail(job: Job, error: BaseException) -> None:
@@ -76,9 +76,9 @@ class GenerationExecutor:
                         fail(job, value)
             active = [j for j in decision.jobs if j.id not in failed]
             start = time.perf_counter()
-            for chunk in self._chunks(bucket, active):
-                results = isolate(self._step, chunk, what="UNet step",
-                                  on_oom=lambda group: row_caps.append(self._oom(bucket, group)))
+            for chunk in self._chunks(active, decision.max_rows):
+                results = isolate(lambda jobs: self._step(jobs, memory), chunk, what="UNet step",
+                                  on_oom=lambda group: memory.append((sum(j.rows for j in group), False)))
                 for job, ok, value in results:
                     if not ok or value is not None:  # the call failed, or this request's scheduler step did
                         fail(job, value)
@@ -99,7 +99,7 @@ class GenerationExecutor:
                     ended.append(Outcome(job, RequestStatus.SUCCEEDED, self._result(job, decoded.get(job.id))))
                 except Exception as exc:  # output conversion of this request alone
                     fail(job, exc)
-        return Outcomes(ended, max_batch=row_caps[-1] if row_caps else None, step=step)
+        return Outcomes(ended, memory=memory, step=step)
 
     def _encode(self, jobs: list[Job]) -> list[None]:
         states = [j.payload.data for j in jobs]
@@ -107,15 +107,17 @@ class GenerationExecutor:
         stepping.init_latents(self.generator, states)
         return [None] * len(jobs)
 
-    def _step(self, jobs: list[Job]) -> list[BaseException | None]:
-        return stepping.denoise_step(self.generator, [j.payload.data for j in jobs], feeds_cache=self._feeds_cache)
+    def _step(self, jobs: list[Job], memory: list[tuple[int, bool]]) -> list[BaseException | None]:
+        out = stepping.denoise_step(self.generator, [j.payload.data for j in jobs], feeds_cache=self._feeds_cache)
+        memory.append((sum(j.rows for j in jobs), True))
+        return out
 
     def _decode(self, jobs: list[Job]) -> list[torch.Tensor]:
         return stepping.decode(self.generator, [j.payload.data for j in jobs])
 
-    def _chunks(self, bucket: Hashable, jobs: list[Job]) -> list[list[Job]]:
-        """The active set in groups of at most the bucket's row cap (learnt from out-of-memory errors)."""
-        cap = self._row_cap.get(bucket)
+    @staticmethod
+    def _chunks(jobs: list[Job], cap: int | None) -> list[list[Job]]:
+        """The active set in groups of at most ``cap`` rows (the bucket's current step limit)."""
         if cap is None or sum(j.rows for j in jobs) <= cap:
             return [jobs] if jobs else []
         chunks: list[list[Job]] = [[]]
@@ -127,14 +129,6 @@ class GenerationExecutor:
             chunks[-1].append(job)
             rows += job.rows
         return chunks
-
-    def _oom(self, bucket: Hashable, group: list[Job]) -> int:
-        """``group`` ran out of memory: lower and return the bucket's row cap."""
-        # r rows did not fit: halve (a group is split in two next), or, for one request, just below it.
-        rows = sum(j.rows for j in group)
-        cap = max(1, rows // 2 if len(group) > 1 else rows - 1)
-        self._row_cap[bucket] = min(self._row_cap.get(bucket, cap), cap)
-        return self._row_cap[bucket]
 
     def drop(self, jobs: list[Job]) -> None:
         """Requests that left without finishing (cancelled, expired): release their batch's cached inputs."""

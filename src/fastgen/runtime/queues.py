@@ -79,6 +79,9 @@ class Decision:
     """Running generations whose cancellation was asked for: removed from their active set."""
     wait: float | None = None
     """Nothing to run: seconds until a batch's wait or a deadline runs out (None: until notified)."""
+    max_rows: int | None = None
+    """Generation: the queue's step limit in UNet rows when the step was decided (an active set formed
+    under a higher limit, before the device ran out of memory, runs in chunks of at most this)."""
 
     @property
     def has_work(self) -> bool:

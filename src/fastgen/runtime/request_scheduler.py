@@ -1,11 +1,11 @@
 """The request scheduler: queues, shape buckets, priorities with aging, deadlines, budgets and batch formation.
 
 Pure Python (no torch), driven by an injected clock, so it is deterministic and testable without a
-device. The device loop (:mod:`fastgen.runtime.worker`) asks :meth:`RequestScheduler.schedule` what to run
-next, runs it, and reports back with :meth:`RequestScheduler.finish` (and what the run measured:
-:meth:`~RequestScheduler.observe_step`, :meth:`~RequestScheduler.set_merge_cost`,
-:meth:`~RequestScheduler.set_limits`). Its state changes only through its methods; the device loop
-calls them under its lock. (Diffusers' noise schedulers are another thing: see
+device. Each device loop (:mod:`fastgen.runtime.worker`, one per kind) asks
+:meth:`RequestScheduler.schedule` what to run next for its kind, runs it, and reports back with
+:meth:`RequestScheduler.finish` (and what the run measured: :meth:`~RequestScheduler.observe_step`,
+:meth:`~RequestScheduler.set_merge_cost`, :meth:`~RequestScheduler.set_limits`). Its state changes
+only through its methods; the device loops call them under their shared lock. (Diffusers' noise schedulers are another thing: see
 :mod:`fastgen.pipelines.sampling`.)
 
 Queues. Each (kind, bucket) has its own queue: ``("text", 32)`` holds texts padded to 32 tokens,
@@ -19,7 +19,9 @@ ordering by ``priority + waited / priority_aging_s`` at every instant, so one he
 priorities with aging in O(log n), and an old request always ends up ahead of newer ones (no
 starvation). Across queues, the ready queue with the smallest key runs next; generation's key is
 its last step's time (minus its best running priority), so steps and scoring batches interleave
-instead of either starving the other.
+instead of either starving the other when one thread decides for all kinds. The runtime decides for
+each kind on its own thread (``schedule(kinds=...)``: one engine's hung call never holds up another's
+requests), so there each kind's queues compete only with each other.
 
 Generation order (step batching). A request's virtual time is its *deadline* (earliest deadline
 first), and each step runs the most urgent requests of the most urgent bucket: that policy (bucket
@@ -61,7 +63,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
@@ -93,7 +95,7 @@ class RequestScheduler(StepPolicy):
         self._defaults: dict[str, Limits] = {}
         self.merge_cost: dict[str, float] = {}
         """Nested kinds: padding (cost units: tokens) worth one engine call; absent: 0, never pad across buckets."""
-        self._deadlines: list[tuple[float, int, Job]] = []
+        self._deadlines: dict[str, list[tuple[float, int, Job]]] = {}  # per kind: each kind's thread expires its own
         self._seq = itertools.count()
         self._cancel_pending: list[Job] = []
         self._best = BestCandidate()
@@ -224,7 +226,7 @@ class RequestScheduler(StepPolicy):
         q.cost += job.cost
         self.queued += 1
         if job.deadline is not None:
-            heapq.heappush(self._deadlines, (job.deadline, job.seq, job))
+            heapq.heappush(self._deadlines.setdefault(job.kind, []), (job.deadline, job.seq, job))
         if job.kind == GENERATE or self._flush:
             return job.arrival
         lim = q.lim
@@ -279,9 +281,11 @@ class RequestScheduler(StepPolicy):
         """Running requests of the active sets of ``kind`` (all buckets)."""
         return [j for q in self._queues.values() if q.kind == kind for j in q.active]
 
-    def pending(self) -> int:
-        """Requests queued or in an active set."""
-        return self.queued + sum(len(q.active) for q in self._generate)
+    def pending(self, kind: str | None = None) -> int:
+        """Requests queued or in an active set (of ``kind`` only, if given)."""
+        if kind is None:
+            return self.queued + sum(len(q.active) for q in self._generate)
+        return sum(q.count + len(q.active) for q in self._queues.values() if q.kind == kind)
 
     def queue_depths(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -289,19 +293,25 @@ class RequestScheduler(StepPolicy):
             out[q.kind] = out.get(q.kind, 0) + q.count
         return out
 
-    def drain_queued(self, status: RequestStatus = RequestStatus.FAILED) -> list[Job]:
-        """Remove every queued request (shutdown); returns them."""
+    def drain_queued(self, status: RequestStatus = RequestStatus.FAILED, kinds: Collection[str] | None = None
+                     ) -> list[Job]:
+        """Remove every queued request (of ``kinds`` only, if given: an engine that stopped); returns them."""
         out = []
         for q in self._queues.values():
+            if kinds is not None and q.kind not in kinds:
+                continue
             while (job := q.head()) is not None:
                 self._unqueue(job, status)
                 out.append(job)
             q.fifo.clear()
         return out
 
-    def drain_active(self, status: RequestStatus = RequestStatus.FAILED) -> list[Job]:
+    def drain_active(self, status: RequestStatus = RequestStatus.FAILED, kinds: Collection[str] | None = None
+                     ) -> list[Job]:
         """Remove every running generation from its active set (shutdown); returns them."""
-        out = []
+        out: list[Job] = []
+        if kinds is not None and GENERATE not in kinds:
+            return out
         for q in self._generate:
             out += q.active
             for job in q.active:
@@ -311,13 +321,21 @@ class RequestScheduler(StepPolicy):
 
     # --- the decision -------------------------------------------------------------------------
 
-    def schedule(self, now: float | None = None) -> Decision:
-        """What to run next: expirations and cancellations to report, and one batch or step (or a wait)."""
+    def schedule(self, now: float | None = None, kinds: Collection[str] | None = None) -> Decision:
+        """What to run next: expirations and cancellations to report, and one batch or step (or a wait).
+
+        ``kinds``: decide for those kinds only (each engine's thread decides for its own, and never
+        touches another's requests while that one's batch runs); None: all of them."""
         now = self.clock() if now is None else now
         decision = Decision()
-        if self._deadlines and self._deadlines[0][0] <= now:
-            self._expire(now, decision)
-        if self._cancel_pending:
+        heads = math.inf  # the earliest deadline of the kinds decided for
+        for kind, heap in self._deadlines.items():
+            if heap and (kinds is None or kind in kinds):
+                if heap[0][0] <= now:
+                    self._expire(heap, now, decision)
+                if heap and heap[0][0] < heads:
+                    heads = heap[0][0]
+        if self._cancel_pending and (kinds is None or GENERATE in kinds):
             self._take_cancelled(decision)
 
         # Nothing below allocates per queue (no tuples, no lists unless a text group forms): a
@@ -328,11 +346,11 @@ class RequestScheduler(StepPolicy):
         wake = math.inf
         aging = self.config.priority_aging_s
         static = self.config.generation_batching == "request"
-        if self._generate:
+        if self._generate and (kinds is None or GENERATE in kinds):
             self._generation(aging, static)
         flush = self._flush
         for q in self._plain:
-            if not q.count:
+            if not q.count or (kinds is not None and q.kind not in kinds):
                 continue
             lim = q.lim
             ready_at = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
@@ -341,13 +359,13 @@ class RequestScheduler(StepPolicy):
             elif ready_at < wake:
                 wake = ready_at
         for kind, queues in self._nested.items():
-            wake = self._groups(queues, self.merge_cost.get(kind, 0.0), now, wake)
+            if kinds is None or kind in kinds:
+                wake = self._groups(queues, self.merge_cost.get(kind, 0.0), now, wake)
 
         best_q, members = best.queue, best.members
         best.queue, best.members = None, ()
         if best_q is None:
-            if self._deadlines:
-                wake = min(wake, self._deadlines[0][0])
+            wake = min(wake, heads)
             decision.wait = None if wake == math.inf else max(wake - now, 0.0)
             return decision
         decision.kind, decision.queue = best_q.kind, best_q.key
@@ -356,6 +374,7 @@ class RequestScheduler(StepPolicy):
             self._gen_last = now
             self._admit(best_q, now, decision, static)
             decision.jobs = list(best_q.active) if static else self._running(best_q)
+            decision.max_rows = best_q.lim.max_batch
         else:
             decision.jobs = self._take_batch(best_q, members, now)
         return decision
@@ -402,8 +421,7 @@ class RequestScheduler(StepPolicy):
             leader, members, count, cost, key, ready_at = q, (), q.count, q.cost, q_key, q_ready
         return wake
 
-    def _expire(self, now: float, decision: Decision) -> None:
-        heap = self._deadlines
+    def _expire(self, heap: list[tuple[float, int, Job]], now: float, decision: Decision) -> None:
         expired: list[Job] = []
         while heap and heap[0][0] <= now:
             _, _, job = heapq.heappop(heap)
@@ -419,7 +437,7 @@ class RequestScheduler(StepPolicy):
         while heap and heap[0][2].status.terminal:  # keep the next wake-up exact
             heapq.heappop(heap)
         if expired:
-            decision.expired = expired
+            decision.expired = [*decision.expired, *expired] if decision.expired else expired
 
     def _take_cancelled(self, decision: Decision) -> None:
         cancelled: list[Job] = []

@@ -5,27 +5,37 @@ Every accepted request ends in exactly one terminal status, carried by its futur
 ========== ====================================================================================
 succeeded  ``future.result()`` is the result (a ``GenerationResult`` or a ``Score``)
 failed     ``future.exception()`` is the error of that request alone (a bad input, an engine
-           error, :class:`OutOfMemoryError`, or :class:`ShutdownError`)
+           error, :class:`OutOfMemoryError`, :class:`EngineError`, :class:`EngineTimeoutError`
+           or :class:`ShutdownError`)
 cancelled  ``future.cancel()`` was called (queued: removed; running: freed at the next step)
 expired    its deadline passed before it finished: :class:`DeadlineExceededError`
 ========== ====================================================================================
 
 A submission the runtime cannot accept is refused at once, by raising: :class:`OverloadedError`
 (the queue is full; it carries a retry-after estimate) or :class:`ShutdownError` (the runtime is
-closing). Nothing here imports torch.
+closing), or :class:`EngineTimeoutError` (the engine it needs is stuck in a call). Nothing here
+imports torch.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import enum
+import logging
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastgen.errors import FastgenError, InvalidArgumentError
 
+logger = logging.getLogger(__name__)
+
 ScoreKind = Literal["text", "image"]
+
+#: Priorities allowed: wide enough for any policy, small enough that ``priority * priority_aging_s``
+#: stays a float (an int of 400 digits would raise OverflowError in the scheduler).
+MAX_PRIORITY = 10**9
 
 
 class RequestStatus(str, enum.Enum):
@@ -79,11 +89,30 @@ class OutOfMemoryError(RequestError):
     """The device ran out of memory on this request even when it ran alone."""
 
 
+class EngineError(RequestError):
+    """An engine call of the request's batch failed in a way that is not the request's own: it raised
+    a ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``), kept
+    as ``__cause__``. The runtime keeps serving."""
+
+
+class EngineTimeoutError(EngineError):
+    """An engine call did not return within ``RuntimeConfig.call_timeout_s``: the requests of its batch
+    and those queued for that engine fail with it, and new ones are refused at once until the call
+    returns (the runtime's other engines keep serving)."""
+
+    def __init__(self, kind: str, seconds: float, timeout_s: float) -> None:
+        self.kind, self.seconds, self.timeout_s = kind, float(seconds), float(timeout_s)
+        super().__init__(f"the {kind} engine call has not returned after {self.seconds:.1f} s (call_timeout_s "
+                         f"{self.timeout_s:g}): its requests failed, and {kind} requests are refused until it returns")
+
+
 # --- requests -----------------------------------------------------------------------------------------
 
 def _check_common(priority: Any, deadline_s: Any) -> None:
-    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
-        raise InvalidArgumentError("priority", priority, "integers (higher runs first)")
+    if (isinstance(priority, bool) or not isinstance(priority, numbers.Integral)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise InvalidArgumentError("priority", priority, f"integers from {-MAX_PRIORITY} to {MAX_PRIORITY} "
+                                   "(higher runs first)")
     if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, numbers.Real)
                                    or not deadline_s > 0 or deadline_s == float("inf")):
         raise InvalidArgumentError("deadline_s", deadline_s, "finite numbers > 0 (seconds after submission), or None")
@@ -130,6 +159,11 @@ class ScoreRequest:
 
 # --- futures ------------------------------------------------------------------------------------------
 
+# concurrent.futures.Future's states (constants of its private module, unchanged since Python 3.2).
+_PENDING, _RUNNING, _CANCELLED, _NOTIFIED, _FINISHED = (
+    "PENDING", "RUNNING", "CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
+
+
 class RequestFuture(concurrent.futures.Future):
     """A ``concurrent.futures.Future`` with the request's id and live status.
 
@@ -137,13 +171,24 @@ class RequestFuture(concurrent.futures.Future):
     at once) and while it runs (generation is freed at its next step boundary; a scoring batch
     already on the device finishes, and the result is dropped). ``asyncio.wrap_future`` turns it
     into an awaitable whose cancellation cancels the request.
+
+    ``cancel()`` tells ``concurrent.futures.wait`` / ``as_completed`` at once, in any phase (a plain
+    Future leaves that to ``set_running_or_notify_cancel``, which an executor calls when it dequeues
+    the work: a request cancelled while queued is never dequeued). ``on_cancel(future)`` runs first
+    (the runtime takes the request out of its queue). ``callbacks(fn) -> bool``: where the done-callbacks
+    of a request the runtime resolves run (its callback threads, never the device's); False, or
+    none given: in the resolving thread. Callbacks of a cancel run in the cancelling thread, and one
+    added once the future is done runs at once in the caller's, as with any Future.
     """
 
-    def __init__(self, request_id: int, kind: str) -> None:
+    def __init__(self, request_id: int, kind: str, *, callbacks: Callable[[Callable[[], None]], bool] | None = None,
+                 on_cancel: Callable[[RequestFuture], Any] | None = None) -> None:
         super().__init__()
         self.request_id = request_id
         self.kind = kind
         self._status = RequestStatus.QUEUED
+        self._dispatch = callbacks
+        self._on_cancel = on_cancel
 
     @property
     def status(self) -> RequestStatus:
@@ -156,24 +201,63 @@ class RequestFuture(concurrent.futures.Future):
         stays pending (``cancel()`` still works; unlike ``set_running_or_notify_cancel``)."""
         self._status = RequestStatus.RUNNING
 
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (_RUNNING, _FINISHED):
+                return False
+            if self._state in (_CANCELLED, _NOTIFIED):
+                return True
+            self._state = _NOTIFIED  # cancelled and notified in one step: nothing will dequeue it later
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        if self._on_cancel is not None:
+            try:
+                self._on_cancel(self)
+            except Exception:
+                logger.exception("taking cancelled request %d out of the runtime failed", self.request_id)
+        self._run_callbacks()
+        return True
+
     def _finish(self, status: RequestStatus, result: Any = None, error: BaseException | None = None) -> bool:
         """Resolve the future (worker side). False when it had been cancelled (the result is dropped) or
-        already resolved (a shutdown that stopped waiting for the device loop failed it first)."""
-        try:
-            if not self.set_running_or_notify_cancel():
+        already resolved (a shutdown or the watchdog failed it first). One atomic step under the
+        future's lock, so a cancel racing it either wins or returns False."""
+        with self._condition:
+            if self._state != _PENDING:
                 return False
-        except RuntimeError:  # already running or finished: another thread resolves it
-            return False
-        self._status = status
-        if error is not None:
-            self.set_exception(error)
-        else:
-            self.set_result(result)
+            self._status = status
+            if error is not None:
+                self._exception = error
+                for waiter in self._waiters:
+                    waiter.add_exception(self)
+            else:
+                self._result = result
+                for waiter in self._waiters:
+                    waiter.add_result(self)
+            self._state = _FINISHED
+            self._condition.notify_all()
+        self._invoke_callbacks()
         return True
+
+    def _invoke_callbacks(self) -> None:
+        if not self._done_callbacks:
+            return
+        dispatch = self._dispatch
+        if dispatch is None or not dispatch(self._run_callbacks):
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        for callback in list(self._done_callbacks):
+            try:
+                callback(self)
+            except Exception:  # as concurrent.futures does: logged, never raised into the runtime
+                logger.exception("exception calling a done callback of %r", self)
 
     def __repr__(self) -> str:
         return f"<RequestFuture {self.request_id} {self.kind} {self.status.value}>"
 
 
-__all__ = ["DeadlineExceededError", "GenerateRequest", "OutOfMemoryError", "OverloadedError", "RequestError",
-           "RequestFuture", "RequestStatus", "ScoreRequest", "ShutdownError"]
+__all__ = ["MAX_PRIORITY", "DeadlineExceededError", "EngineError", "EngineTimeoutError", "GenerateRequest",
+           "OutOfMemoryError", "OverloadedError", "RequestError", "RequestFuture", "RequestStatus", "ScoreRequest",
+           "ShutdownError"]

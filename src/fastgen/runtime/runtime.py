@@ -9,10 +9,13 @@
 
 Scoring is batched request by request (dynamic batching in shape buckets under a count and a
 token / pixel budget), generation step by step (continuous batching: requests join and leave a
-shape bucket's UNet batch at every denoising step). One device thread runs everything
-(:mod:`fastgen.runtime.worker`); the decisions are :mod:`fastgen.runtime.request_scheduler`'s. Every
-accepted request ends with a status (:mod:`fastgen.runtime.requests`); ``shutdown`` finishes or
-fails all of them and joins the thread.
+shape bucket's UNet batch at every denoising step). Each engine kind (generation, text scoring,
+image scoring) runs on its own device thread, watched by a watchdog (:mod:`fastgen.runtime.worker`);
+the decisions are :mod:`fastgen.runtime.request_scheduler`'s. Every accepted request ends with a
+status (:mod:`fastgen.runtime.requests`); clients' done-callbacks run on the runtime's callback
+threads (:mod:`fastgen.runtime.callbacks`), never on a device thread. ``shutdown`` finishes or fails
+every request and joins the threads within its timeout; a runtime dropped without it finishes
+what it accepted and stops its threads, and one still running at interpreter exit is aborted.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.batch_tuning import CallCost, LatencyProfile, TuningChoice, choose, measure
+from fastgen.runtime.callbacks import CallbackPool
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.metrics import Metrics, bucket_label
 from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
@@ -52,9 +57,16 @@ def _scorers(scorer: Any) -> dict[str, Any]:
     return out
 
 
+def _release(worker: Worker, callbacks: CallbackPool) -> None:
+    """A runtime was garbage-collected without ``shutdown``: let its threads finish what it accepted
+    and end, without blocking the collecting thread (it holds no reference to the runtime)."""
+    worker.close_nowait()
+    callbacks.close(timeout=0.0)
+
+
 class Runtime:
     """Batched serving of a :class:`~fastgen.Generator` and/or :class:`~fastgen.Scorer` (one text and
-    one image scorer at most), on one device loop.
+    one image scorer at most), one device thread per engine kind.
 
     ``config`` and keyword ``overrides`` (its field names) set queueing and batching
     (:class:`RuntimeConfig`). ``clock``: seconds, monotonic (tests inject one). ``start``: start the
@@ -94,8 +106,11 @@ class Runtime:
             cap = executors[kind].max_batch_cap
             if cap is not None and cap < self.config.max_batch_size:
                 self._worker.set_limits(kind, max_batch=cap)
+        self._callbacks = CallbackPool()
         self._ids = itertools.count(1)
         self._started = False
+        self._finalizer = weakref.finalize(self, _release, self._worker, self._callbacks)
+        self._finalizer.atexit = False  # at exit the worker's own hook aborts it (see fastgen.runtime.worker)
         if start:
             self.start()
 
@@ -111,12 +126,16 @@ class Runtime:
     def submit(self, request: GenerateRequest | ScoreRequest) -> RequestFuture:
         """Accept one request and return its future (thread-safe; never blocks on the device).
 
-        Checks and preparation (image decoding and resizing, the request's scheduler) run in the
-        caller's thread, so a bad request raises here and is never queued. Texts for a fast tokenizer
-        are only checked here: the runtime's preparation thread tokenizes everything submitted
+        Checks run in the caller's thread, so a bad request raises here and is never queued; so does a
+        generation request's preparation (its scheduler, its prompt). Texts for a fast tokenizer and
+        images are only checked here: the runtime's preparation thread tokenizes everything submitted
         meanwhile in one call that releases the GIL (one call per text in the clients' threads would
-        hold it for about as long as the engine call of a small classifier takes per text). A full queue
-        raises :class:`OverloadedError` (with ``retry_after_s``), a closed runtime ShutdownError.
+        hold it for about as long as the engine call of a small classifier takes per text), and decodes
+        and resizes images (a large JPEG would block an asyncio caller's event loop), so an image file
+        that cannot be read fails the future, with a one-line InvalidArgumentError. A full queue
+        raises :class:`OverloadedError` (with ``retry_after_s``), a closed runtime ShutdownError, an
+        engine stuck in a call :class:`~fastgen.runtime.requests.EngineTimeoutError`. The future's
+        done-callbacks run on the runtime's callback threads.
         """
         if isinstance(request, GenerateRequest):
             kind = GENERATE
@@ -136,21 +155,29 @@ class Runtime:
             bucket, rows, cost, data = executor.prepare(request)
         deadline_s = request.deadline_s if request.deadline_s is not None else self.config.default_deadline_s
         rid = next(self._ids)
-        future = RequestFuture(rid, kind)
+        worker = self._worker
+        # The cancel hook holds the worker and the job, never the runtime: a runtime nobody references
+        # any more is collected (and its threads stopped) even with requests in flight.
+        future = RequestFuture(rid, kind, callbacks=self._callbacks.submit, on_cancel=lambda f: worker.cancel(job))
         now = self.clock()
         job = Job(rid, kind, bucket, priority=int(request.priority), arrival=now,
                   deadline=None if deadline_s is None else now + deadline_s, rows=rows, cost=cost,
                   work=executor.work(data) if kind == GENERATE else 0.0, payload=Ticket(future, data, deadline_s))
         try:
             if defers:
-                self._worker.stage(job)
+                worker.stage(job)
             else:
-                self._worker.submit(job)
+                worker.submit(job)
         except OverloadedError:
             self.metrics.reject(kind)
             raise
-        future.add_done_callback(lambda f, job=job: f.cancelled() and self._worker.cancel(job))
         return future
+
+    async def submit_async(self, request: GenerateRequest | ScoreRequest) -> Any:
+        """``await``-able :meth:`submit`: the request's result (a ``GenerationResult`` or a ``Score``),
+        without blocking the event loop (files are decoded on the runtime's preparation thread).
+        Cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(request))
 
     def _score_kind(self, item: Any) -> str:
         if isinstance(item, str) and "text" in self.scorers:
@@ -247,6 +274,8 @@ class Runtime:
                  ) -> LatencyProfile:
         profile = LatencyProfile()
         for kind, ex in self.executors.items():
+            if self._worker.stalled(kind):  # its engine is stuck in a call: measuring would hang too
+                continue
             if kind == GENERATE:
                 buckets = list(generation_buckets or [ex.default_bucket])
                 for bucket in buckets:
@@ -262,10 +291,16 @@ class Runtime:
     # --- shutting down ---------------------------------------------------------------------------
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting requests; finish every accepted one (``drain``), or fail the queued ones now
-        and the running ones at their next step, with ShutdownError. ``timeout``: seconds to drain
-        before failing the rest. Joins the device thread. Idempotent."""
+        """Stop accepting requests; finish every accepted one (``drain``), or fail the queued and running
+        ones now, with ShutdownError (a scoring batch on the device finishes). ``timeout``: seconds in
+        all, kept to: draining takes up to three quarters of it, then the rest fails and the calls in
+        progress get the remainder to return; a thread still inside an engine call then is left to
+        end when it returns. Joins the threads (the callback threads too: the callbacks of the requests
+        it failed run first). Idempotent, and callable from a done-callback."""
+        start = time.monotonic()
+        self._finalizer.detach()
         self._worker.close(drain=drain, timeout=timeout)
+        self._callbacks.close(None if timeout is None else max(start + timeout - time.monotonic(), 0.0))
 
     close = shutdown
 

@@ -9,8 +9,12 @@ smallest edge of ``RuntimeConfig.text_buckets`` (capped at the scorer's max leng
 and its ids are kept; its batch pads them to that edge as the tokenizer would
 (:meth:`TextPreprocessor.pad`: the attention mask hides the padding), and its cost is the edge in
 tokens. With no buckets, every text shares one queue and each batch is padded to its longest text
-(plain request-level batching). An image is decoded and resized to the scorer's input size at
-submission (a bad image fails there, alone); its bucket is that size and its cost its pixel count.
+(plain request-level batching). An image is only checked at submission (its type, and an array's
+dtype and layout, on one pixel: a bad one raises there); the preparation thread decodes files and
+resizes to the scorer's input size, so a large JPEG never blocks the submitting thread (an asyncio
+event loop), and a file that cannot be read fails its future with a one-line error. An array or a
+tensor is copied at submission (the client may reuse its buffer). Its bucket is the input size and
+its cost the pixel count.
 
 With ``RuntimeConfig.text_merge_tokens`` None, the executor times its text batches and fits their
 cost (:class:`~fastgen.runtime.batch_tuning.CallCost`); every so often its outcomes carry the padding
@@ -22,9 +26,12 @@ own; in eager PyTorch the fixed cost is several times larger and padding a few t
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastgen.errors import InvalidArgumentError
@@ -37,6 +44,8 @@ from fastgen.runtime.requests import RequestStatus, ScoreRequest
 
 #: The bucket of texts padded to the longest of their batch (no length buckets).
 LONGEST = "longest"
+#: Images decoded at once by the preparation thread (itself included).
+_DECODERS = max(1, min(8, os.cpu_count() or 1))
 
 
 class ScoringExecutor:
@@ -79,24 +88,45 @@ class ScoringExecutor:
 
     @property
     def defers(self) -> bool:
-        """Texts with a fast tokenizer are prepared in batches (:meth:`prepare_many`), not one by one."""
-        return self.text is not None and self.text.encoder is not None
+        """Texts with a fast tokenizer are prepared in batches (:meth:`prepare_many`), not one by one;
+        images always are (decoding and resizing stay off the submitting thread)."""
+        return self.image is not None or (self.text is not None and self.text.encoder is not None)
 
     def check(self, request: ScoreRequest) -> Any:
         """The item of a request that :meth:`prepare_many` will prepare; bad input raises here."""
-        if self.kind == "text" and not isinstance(request.item, str):
-            raise InvalidArgumentError("item", type(request.item).__name__, "a text (str) for a text scorer")
-        return request.item
+        item = request.item
+        if self.kind == "text" and not isinstance(item, str):
+            raise InvalidArgumentError("item", type(item).__name__, "a text (str) for a text scorer")
+        if self.image is None or isinstance(item, (str, os.PathLike)):
+            return item  # a file is read by the preparation thread: its errors arrive through the future
+        from PIL import Image
 
-    def prepare_many(self, texts: list[str]) -> list[Any]:
-        """(bucket, rows, cost, data), or the exception, of each text: one tokenizer call for all of
-        them (the fast tokenizer releases the GIL and may use every core), one per text on failure."""
+        if isinstance(item, Image.Image):
+            return item  # possibly not decoded yet (Image.open is lazy): prepared later
+        probe = item
+        if isinstance(item, np.ndarray) and item.ndim >= 2:
+            probe, item = item[:1, :1], np.array(item, copy=True)
+        elif isinstance(item, torch.Tensor) and item.dim() >= 2:
+            probe = item[:1, :1] if item.dtype == torch.uint8 else item[..., :1, :1]  # (H, W, C) / (C, H, W)
+            item = item.detach().to("cpu", copy=True)
+        # The preprocessor's own checks on one pixel (dtype, layout, channels, type): a bad item
+        # raises here exactly as it would when prepared, at the cost of a 1x1 image.
+        self.image.to_uint8([probe], argument="item")
+        return item
+
+    def prepare_many(self, items: list[Any]) -> list[Any]:
+        """(bucket, rows, cost, data), or the exception, of each item. Texts: one tokenizer call for all
+        of them (the fast tokenizer releases the GIL and may use every core), one per text on failure.
+        Images: each decoded and resized on its own (a bad file fails alone)."""
+        if self.image is not None:
+            return self._images(items)
         text = self.text
+        texts = items
         assert text is not None
         try:
             encodings = text.encode_batch(texts)
         except Exception:
-            out: list[Any] = []
+            out = []
             for item in texts:
                 try:
                     out.append(self._entry(text.encode(item)))
@@ -118,6 +148,32 @@ class ScoringExecutor:
         if self.text is not None:
             # Tokenized once, here: the batch is padded from these ids, never tokenized again.
             return self._entry(self.text.encode(item))
+        return self._image_entry(item)
+
+    def _images(self, items: list[Any]) -> list[Any]:
+        """Entries (or exceptions) of images, decoded on up to ``_DECODERS`` short-lived threads at once
+        (PIL releases the GIL while it decodes and resizes: clients that decoded in their own threads
+        did so in parallel, and the preparation thread must not serialize them)."""
+        out: list[Any] = [None] * len(items)
+
+        def work(start: int, step: int) -> None:
+            for i in range(start, len(items), step):
+                try:
+                    out[i] = self._image_entry(items[i])
+                except Exception as exc:
+                    out[i] = exc
+
+        n = min(len(items), _DECODERS)
+        threads = [threading.Thread(target=work, args=(i, n), name="fastgen-runtime-decode", daemon=True)
+                   for i in range(1, n)]
+        for t in threads:
+            t.start()
+        work(0, n)
+        for t in threads:
+            t.join()
+        return out
+
+    def _image_entry(self, item: Any) -> tuple[Any, int, float, Any]:
         image = self.image
         assert image is not None
         pixels = image.to_uint8([item], argument="item")[0]  # (H, W, C) uint8
@@ -130,22 +186,24 @@ class ScoringExecutor:
             feeds = self.text.pad(items, length)
         else:
             feeds = self.image.feeds(torch.stack(items))  # type: ignore[union-attr]  # (n, H, W, C) uint8 at size
-        return self.scorer.scores(self.scorer.logits(feeds))
+        # A non-finite row fails its own request (a NumericalError in its place), not the batch.
+        return self.scorer.score_rows(self.scorer.logits(feeds))
 
     def run(self, decision: Decision) -> Outcomes:
-        """One batch: a Score (or the error) per request, the batch limit an out-of-memory error set,
-        and, now and then, the padding one text engine call is worth (fitted to the timed batches)."""
+        """One batch: a Score (or the error) per request, the sizes that fit in device memory and those
+        that did not, and, now and then, the padding one text engine call is worth (fitted to the
+        timed batches)."""
         bucket = decision.queue[1]  # type: ignore[index]
         whole = len(decision.jobs)
         result = Outcomes()
 
         def oom(group: list) -> None:
-            cap = max(1, len(group) // 2)
-            result.max_batch = cap if result.max_batch is None else min(result.max_batch, cap)
+            result.memory.append((len(group), False))
 
         def call(jobs: list) -> list[Any]:
             start = time.perf_counter()
             values = self.score(bucket, [j.payload.data for j in jobs])
+            result.memory.append((len(jobs), True))
             if self.call_cost is not None and len(jobs) == whole:  # retried halves would skew the fit
                 merge = self.call_cost.add(len(jobs) * int(bucket), time.perf_counter() - start)
                 if merge is not None:
@@ -154,8 +212,8 @@ class ScoringExecutor:
 
         with torch.inference_mode():
             results = isolate(call, decision.jobs, what=f"{self.kind} scoring batch", on_oom=oom)
-        result.ended = [Outcome(job, RequestStatus.SUCCEEDED if ok else RequestStatus.FAILED, value)
-                        for job, ok, value in results]
+        result.ended = [Outcome(job, RequestStatus.FAILED if not ok or isinstance(value, BaseException)
+                                else RequestStatus.SUCCEEDED, value) for job, ok, value in results]
         return result
 
     def synthetic(self, bucket: Any, size: int) -> list[Any]:
