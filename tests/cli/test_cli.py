@@ -123,7 +123,9 @@ def test_cache_commands(tmp_path):
     assert len(listing["entries"]) == 1 and listing["entries"][0]["component"] == "classifier"
     entry = listing["entries"][0]["path"]
     (tmp_path / "cache" / entry / "model.onnx").write_bytes(b"truncated")
-    assert "0 intact, 1 damaged" in fastgen("cache", "verify", env_extra=env).stdout
+    assert "0 intact, 1 damaged" in fastgen("cache", "verify", env_extra=env).stdout  # reports, deletes nothing
+    assert (tmp_path / "cache" / entry).is_dir()
+    assert "1 removed" in fastgen("cache", "verify", "--repair", env_extra=env).stdout
     assert "removed 0 entries" in fastgen("cache", "clear", env_extra=env).stdout
 
 

@@ -92,11 +92,37 @@ def _to_pil(array: np.ndarray):
     return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8))
 
 
+def check_demo_out(out: Path) -> None:
+    """Refuse, before the demo runs, an ``out`` it could not write or should not: a file, a folder this
+    user cannot write in, or a non-empty folder that is not a previous demo's (its ``summary.json``):
+    the demo overwrites its own PNGs, never someone else's files."""
+    import json
+
+    from fastgen.cli.options import printable, writable_dir
+    from fastgen.errors import InvalidArgumentError
+
+    allowed = "a new or empty folder, or a previous demo's output"
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError("out", printable(out), allowed, reason="exists and is not a directory")
+    writable_dir(out, "out")
+    if out.is_dir() and any(out.iterdir()):
+        summary = out / "summary.json"
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or "backends" not in data or data.get("preset") != PRESET:
+            raise InvalidArgumentError("out", printable(out), allowed,
+                                       reason="is not empty and holds no demo summary.json; the demo does not "
+                                              "overwrite files it did not write")
+
+
 def run_demo(out: Path, *, cache_dir: str | None, steps: int = 20, candidates: int = 4, console) -> dict[str, Any]:
     from rich.progress import Progress
 
     from fastgen.engines.cache import EngineCache
 
+    check_demo_out(out)  # before minutes of work, not after
     cache = EngineCache(cache_dir)
     started = time.perf_counter()
     rows = []

@@ -1,17 +1,28 @@
 """``fastgen generate``: text-to-image / image-to-image on engines, PNGs and a results.json out.
 
-Files: ``<index>_seed<seed>.png`` per image (written under a temporary name, then renamed) and
-``results.json`` last (prompts, seeds, files, latencies, scores), so a reader that sees
-``results.json`` sees every image it lists. Generation finishes before anything is written: a
-failure leaves the output folder as it was.
+``--out`` must be a new or empty folder, or a previous ``fastgen generate`` output (one holding
+fastgen's ``results.json``): fastgen does not write into a folder of someone else's files. It is
+checked before any work, and the folder (with any missing parent) is created at once with a hidden
+staging folder inside, so a read-only or full disk fails in one line before the engines are built.
+
+Files: ``<index>_seed<seed>.png`` per image and ``results.json`` (prompts, seeds, files, latencies,
+scores), all written in the staging folder first, then moved in with ``results.json`` last, so a
+reader that sees ``results.json`` sees every image it lists. A previous output is replaced: its
+``results.json`` goes first, and the images it listed that this run did not write are removed (only
+names fastgen gives images; other files in the folder are left alone). A failure before that leaves
+the folder as it was, and a folder this run created is removed again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
+import re
+import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +30,16 @@ from typing import Any
 
 import click
 
-from fastgen.cli.options import dataclass_options, field_choices, pop_config
+from fastgen.cli.options import (
+    dataclass_options,
+    engine_cache,
+    field_choices,
+    nonempty,
+    pop_config,
+    printable,
+    utf8_text,
+    writable_dir,
+)
 from fastgen.core.config import field_docs
 from fastgen.engines.config import BuildConfig
 from fastgen.errors import InvalidArgumentError
@@ -28,14 +48,21 @@ from fastgen.pipelines.config import GenerateConfig
 logger = logging.getLogger("fastgen.cli")
 
 RESULTS_FILE = "results.json"
+#: Most denoising steps: diffusion schedulers are trained on 1000 timesteps, and a step count beyond
+#: them only makes a huge timestep table (10**11 steps asked for 745 GiB) and runs for ever.
+MAX_STEPS = 1000
 _DOCS = field_docs(GenerateConfig)
+_STAGING = ".fastgen-staging-"
+_IMAGE_NAME = re.compile(r"^[0-9]+_seed[0-9]+\.png$")
+#: A results.json larger than this is not one fastgen wrote (it lists files, not pixels).
+_MAX_RESULTS_BYTES = 64 << 20
 
 
 def _choices(name: str) -> click.Choice:
     return click.Choice([str(c) for c in field_choices(BuildConfig, name) or ()])
 
 
-def _write_png(image: Any, path: Path) -> None:
+def write_png(image: Any, path: Path) -> None:
     """Save a PIL image as PNG under a temporary name in the same folder, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -58,52 +85,183 @@ def _load_scorer(model: str, backend: str, device: str) -> Any:
     return Scorer.from_pretrained(model, **options)
 
 
-def _score_dict(score: Any) -> dict[str, Any]:
-    return score.to_dict() if hasattr(score, "to_dict") else {"probs": dict(score.probs)}
-
-
-def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """PNGs (uint8 NHWC result) then results.json into ``out``; returns the JSON written."""
-    from fastgen.core.fs import write_json_atomic
-    from fastgen.pipelines.vae_images import to_pil
-
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[str] = []
+def previous_images(out: Path) -> list[str] | None:
+    """The images a previous ``fastgen generate`` listed in ``out/results.json``; None when there is no
+    such file or it is not fastgen's (a link, a FIFO, too big, not JSON, not our layout). Only names
+    fastgen gives images are returned, so a doctored list (``../x``, ``notes.txt``) deletes nothing."""
+    path = out / RESULTS_FILE
     try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_RESULTS_BYTES:
+            return None
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("files", "images", "seeds")):
+        return None
+    return [n for n in data["files"] if isinstance(n, str) and _IMAGE_NAME.match(n)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class OutputFolder:
+    """``--out`` of one run: checked and created before the work (:meth:`prepare`), filled at the end in
+    one step (:meth:`commit`), or left as it was (:meth:`discard`)."""
+
+    def __init__(self, out: str | os.PathLike) -> None:
+        self.out = Path(os.path.abspath(out))
+        self.created: list[Path] = []  # folders this run made, outermost first
+        self.previous: list[str] = []
+        self.staging: Path | None = None
+
+    def prepare(self) -> OutputFolder:
+        out = self.out
+        allowed = "a new or empty folder, or a previous `fastgen generate` output"
+        if os.path.lexists(out) and not out.is_dir():
+            raise InvalidArgumentError("out", printable(out), allowed, reason="exists and is not a directory")
+        writable_dir(out, "out")
+        if out.is_dir():
+            self._clean_stale_staging()
+            if any(not name.startswith(_STAGING) for name in os.listdir(out)):
+                previous = previous_images(out)
+                if previous is None:
+                    raise InvalidArgumentError("out", printable(out), allowed,
+                                               reason=f"is not empty and holds no fastgen {RESULTS_FILE}; fastgen "
+                                                      "does not overwrite files it did not write")
+                self.previous = previous
+        missing = []
+        folder = out
+        while not os.path.lexists(folder):
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                self.created.append(folder)
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out))
+        except OSError as exc:
+            self.discard()
+            raise InvalidArgumentError("out", printable(out), allowed,
+                                       reason=f"cannot be written ({exc.strerror or exc})") from None
+        return self
+
+    def _clean_stale_staging(self) -> None:
+        """Staging folders of runs that were killed (their process is gone) are removed."""
+        for name in os.listdir(self.out):
+            pid = name[len(_STAGING):].partition("-")[0]
+            if name.startswith(_STAGING) and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+
+    def commit(self, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """PNGs (uint8 NHWC result) and results.json into the staging folder, then into ``out``."""
+        from fastgen.core.fs import write_json_atomic
+        from fastgen.pipelines.vae_images import to_pil
+
+        assert self.staging is not None, "prepare() first"
+        files: list[str] = []
         for index, (image, seed) in enumerate(zip(to_pil(result.images), result.seeds)):
             name = f"{index}_seed{seed}.png"
-            _write_png(image, out / name)
+            write_png(image, self.staging / name)
             files.append(name)
         summary = result.to_dict()
         scores = summary.pop("scores")
         ranks = summary.pop("rank_values")
-        images = []
-        for i, name in enumerate(files):
-            images.append({"file": name, "prompt": result.prompts[i], "prompt_index": result.prompt_indices[i],
-                           "seed": result.seeds[i], "scores": scores[i] if scores else None,
-                           "rank_value": ranks[i] if ranks else None})
+        images = [{"file": name, "prompt": result.prompts[i], "prompt_index": result.prompt_indices[i],
+                   "seed": result.seeds[i], "scores": scores[i] if scores else None,
+                   "rank_value": ranks[i] if ranks else None} for i, name in enumerate(files)]
         data = {**extra, **summary, "files": files, "scores": scores, "images": images}
-        write_json_atomic(out / RESULTS_FILE, data)
+        write_json_atomic(self.staging / RESULTS_FILE, data)
+        for name in (*files, RESULTS_FILE):  # a folder in the way would fail the publishing half-way
+            if os.path.lexists(self.out / name) and not stat.S_ISREG(os.lstat(self.out / name).st_mode):
+                raise InvalidArgumentError("out", printable(self.out), reason=f"{name} in it is not a regular file; "
+                                           "remove it or choose another folder")
+        # Publish: the old results.json no longer describes the folder, so it goes first.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.out / RESULTS_FILE)
+        for name in files:
+            os.replace(self.staging / name, self.out / name)
+        os.replace(self.staging / RESULTS_FILE, self.out / RESULTS_FILE)
+        for name in set(self.previous) - set(files):
+            with contextlib.suppress(OSError):  # best effort: the new output is complete already
+                os.unlink(self.out / name)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = None
+        self.created = []
+        return data
+
+    def discard(self) -> None:
+        """Remove the staging folder, and the folders this run created (if still empty)."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        self.created = []
+
+
+def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """PNGs (uint8 NHWC result) then results.json into ``out``, as :class:`OutputFolder` does; returns the JSON."""
+    folder = OutputFolder(out).prepare()
+    try:
+        return folder.commit(result, extra)
     except BaseException:
-        for name in files:  # no results.json: do not leave this run's images behind half-reported
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(out / name)
+        folder.discard()
         raise
-    return data
+
+
+def _check_image_count(config: GenerateConfig, prompts: int, candidates: int | None, gen: Any, image: Any) -> None:
+    """Refuse a request whose images could not all be held at once: the generator decodes every image of
+    a call in one float32 batch (``-n 1000000000`` asked for terabytes and was killed by the kernel)."""
+    from fastgen.models.spec import human_bytes, memory_limit_bytes
+
+    default = getattr(gen, "default_size", None) or (512, 512)
+    height = config.height or (image.height if image is not None else default[0])
+    width = config.width or (image.width if image is not None else default[1])
+    per_prompt = candidates or config.num_images_per_prompt
+    need = prompts * per_prompt * height * width * 3 * 4
+    limit = memory_limit_bytes()
+    if height * width * 3 * 4 > limit:  # one image alone: the size is the culprit, not the count
+        name, size = ("height", height) if height >= width else ("width", width)
+        raise InvalidArgumentError(name, size, reason=f"one {height}x{width} image would need "
+                                   f"{human_bytes(height * width * 12)}, more than this machine's memory "
+                                   f"({human_bytes(limit)})")
+    if need > limit:
+        argument = "candidates" if candidates else "num-images-per-prompt"
+        raise InvalidArgumentError(argument, per_prompt, reason=f"{prompts * per_prompt} images of {height}x{width} "
+                                   f"would need {human_bytes(need)} at once, more than this machine's memory "
+                                   f"({human_bytes(limit)}); generate fewer per call")
+
+
+def _engine_folder(model: str) -> bool:
+    """A folder of engine directories made by ``fastgen build --component all`` (needs no engine cache)."""
+    return (Path(model).expanduser() / "unet" / "manifest.json").is_file()
 
 
 @click.command("generate")
-@click.option("--model", "-m", required=True,
+@click.option("--model", "-m", required=True, callback=nonempty,
               help="A preset (tiny, tiny-sdxl, sd15, sdxl), a local diffusers pipeline folder, or a folder of "
                    "engine directories made by `fastgen build` (unet/, vae-decoder/, text-encoder/...).")
-@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
-              help="A prompt (repeat for several; the empty string is allowed).")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, callback=utf8_text,
+              help="A prompt (repeat for several; the empty string is allowed). UTF-8 text: a prompt that is not "
+                   "valid UTF-8 (a terminal in another encoding) is refused.")
 @click.option("-n", "--num-images-per-prompt", type=int, default=None,
               help=f"{_DOCS['num_images_per_prompt']} [default: 1]")
-@click.option("--negative-prompt", default=None, help=_DOCS["negative_prompt"])
-@click.option("--image", "image_path", default=None, help="Image-to-image: the input image file (see --strength).")
+@click.option("--negative-prompt", default=None, callback=utf8_text, help=_DOCS["negative_prompt"])
+@click.option("--image", "image_path", default=None, callback=nonempty,
+              help="Image-to-image: the input image file (see --strength).")
 @click.option("--out", "-o", default="fastgen-out/generate", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the PNGs and results.json.")
+              callback=nonempty, help="Folder for the PNGs and results.json: a new or empty folder, or a previous "
+              "`fastgen generate` output (whose images are replaced; other folders are refused).")
 @click.option("--backend", type=_choices("backend"), default="onnxruntime", show_default=True,
               help="Engine backend (ignored for a folder of engine directories).")
 @click.option("--device", type=_choices("device"), default="auto", show_default=True, help="Where the engines run.")
@@ -112,13 +270,14 @@ def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, An
 @click.option("--profile", help="Shape ranges for the engines, e.g. batch=1:2:8,height=256:512:1024.")
 @click.option("--quantization", type=_choices("quantization"), default="none", show_default=True,
               help="Quantize the UNet (fastgen.quant preset; text encoders and VAE stay in float).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty, help="Engine cache root.")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="Best-of-N: generate N variants per prompt (seeds seed..seed+N-1) and keep the best (needs --scorer).")
 @click.option("--keep", type=click.IntRange(1), default=1, show_default=True, help="Best-of-N: images kept per prompt.")
-@click.option("--scorer", "scorer_model", default=None,
+@click.option("--scorer", "scorer_model", default=None, callback=nonempty,
               help="Classifier MODEL that scores the images (with --candidates: ranks them).")
-@click.option("--rank-by", default=None, help="Best-of-N: the scorer label to maximise (default: its first label).")
+@click.option("--rank-by", default=None, callback=utf8_text,
+              help="Best-of-N: the scorer label to maximise (default: its first label).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @dataclass_options(GenerateConfig, exclude=("num_images_per_prompt", "negative_prompt", "output_type"))
 def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | None, negative_prompt: str | None,
@@ -126,16 +285,16 @@ def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | 
              quantization: str, cache_dir: str | None, candidates: int | None, keep: int, scorer_model: str | None,
              rank_by: str | None, progress: bool, **kwargs: Any) -> None:
     """Generate images from prompts (or from an image with --image) and write PNGs and results.json to --out."""
-    from fastgen.engines.cache import EngineCache
+    from fastgen.models.spec import ShapeProfile
     from fastgen.pipelines import vae_images as imaging
     from fastgen.pipelines.generator import Generator
 
     # Everything the user typed is checked before any engine is built.
     config = pop_config(GenerateConfig, kwargs, num_images_per_prompt=num_images_per_prompt,
                         negative_prompt=negative_prompt, output_type="uint8")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InvalidArgumentError("out", str(out_dir), reason="exists and is not a directory")
+    if config.steps > MAX_STEPS:
+        raise InvalidArgumentError("steps", config.steps, f"1 to {MAX_STEPS}",
+                                   reason="diffusion schedulers are trained on 1000 timesteps")
     if candidates is not None and scorer_model is None:
         raise InvalidArgumentError("scorer", None, reason="--candidates needs --scorer MODEL to rank the variants")
     if candidates is not None and config.num_images_per_prompt != 1:
@@ -145,21 +304,28 @@ def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | 
         raise InvalidArgumentError("keep", keep, f"1 to --candidates ({candidates})")
     if rank_by is not None and candidates is None:
         raise InvalidArgumentError("rank-by", rank_by, reason="only used with --candidates")
-    image = imaging.load_image(image_path) if image_path is not None else None
-
-    scorer = _load_scorer(scorer_model, backend, device) if scorer_model else None
-    gen = Generator.from_pretrained(model, backend=backend, device=device, precision=precision,
-                                    cache=EngineCache(cache_dir) if cache_dir else None, profile=profile,
-                                    quantization=quantization, progress=progress)
-    result = gen.generate(list(prompts), image=image, config=config, progress=progress, candidates=candidates,
-                          scorer=scorer if candidates else None, keep=keep, rank_by=rank_by)
-    if scorer is not None and candidates is None:  # score every image, rank nothing
-        result.scores = list(scorer.score_images(imaging.to_pil(result.images)))
-    extra = {"model": str(model), "backend": getattr(gen.unet, "backend", backend),
-             "device": str(getattr(gen.unet, "device", device)), "precision": getattr(gen.unet, "precision", precision),
-             "scorer": scorer_model}
-    data = write_outputs(out_dir, result, extra)
-    _report(data, out_dir)
+    if profile:
+        ShapeProfile.parse(profile)  # syntax now; each engine checks its dims and sizes
+    output = OutputFolder(out).prepare()  # may it be written? before the work, not after
+    try:
+        cache = engine_cache(cache_dir) if cache_dir or not _engine_folder(model) else None
+        image = imaging.load_image(image_path) if image_path is not None else None
+        scorer = _load_scorer(scorer_model, backend, device) if scorer_model else None
+        gen = Generator.from_pretrained(model, backend=backend, device=device, precision=precision, cache=cache,
+                                        profile=profile, quantization=quantization, progress=progress)
+        _check_image_count(config, len(prompts), candidates, gen, image)
+        result = gen.generate(list(prompts), image=image, config=config, progress=progress, candidates=candidates,
+                              scorer=scorer if candidates else None, keep=keep, rank_by=rank_by)
+        if scorer is not None and candidates is None:  # score every image, rank nothing
+            result.scores = list(scorer.score_images(imaging.to_pil(result.images)))
+        extra = {"model": str(model), "backend": getattr(gen.unet, "backend", backend),
+                 "device": str(getattr(gen.unet, "device", device)),
+                 "precision": getattr(gen.unet, "precision", precision), "scorer": scorer_model}
+        data = output.commit(result, extra)
+    except BaseException:
+        output.discard()
+        raise
+    _report(data, output.out)
 
 
 def _report(data: dict[str, Any], out: Path) -> None:
@@ -167,7 +333,7 @@ def _report(data: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-    table = Table(title=f"{len(data['files'])} images in {out}")
+    table = Table(title=f"{len(data['files'])} images in {printable(out)}")
     for column in ("file", "seed", "prompt", "score"):
         table.add_column(column)
     for row in data["images"]:

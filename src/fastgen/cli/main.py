@@ -1,11 +1,14 @@
 """The ``fastgen`` command line: export, build, inspect, bench, demo.
 
-Bad input prints one line (``error: ...``) on stderr and exits with code 2, with no traceback;
-``FASTGEN_DEBUG=1`` shows the traceback of unexpected errors.
+Bad input or a bad environment prints one line (``error: ...``) on stderr and exits with code 2,
+with no traceback: fastgen's own errors, and the environment's (a path that cannot be written, is a
+folder or is not one, a full or read-only disk, text that is not UTF-8, memory that runs out). Exit
+code 1 means a bug in fastgen; ``FASTGEN_DEBUG=1`` shows its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,14 +18,17 @@ from typing import Any
 
 import click
 
-from fastgen.cli.options import dataclass_options, pop_config
+from fastgen.cli.options import dataclass_options, engine_cache, nonempty, pop_config, printable
 from fastgen.engines.config import BuildConfig, ExecutionOptions
 from fastgen.engines.trt_options import TensorRTOptions
-from fastgen.errors import FastgenError, InvalidArgumentError, VerificationError
+from fastgen.errors import FastgenError, InvalidArgumentError, NumericalError, VerificationError
 from fastgen.export.config import ExportConfig
 from fastgen.version import __version__
 
 logger = logging.getLogger("fastgen.cli")
+
+#: Most timed (or warm-up) runs per batch size: enough for any percentile, and a typo cannot run for days.
+MAX_BENCH_RUNS = 100_000
 
 MODEL_HELP = "a preset (tiny, sd15, sdxl) or a local checkpoint: diffusers or transformers folder, .safetensors file"
 
@@ -60,8 +66,11 @@ def _dims(argument: str, value: str | None) -> dict[str, int]:
     out = {}
     for part in value.split(","):
         name, _, num = part.partition("=")
-        if not name.strip() or not num.strip().isdigit() or int(num) < 1:
+        # ASCII digits: str.isdigit() also takes superscripts ("\u00b2"), which int() then rejects.
+        if not name.strip() or not num.strip().isascii() or not num.strip().isdigit() or int(num) < 1:
             raise InvalidArgumentError(argument, part, "NAME=N pairs, comma-separated, e.g. height=512,width=512")
+        if name.strip() in out:
+            raise InvalidArgumentError(argument, part, reason=f"{name.strip()} is given twice")
         out[name.strip()] = int(num)
     return out
 
@@ -79,10 +88,11 @@ def cli(verbose: int) -> None:
 
 
 @cli.command("export")
-@click.argument("model")
+@click.argument("model", callback=nonempty)
 @click.option("--component", "-c", help="Component to export: unet, vae-decoder, vae-encoder, text-encoder, "
               "text-encoder-2, classifier, text-classifier (what the model has).")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), callback=nonempty,
+              help="Output directory.")
 @click.option("--profile", help="Shape profile overrides, e.g. batch=1:2:8,height=256:512:1024.")
 @dataclass_options(ExportConfig)
 def export_cmd(model: str, component: str | None, out: str, profile: str | None, **kwargs: Any) -> None:
@@ -100,12 +110,14 @@ def export_cmd(model: str, component: str | None, out: str, profile: str | None,
 
 
 @cli.command("build")
-@click.argument("model")
+@click.argument("model", callback=nonempty)
 @click.option("--component", "-c", help="Component to build (see `fastgen export --help`), or `all` (each into "
               "OUT/<component>, the layout `fastgen generate --model OUT` reads); not for .onnx files.")
-@click.option("--out", "-o", type=click.Path(file_okay=False), help="Also write the engine directory here.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), callback=nonempty,
+              help="Also write the engine directory here.")
 @click.option("--profile", help="Shape profile overrides, e.g. batch=1:4:8,height=512.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty,
+              help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
 @click.option("--no-cache", is_flag=True, help="Build without the cache (needs --out).")
 @click.option("--trt-profile", "trt_profiles", multiple=True,
               help="tensorrt: an extra optimization profile (repeatable), e.g. height=512,width=512.")
@@ -123,8 +135,11 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
     """
     from fastgen.cli import report
     from fastgen.engines.build import build
-    from fastgen.engines.cache import EngineCache
 
+    for text in trt_profiles:  # their syntax now, not after the export
+        if not text.strip():
+            raise InvalidArgumentError("trt-profile", text, "NAME=N pairs, comma-separated, e.g. height=512,width=512")
+        _profile(text)
     export_cfg = pop_config(ExportConfig, kwargs)
     execution = pop_config(ExecutionOptions, kwargs)
     buckets = None
@@ -135,7 +150,9 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
     tensorrt = pop_config(TensorRTOptions, kwargs, extra_profiles=trt_profiles or None, seq_buckets=buckets)
     config = pop_config(BuildConfig, kwargs, profile=_profile(profile), export=export_cfg, execution=execution,
                         tensorrt=tensorrt)
-    cache: Any = False if no_cache else (EngineCache(cache_dir) if cache_dir else None)
+    if no_cache and out is None:
+        raise InvalidArgumentError("out", None, reason="required with --no-cache (where else would the engine go?)")
+    cache: Any = False if no_cache else engine_cache(cache_dir)  # checked before the export
     if component == "all":
         from fastgen.models import model_components
 
@@ -150,7 +167,7 @@ def build_cmd(model: str, component: str | None, out: str | None, profile: str |
 
 
 @cli.command("inspect")
-@click.argument("engine")
+@click.argument("engine", callback=nonempty)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect_cmd(engine: str, as_json: bool) -> None:
     """Show IO names, dtypes, dims, backend, precision, cache key and build time of an engine or .onnx file."""
@@ -164,18 +181,24 @@ def inspect_cmd(engine: str, as_json: bool) -> None:
 
 
 @cli.command("bench")
-@click.argument("engine")
+@click.argument("engine", callback=nonempty)
 @click.option("--batch", "batches", default="1,4,8", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--shape", help="Sizes of other dims, e.g. height=512,width=512 (default: the profile's opt).")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0), help="Untimed runs per batch size.")
-@click.option("--iters", default=20, show_default=True, type=click.IntRange(1), help="Timed runs per batch size.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, MAX_BENCH_RUNS),
+              help="Untimed runs per batch size.")
+@click.option("--iters", default=20, show_default=True, type=click.IntRange(1, MAX_BENCH_RUNS),
+              help="Timed runs per batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Run on this device (default: the engine's).")
 @click.option("--profile", help="Profile overrides for a third-party .onnx file with unknown dims, e.g. N=1:4:16.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @dataclass_options(ExecutionOptions)
 def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: int, device: str | None,
               profile: str | None, as_json: bool, **kwargs: Any) -> None:
-    """Measure p50/p99 latency and throughput of ENGINE (an engine directory or .onnx file)."""
+    """Measure p50/p99 latency and throughput of ENGINE (an engine directory or .onnx file).
+
+    Batch sizes and --shape must lie in the engine's profile (see `fastgen inspect`), and be sizes the
+    component takes: all are checked before the first run. --profile widens the range of an .onnx file.
+    """
     from fastgen.cli import report
     from fastgen.engines.bench import benchmark
     from fastgen.engines.loading import load_engine
@@ -193,7 +216,7 @@ def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: 
     unknown = set(dims) - eng.spec.symbols
     if unknown:
         raise InvalidArgumentError("shape", sorted(unknown)[0], sorted(eng.spec.symbols) or "none")
-    results = benchmark(eng, batches=batch_list, shape=dims, warmup=warmup, iters=iters)
+    results = benchmark(eng, batches=batch_list, shape=dims, warmup=warmup, iters=iters, strict=True)
     rows = [r.to_dict() for r in results]
     if as_json:
         click.echo(json.dumps({"engine": eng.describe(), "results": rows}, indent=2, default=str))
@@ -203,26 +226,30 @@ def bench_cmd(engine: str, batches: str, shape: str | None, warmup: int, iters: 
 
 @cli.command("demo")
 @click.option("--out", "-o", default="fastgen-out/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the PNGs and summary.json are written.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1), help="Denoising steps.")
-@click.option("--candidates", default=4, show_default=True, type=click.IntRange(1), help="Best-of-N: candidates per prompt.")
+              callback=nonempty, help="Where the PNGs and summary.json are written (a new or empty folder, or a "
+              "previous demo's).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty, help="Engine cache root.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Denoising steps.")
+@click.option("--candidates", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Best-of-N: candidates per prompt (all of them are held in memory at once).")
 def demo_cmd(out: str, cache_dir: str | None, steps: int, candidates: int) -> None:
     """The main job on the embedded `tiny` preset: with the torch and the onnxruntime backends, build the
     engines (cached), generate ad-style images, score them and the ad copy, run best-of-N, and compare."""
-    from fastgen.cli.demo import run_demo
+    from fastgen.cli.demo import check_demo_out, run_demo
 
-    run_demo(Path(out), cache_dir=cache_dir, steps=steps, candidates=candidates, console=_console())
+    check_demo_out(Path(out))
+    cache = engine_cache(cache_dir)
+    run_demo(Path(out), cache_dir=str(cache.root), steps=steps, candidates=candidates, console=_console())
 
 
 @cli.group("cache")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty,
+              help="Engine cache root (default: $FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines).")
 @click.pass_context
 def cache_cmd(ctx: click.Context, cache_dir: str | None) -> None:
     """List, verify or clear the engine cache."""
-    from fastgen.engines.cache import EngineCache
-
-    ctx.obj = EngineCache(cache_dir)
+    # Listing only reads; verify and clear remove entries, so the root must be writable.
+    ctx.obj = engine_cache(cache_dir, write=ctx.invoked_subcommand not in (None, "list"))
 
 
 @cache_cmd.command("list")
@@ -246,12 +273,25 @@ def cache_list(cache, as_json: bool) -> None:
 
 
 @cache_cmd.command("verify")
+@click.option("--repair", is_flag=True, help="Remove damaged and outdated entries (without it nothing is deleted).")
 @click.pass_obj
-def cache_verify(cache) -> None:
-    """Check every entry against its manifest's sha256; damaged entries are removed."""
-    rows = cache.entries()
-    bad = [r["key"] for r in rows if cache.lookup(r["key"]) is None]
-    click.echo(f"{len(rows) - len(bad)} intact, {len(bad)} damaged and removed")
+def cache_verify(cache, repair: bool) -> None:
+    """Check every entry against its manifest's sha256; with --repair, remove the damaged ones."""
+    rows = cache.verify_entries(repair=repair)
+    bad = [r for r in rows if r["status"] != "ok"]
+    for row in bad:
+        click.echo(f"{row['key'][:12]} {row['status']}: {row['error']}")
+    line = f"{len(rows) - len(bad)} intact, {len(bad)} damaged or outdated"
+    if repair:
+        removed = sum(1 for r in bad if r["removed"])
+        failed = [r for r in bad if not r["removed"]]
+        line += f"; {removed} removed" + (f", {len(failed)} could not be removed ({failed[0]['remove_error']})"
+                                          if failed else "")
+        click.echo(line)
+        if failed:
+            sys.exit(2)
+        return
+    click.echo(line + ("; run `fastgen cache verify --repair` to remove them" if bad else ""))
 
 
 @cache_cmd.command("clear")
@@ -273,6 +313,42 @@ def _register_pipeline_commands() -> None:
 _register_pipeline_commands()
 
 
+#: OSError errnos that mean the environment, not fastgen: exit 2 naming the path.
+_ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EISDIR,
+               errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+_ENV_HINTS = {errno.EACCES: "choose a path this user can write", errno.EPERM: "choose a path this user can write",
+              errno.EROFS: "the file system is read-only; choose another path",
+              errno.ENOSPC: "the disk is full; free space or choose another --out / --cache-dir",
+              errno.EDQUOT: "the disk quota is exceeded; free space or choose another --out / --cache-dir"}
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """The one-line message of an error the environment caused (None for anything else, i.e. a bug)."""
+    if isinstance(exc, OSError) and (exc.errno in _ENV_ERRNOS or isinstance(
+            exc, (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError))):
+        paths = " -> ".join(repr(printable(p)) for p in (exc.filename, exc.filename2) if p is not None)
+        code = errno.errorcode.get(exc.errno or 0)
+        text = f"{paths or 'a file'}: {exc.strerror or exc}" + (f" [{code}]" if code else "")
+        hint = _ENV_HINTS.get(exc.errno or 0)
+        return text + (f"; {hint}" if hint else "")
+    if isinstance(exc, UnicodeError):
+        shown = ""
+        if isinstance(exc, (UnicodeEncodeError, UnicodeDecodeError)):
+            shown = f" {printable(exc.object[exc.start:exc.end])!r} ({exc.reason})"
+        return (f"text that is not valid UTF-8:{shown or ' ' + printable(exc)}; pass UTF-8 arguments and file "
+                "contents (for file names and output, a UTF-8 locale, e.g. PYTHONUTF8=1)")
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({printable(exc) or 'an allocation failed'}); lower the batch size, image size or count"
+    return None
+
+
+def _fail(message: str, code: int) -> None:
+    # Whitespace (newlines of a wrapped library message) collapses to spaces first; what is left that
+    # could break the line or the stream (control characters, bytes that are not UTF-8) is escaped.
+    click.echo(f"error: {printable(' '.join(message.split()))}", err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")
     try:
@@ -283,23 +359,21 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:  # usage errors: one line, exit 2
-        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-        sys.exit(2)
-    except VerificationError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        _fail(e.format_message(), 2)
+    except (VerificationError, NumericalError) as e:  # the model misbehaved, not the arguments: exit 1
+        _fail(str(e), 1)
     except FastgenError as e:
-        click.echo(f"error: {' '.join(str(e).split())}", err=True)
-        sys.exit(2)
+        _fail(str(e), 2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:
+        message = environment_error(e)
+        if message is not None:
+            _fail(message, 2)
         if debug:
             raise
-        msg = " ".join(str(e).split())[:500]
-        click.echo(f"error: internal error ({type(e).__name__}): {msg} (set FASTGEN_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+        _fail(f"internal error ({type(e).__name__}): {str(e)[:500]} (set FASTGEN_DEBUG=1 for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from typing import Any
 
 from rich.table import Table
 
-from fastgen.errors import InvalidArgumentError
+from fastgen.cli.options import printable
+from fastgen.errors import CacheCorruptionError, FastgenError, InvalidArgumentError
 
 
 def _shape(shape: list) -> str:
@@ -50,14 +51,21 @@ def describe_path(path: str) -> dict[str, Any]:
     """Describe an engine directory (from its verified manifest) or an .onnx file, without loading it."""
     p = Path(path)
     if not p.exists():
-        raise InvalidArgumentError("engine", path, reason="no such file or directory")
-    if p.is_file() and p.suffix == ".onnx":
+        raise InvalidArgumentError("engine", printable(path), reason="no such file or directory")
+    if p.is_file() and p.suffix.lower() == ".onnx":
         import onnx
 
         from fastgen.engines.onnx_io import onnx_precision, spec_from_onnx
 
-        model = onnx.load(str(p), load_external_data=False)
-        spec = spec_from_onnx(model)
+        try:
+            # Only the graph (no external weights); a truncated or foreign file fails to parse here.
+            model = onnx.load(str(p), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and friends: the file, not fastgen
+            raise InvalidArgumentError("engine", printable(p), reason=f"not a readable ONNX file ({exc})") from None
+        try:
+            spec = spec_from_onnx(model)
+        except FastgenError as exc:  # parsed, but not a graph fastgen can describe: name the file
+            raise InvalidArgumentError("engine", printable(p), reason=str(exc)) from None
         return {"path": str(p.absolute()), "backend": "onnx file", "precision": onnx_precision(model),
                 "component": spec.component, "model_type": model.producer_name or "",
                 "inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs],
@@ -65,10 +73,15 @@ def describe_path(path: str) -> dict[str, Any]:
                 "nodes": len(model.graph.node), "cache_key": None, "built_at": None}
     if p.is_dir() and (p / "manifest.json").exists():
         from fastgen.engines.base import quantization_summary
-        from fastgen.engines.cache import verify_dir
+        from fastgen.engines.cache import REBUILD_HINT, verify_dir
+        from fastgen.models.spec import ExportSpec
 
         manifest = verify_dir(p, check="size")
-        spec = manifest.get("spec", {})
+        try:  # the manifest is JSON anyone can edit: its spec is read as a spec, not trusted as a dict
+            spec = ExportSpec.from_dict(manifest["spec"]).to_dict()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CacheCorruptionError(f"{printable(p / 'manifest.json')}: the engine's spec is damaged "
+                                       f"({type(exc).__name__}: {exc}); {REBUILD_HINT}") from None
         return {"path": str(p.absolute()), "backend": manifest.get("backend"), "precision": manifest.get("precision"),
                 "device": manifest.get("device"), "component": spec.get("component"),
                 "model_type": spec.get("model_type"), "inputs": spec.get("inputs", []),
@@ -95,8 +108,10 @@ def _tensorrt_info(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     engine_info = directory / "engine_info.json"
     if engine_info.is_file():
         try:
-            data = json.loads(engine_info.read_text())
-        except ValueError:
+            data = json.loads(engine_info.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
             data = {}
         info["tensorrt"].update({k: data.get(k) for k in ("io", "num_layers", "device_memory_bytes", "layers")})
     return info
@@ -104,7 +119,8 @@ def _tensorrt_info(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _tensorrt_tables(console, trt: dict[str, Any]) -> None:
     settings = Table(show_header=False, title="TensorRT")
-    for key, value in (trt.get("settings") or {}).items():
+    recorded = trt.get("settings")
+    for key, value in (recorded if isinstance(recorded, dict) else {}).items():
         settings.add_row(key, str(value))
     for key in ("num_layers", "device_memory_bytes", "refitted_from"):
         if trt.get(key) is not None:
@@ -113,11 +129,14 @@ def _tensorrt_tables(console, trt: dict[str, Any]) -> None:
     profiles = Table(title="optimization profiles")
     for col in ("#", "input", "min", "opt", "max"):
         profiles.add_column(col)
-    for entry in trt.get("io") or []:
-        for index, (lo, opt, hi) in enumerate(entry.get("profiles") or []):
-            profiles.add_row(str(index), entry["name"], _shape(lo), _shape(opt), _shape(hi))
+    for entry in trt.get("io") if isinstance(trt.get("io"), list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("profiles") or [], list):
+            continue  # recorded by the build; a damaged record is shown as far as it reads
+        for index, shapes in enumerate(entry.get("profiles") or []):
+            if isinstance(shapes, list) and len(shapes) == 3 and all(isinstance(x, list) for x in shapes):
+                profiles.add_row(str(index), str(entry.get("name")), *(_shape(x) for x in shapes))
     console.print(profiles)
-    layers = trt.get("layers") or []
+    layers = trt.get("layers") if isinstance(trt.get("layers"), list) else []
     if layers:
         table = Table(title=f"layers ({len(layers)})")
         for col in ("name", "type"):
@@ -131,13 +150,14 @@ def _tensorrt_tables(console, trt: dict[str, Any]) -> None:
 
 
 def inspect_tables(console, info: dict[str, Any]) -> None:
-    head = Table(show_header=False, title=info["path"])
+    head = Table(show_header=False, title=printable(info["path"]))
     for key in ("component", "model_type", "backend", "precision", "quantization", "device", "opset", "nodes",
                 "cache_key",
                 "built_at", "build_seconds", "fastgen_version", "backend_version", "origin"):
         if info.get(key) not in (None, ""):
             value = info[key]
-            head.add_row(key, f"{value:.2f} s" if key == "build_seconds" else str(value))
+            timed = key == "build_seconds" and isinstance(value, (int, float))
+            head.add_row(key, f"{value:.2f} s" if timed else printable(value))
     console.print(head)
     io = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):

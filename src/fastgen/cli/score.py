@@ -1,4 +1,9 @@
-"""``fastgen score``: classify image, video and text inputs with a classifier engine."""
+"""``fastgen score``: classify image, video and text inputs with a classifier engine.
+
+File names are shown as given; bytes in them that are not UTF-8 (legal in Linux file names) print as
+U+FFFD. ``--text`` must be valid UTF-8: text that is not (a terminal in another encoding) is refused
+in one line naming the option, rather than scored as something the user did not type.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,14 @@ from typing import Any
 
 import click
 
-from fastgen.cli.options import field_choices
+from fastgen.cli.options import engine_cache, field_choices, nonempty, printable, utf8_text
 from fastgen.core.config import literal_choices
 from fastgen.engines.config import BuildConfig
 from fastgen.errors import InvalidArgumentError
+
+#: Most frames sampled per video: each is decoded at full size before scoring (256 frames of 4K video
+#: are 6 GB), and a typo (10**12) asked numpy for an 8 TB index table.
+MAX_FRAMES = 256
 
 MODEL_HELP = ("a preset (tiny), a local transformers classifier folder, an engine directory made by "
               "`fastgen build`, or an .onnx file")
@@ -29,15 +38,17 @@ def _classify_file(path: str) -> str:
     from fastgen.pipelines.classifier_images import is_image_file
     from fastgen.pipelines.video import VIDEO_EXTENSIONS, is_video_file
 
+    if os.path.isdir(path):
+        raise InvalidArgumentError("file", printable(path), reason="is a directory; pass the image or video files in it")
     if not os.path.isfile(path):
-        raise InvalidArgumentError("file", path, reason="no such file")
+        raise InvalidArgumentError("file", printable(path), reason="no such file")
     if Path(path).suffix.lower() in VIDEO_EXTENSIONS:
         return "video"
     if is_image_file(path):
         return "image"
     if is_video_file(path):
         return "video"
-    raise InvalidArgumentError("file", path, reason="not a readable image or video")
+    raise InvalidArgumentError("file", printable(path), reason="not a readable image or video")
 
 
 def _fmt_top(top: list[tuple[str, float]]) -> str:
@@ -53,11 +64,11 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
     table.add_column("kind")
     table.add_column("top labels (probability; videos: mean over frames)")
     for row in rows:
-        table.add_row(row["input"], row["kind"], _fmt_top([(t["label"], t["prob"]) for t in row["top"]]))
+        table.add_row(printable(row["input"]), row["kind"], _fmt_top([(t["label"], t["prob"]) for t in row["top"]]))
     console.print(table)
     for name, vs in videos:
         shown = ", ".join(str(i) for i in vs.indices)
-        title = f"{name}: frames {shown}" + (f" of {vs.total_frames}" if vs.total_frames else "")
+        title = f"{printable(name)}: frames {shown}" + (f" of {vs.total_frames}" if vs.total_frames else "")
         detail = Table(title=title, min_width=min(len(title) + 4, 150))
         detail.add_column("label")
         detail.add_column("mean", justify="right")
@@ -68,13 +79,14 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
 
 
 @click.command("score")
-@click.argument("files", nargs=-1, type=click.Path(dir_okay=True))
-@click.option("--model", "-m", required=True, help=f"The classifier: {MODEL_HELP}.")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=True), callback=nonempty)
+@click.option("--model", "-m", required=True, callback=nonempty, help=f"The classifier: {MODEL_HELP}.")
 @click.option("--component", "-c", type=click.Choice(["classifier", "text-classifier"]), default=None,
               help="Component of MODEL (default: text-classifier when only --text is given, else classifier).")
-@click.option("--text", "-t", "texts", multiple=True, help="A text to classify (repeatable).")
-@click.option("--frames", default=8, show_default=True, type=click.IntRange(1),
-              help="Frames sampled uniformly from each video.")
+@click.option("--text", "-t", "texts", multiple=True, callback=utf8_text,
+              help="A text to classify (repeatable); UTF-8 (text that is not valid UTF-8 is refused).")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, MAX_FRAMES),
+              help=f"Frames sampled uniformly from each video (at most {MAX_FRAMES}: they are decoded into memory).")
 @click.option("--top", "top_k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per input.")
 @click.option("--batch-size", type=click.IntRange(1), help="Inputs per engine call (default: the engine's opt batch).")
 @click.option("--multi-label", is_flag=True, help="Independent sigmoid probabilities instead of a softmax.")
@@ -88,7 +100,7 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
 @click.option("--quantization", type=click.Choice([str(c) for c in literal_choices(BuildConfig, "quantization")]),
               default="none", show_default=True,
               help="Quantize the classifier (fastgen.quant preset; its head stays in float).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Engine cache root.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty, help="Engine cache root.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def score(files: tuple[str, ...], model: str, component: str | None, texts: tuple[str, ...], frames: int,
           top_k: int, batch_size: int | None, multi_label: bool, backend: str, device: str, precision: str,
@@ -106,11 +118,8 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
     kinds = [_classify_file(f) for f in files]
     if component is None and texts and not files and not _is_engine_path(model):
         component = "text-classifier"
-    cache: Any = None
-    if cache_dir:
-        from fastgen.engines.cache import EngineCache
-
-        cache = EngineCache(cache_dir)
+    # Engine directories and .onnx files are loaded as they are: only a model to build needs the cache.
+    cache: Any = engine_cache(cache_dir) if cache_dir or not _is_engine_path(model) else None
     scorer = Scorer.from_pretrained(model, component, backend=backend, device=device, precision=precision,
                                     cache=cache, quantization=quantization, top_k=top_k, multi_label=multi_label, batch_size=batch_size,
                                     progress=sys.stderr.isatty())
@@ -146,7 +155,7 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
     from fastgen.cli.main import _console
 
     _print_tables(_console(), rows, videos, labels,
-                  title=f"{model} {engine_info['component']} ({engine_info['backend']}, {engine_info['device']})")
+                  title=f"{printable(model)} {engine_info['component']} ({engine_info['backend']}, {engine_info['device']})")
 
 
 __all__ = ["score"]

@@ -41,5 +41,12 @@ def steps(description: str, total: int, enabled: bool = False) -> Iterator[Steps
                   console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         s = Steps(description, total, bar, task)
-        yield s
+        try:
+            yield s
+        except BaseException:
+            # A failed step leaves no bar behind: the CLI's contract is one `error: ...` line on
+            # stderr, and a half-filled bar above it is noise (off a terminal rich prints the bar
+            # once, when it stops, unless it is transient).
+            bar.live.transient = True
+            raise
         bar.update(task, completed=total, description=f"{description}: done")

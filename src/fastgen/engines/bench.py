@@ -55,11 +55,11 @@ def batch_symbol(engine: Engine) -> str | None:
     return None
 
 
-def _check_range(engine: Engine, symbol: str, size: int) -> None:
+def _check_range(engine: Engine, symbol: str, size: int, strict: bool) -> None:
     rng = engine.spec.profile.dims.get(symbol)
     if rng is None or rng.min <= size <= rng.max:
         return
-    if engine.strict_profile:
+    if strict:
         raise InvalidArgumentError(symbol, size, f"{rng.min} to {rng.max} (this engine's profile)")
     logger.info("%s=%d is outside the profile's %d..%d; %s engines run it anyway",
                 symbol, size, rng.min, rng.max, engine.backend)
@@ -72,13 +72,20 @@ def _sync(engine: Engine) -> None:
 
 def benchmark(engine: Engine, *, batches: Sequence[int], shape: Mapping[str, int] | None = None,
               warmup: int = 3, iters: int = 20, min_seconds: float = 0.0, seed: int = 0,
-              progress: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
+              progress: Callable[[BenchResult], None] | None = None, strict: bool | None = None) -> list[BenchResult]:
     """Time ``engine.run`` at each batch size (other dims at ``shape``, else the profile's opt).
 
     Each call is timed with ``time.perf_counter`` around a device synchronisation, so the figure is
     the latency a caller sees (input validation included). At least ``iters`` calls are timed, and
     more until ``min_seconds`` have passed. ``progress`` receives each result as it is done.
+
+    Every point is checked before the first call: sizes the component cannot take (its ``multiples``,
+    derived dims, sizes whose tensors would not fit in memory) are refused, and so, with ``strict``,
+    are sizes outside the engine's profile (default: only for engines whose profile is strict, such as
+    TensorRT's; ``fastgen bench`` is always strict, since a benchmark outside the range an engine was
+    built and tuned for measures nothing it will serve).
     """
+    strict = engine.strict_profile if strict is None else bool(strict)
     batches = list(batches)
     if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
         raise InvalidArgumentError("batch", batches, reason="one or more integers >= 1")
@@ -99,14 +106,20 @@ def benchmark(engine: Engine, *, batches: Sequence[int], shape: Mapping[str, int
     if symbol is not None and symbol in shape:
         raise InvalidArgumentError("shape", symbol, reason="set the batch size with batches, not shape")
     for name, size in shape.items():
-        _check_range(engine, name, size)
-
-    results = []
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidArgumentError(name, size, "integers >= 1")
+        _check_range(engine, name, size, strict)
+    points = []
     for b in batches:
         dims = {**engine.spec.profile.shape("opt"), **shape}
         if symbol is not None:
             dims[symbol] = b
-            _check_range(engine, symbol, b)
+            _check_range(engine, symbol, b, strict)
+        engine.spec.check_dims(dims)  # multiples and memory, for every point before any runs
+        points.append((b, dims))
+
+    results = []
+    for b, dims in points:
         inputs = engine.spec.sample_inputs(dims, seed=seed, device=engine.device, float_dtype=engine.float_dtype)
         for _ in range(warmup):
             engine.run(inputs)

@@ -4,12 +4,21 @@ A shape entry is an ``int`` (static) or a symbol: ``"batch"``, or a derived symb
 ``"height/8"`` (the latent height of an image of ``height`` pixels). Profiles are always given on
 the root symbols (``height=256:512:1024`` in pixels), so one profile serves the UNet, the VAE and
 the pipeline alike; derived dims must divide exactly.
+
+Sizes are also bounded by memory (:func:`memory_limit_bytes`), before anything is allocated: a
+profile whose max would make the inputs and outputs of one call take more than 1/8 of this machine's
+memory (the activations need the rest, many times over), or call sizes that would make one tensor
+larger than all of it, are refused in one line naming the dim. Such an engine could never be
+verified, benchmarked or called at those sizes, and trying turns a typo (``batch=1:1:100000000``)
+into a 400 TB allocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +32,42 @@ ShapeEntry = int | str
 Which = Literal["min", "opt", "max"]
 
 _SYMBOL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:/(\d+))?$")
+# ASCII digits only: str.isdigit() also accepts superscripts ("\u00b2"), which int() then rejects.
+_NUMBER = re.compile(r"^[0-9]+$")
+#: A profile's max must leave memory for the network's activations: its inputs and outputs together may
+#: take at most 1/PROFILE_MEMORY_SHARE of it (every preset's profile takes under 120 MB).
+PROFILE_MEMORY_SHARE = 8
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
+
+
+@functools.lru_cache(maxsize=1)
+def memory_limit_bytes() -> int:
+    """The memory sizes are checked against: this machine's physical memory, or its cgroup's memory
+    limit when that is lower (a container); 1 TiB where neither can be read. Cached: it is asked on
+    every engine call."""
+    limit = 1 << 40
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < limit:
+            limit = int(text)
+    return max(limit, 1 << 26)
+
+
+def human_bytes(num: float) -> str:
+    """``123456789`` -> ``123.5 MB`` (powers of 1000, as disks and ``free -h --si`` count)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if num < 1000 or unit == "PB":
+            return f"{num:.0f} {unit}" if unit == "bytes" else f"{num:.3g} {unit}" if num >= 1e4 else f"{num:.1f} {unit}"
+        num /= 1000
+    return str(num)  # pragma: no cover
 
 
 def parse_dim(entry: ShapeEntry) -> tuple[str, int] | None:
@@ -85,16 +130,26 @@ class ShapeProfile(ConfigMixin):
 
     @classmethod
     def parse(cls, text: str) -> ShapeProfile:
-        """Parse ``batch=1:4:8,height=512`` (an entry may give one value, or min:opt:max)."""
+        """Parse ``batch=1:4:8,height=512`` (an entry may give one value, or min:opt:max).
+
+        The empty string is the empty profile; text with no entry (``,,,``) or a dim given twice is refused.
+        """
+        allowed = "NAME=N or NAME=MIN:OPT:MAX, comma-separated"
         dims: dict[str, DimRange] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
+        parts = [p.strip() for p in text.split(",")]
+        if text.strip() and not any(parts):
+            raise InvalidArgumentError("profile", text, allowed)
+        for part in filter(None, parts):
             name, sep, value = part.partition("=")
-            nums = value.split(":")
-            if (not sep or not _SYMBOL.match(name.strip()) or len(nums) not in (1, 3)
-                    or not all(n.strip().isdigit() for n in nums)):
-                raise InvalidArgumentError("profile", part, "NAME=N or NAME=MIN:OPT:MAX, comma-separated")
+            name = name.strip()
+            nums = [n.strip() for n in value.split(":")]
+            if (not sep or not _SYMBOL.match(name) or "/" in name or len(nums) not in (1, 3)
+                    or not all(_NUMBER.match(n) for n in nums)):
+                raise InvalidArgumentError("profile", part, allowed)
+            if name in dims:
+                raise InvalidArgumentError("profile", part, reason=f"{name} is given twice")
             vals = [int(n) for n in nums]
-            dims[name.strip()] = DimRange(*(vals * 3 if len(vals) == 1 else vals))
+            dims[name] = DimRange(*(vals * 3 if len(vals) == 1 else vals))
         return cls(dims)
 
     def merged(self, overrides: ShapeProfile | Mapping[str, DimRange] | None) -> ShapeProfile:
@@ -200,11 +255,18 @@ class ExportSpec(ConfigMixin):
         unknown = set(self.multiples) - symbols
         if unknown:
             raise InvalidArgumentError("multiples", sorted(unknown)[0], sorted(symbols))
+        # Multiples only: a spec read back from an engine built on a bigger machine must still load
+        # (it runs at smaller sizes); profiles are bounded by memory where they are chosen (with_profile).
         for which in ("min", "opt", "max"):
-            self.check_dims(self.profile.shape(which), argument="profile")
+            self._check_multiples(self.profile.shape(which), argument="profile")
 
     def check_dims(self, dims: Mapping[str, int], argument: str | None = None) -> None:
-        """Raise unless every root size is a multiple of what the component needs."""
+        """Raise unless every root size is a multiple of what the component needs, and no input or output
+        tensor at these sizes (roots not given: the profile's opt) would exceed :func:`memory_limit_bytes`."""
+        self._check_multiples(dims, argument)
+        self.check_memory(dims, argument)
+
+    def _check_multiples(self, dims: Mapping[str, int], argument: str | None = None) -> None:
         for symbol, size in dims.items():
             multiple = self.multiples.get(symbol, 1)
             for t in self.inputs:  # derived dims (height/8) must divide exactly too
@@ -215,6 +277,60 @@ class ExportSpec(ConfigMixin):
             if size % multiple:
                 raise InvalidArgumentError(argument or symbol, size if argument is None else f"{symbol}={size}",
                                            f"multiples of {multiple} for this {self.component}")
+
+    def tensor_bytes(self, dims: Mapping[str, int]) -> list[tuple[TensorSpec, int]]:
+        """Each input and output with its bytes at these root sizes (roots not given: the profile's opt);
+        outputs with a dim no input determines are left out."""
+        full = {**self.profile.shape("opt"), **dims}
+        out = []
+        for t in self.inputs + self.outputs:
+            if not t.symbols <= set(full):
+                continue
+            count = 1
+            for entry in t.shape:
+                parsed = parse_dim(entry)
+                count *= int(entry) if parsed is None else full[parsed[0]] // parsed[1]
+            out.append((t, count * _ITEM_BYTES.get(t.dtype, 8)))
+        return out
+
+    def check_memory(self, dims: Mapping[str, int], argument: str | None = None, *,
+                     suspects: set[str] | None = None) -> None:
+        """Raise, naming the dim, if these root sizes could not be allocated here.
+
+        Sizes of a call (``argument`` None or a name): no input or output may exceed
+        :func:`memory_limit_bytes`. A profile's max (``argument`` "profile"): the inputs and outputs of
+        one call together must fit in 1/:data:`PROFILE_MEMORY_SHARE` of it, since the network's
+        activations at those sizes take many times more (an SD UNet's first conv output is 80x its input),
+        and an engine is verified and benchmarked at its max. The dim named is, of the largest tensor's
+        dims (of ``suspects``, the dims the caller set, when it has any), the furthest above its opt.
+        """
+        sizes = self.tensor_bytes(dims)
+        if not sizes:
+            return
+        tensor, biggest = max(sizes, key=lambda item: item[1])
+        limit = memory_limit_bytes()
+        profile = argument == "profile"
+        total = sum(size for _, size in sizes) if profile else biggest
+        budget = limit // PROFILE_MEMORY_SHARE if profile else limit
+        if total <= budget:
+            return
+        full = {**self.profile.shape("opt"), **dims}
+        opt = self.profile.shape("opt")
+        shape = "x".join(str(full[p[0]] // p[1]) if (p := parse_dim(e)) else str(e) for e in tensor.shape)
+        what = (f"the {self.component} {'input' if tensor in self.inputs else 'output'} {tensor.name!r} would be "
+                f"{shape} {tensor.dtype}, {human_bytes(biggest)}")
+        candidates = sorted(tensor.symbols, key=lambda s: (-full[s] / max(opt.get(s, 1), 1), s))
+        culprits = [s for s in candidates if s in (suspects or ())] or candidates
+        if profile:
+            reason = (f"at max, {what} ({human_bytes(total)} with the other inputs and outputs), more than 1/"
+                      f"{PROFILE_MEMORY_SHARE} of this machine's memory ({human_bytes(limit)}), which the network's "
+                      "activations need many times over; lower the max")
+            rng = self.profile.dims[culprits[0]]
+            raise InvalidArgumentError("profile", f"{culprits[0]}={rng.min}:{rng.opt}:{rng.max}", reason=reason)
+        symbol = culprits[0]
+        reason = f"{what}, more than this machine's memory ({human_bytes(limit)}); lower {symbol}"
+        raise InvalidArgumentError(argument or symbol, full[symbol] if argument is None else f"{symbol}={full[symbol]}",
+                                   reason=reason)
 
     @property
     def symbols(self) -> set[str]:
@@ -240,7 +356,9 @@ class ExportSpec(ConfigMixin):
         for name in overrides.dims:
             if name not in self.symbols:
                 raise InvalidArgumentError("profile", name, sorted(self.symbols) or "none: all dims are static")
-        return dataclasses.replace(self, profile=self.profile.merged(overrides))
+        spec = dataclasses.replace(self, profile=self.profile.merged(overrides))
+        spec.check_memory(spec.profile.shape("max"), argument="profile", suspects=set(overrides.dims))
+        return spec
 
     def shape_at(self, shape: Which | Mapping[str, int] = "opt") -> dict[str, int]:
         dims = self.profile.shape(shape) if isinstance(shape, str) else {**self.profile.shape("opt"), **shape}
