@@ -8,7 +8,7 @@ import torch
 import fastgen
 from fastgen.engines.build import build
 from fastgen.engines.cache import EngineCache
-from fastgen.engines.config import BuildConfig
+from fastgen.engines.config import BuildConfig, ExecutionOptions
 from fastgen.engines.loading import load_engine
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.export.config import ExportConfig
@@ -25,6 +25,9 @@ from fastgen.quant.config import QUANT_PRESETS
 from fastgen.quant.onnx import ort_optimized_ops
 
 FAST = ExportConfig(verify="opt")
+# One intra-op thread: a torch engine on the CPU otherwise times its first call to choose a count, and
+# two engines on different counts may round an activation to the next quantized code differently.
+ONE = ExecutionOptions(intra_op_threads=1)
 
 
 @pytest.fixture
@@ -57,15 +60,15 @@ def test_build_config_quantization_field():
 @pytest.mark.parametrize(("preset", "floor_db"), [("int8-weight-only", 45), ("w8a8-dynamic", 38),
                                                    ("fp8-dynamic", 28)])
 def test_quantized_unet_engine_against_fp32(cache, backend, preset, floor_db):
-    fp32 = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST)
-    engine = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST,
+    fp32 = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST, execution=ONE)
+    engine = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST, execution=ONE,
                    quantization=preset)
     assert not engine.cache_hit and engine.describe()["quantization"].startswith(f"{preset}: ")
     inputs = engine.spec.sample_inputs("max", seed=5)  # not the shape verification used
     ref, out = _out(fp32, inputs), _out(engine, inputs)
     # Quantization changes the output (not an accidental float engine), within the config's noise.
     assert floor_db < sqnr_db(ref, out) < 90
-    again = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST,
+    again = build("tiny", component="unet", backend=backend, device="cpu", cache=cache, export=FAST, execution=ONE,
                   quantization=preset)
     assert again.cache_hit and again.manifest["cache_key"] == engine.manifest["cache_key"]
     assert torch.equal(_out(again, inputs), out)
@@ -95,8 +98,8 @@ def test_onnxruntime_runs_the_int8_kernels(cache):
 
 def test_saved_torch_engine_rebuilds_the_quantized_layers(tmp_path, cache):
     engine = build("tiny", component="unet", backend="torch", device="cpu", cache=cache, quantization="fp8-dynamic",
-                   out=tmp_path / "unet-fp8")
-    loaded = load_engine(tmp_path / "unet-fp8")
+                   out=tmp_path / "unet-fp8", execution=ONE)
+    loaded = load_engine(tmp_path / "unet-fp8", execution=ONE)
     layers = quantized_layers(loaded.component.model)
     assert layers and all(isinstance(m, QuantLinear) and m.config == Fp8DynamicConfig() for m in layers.values())
     assert next(iter(layers.values())).qweight.dtype == torch.float8_e4m3fn

@@ -2,7 +2,8 @@
 on stderr and exit code 2, never a traceback or exit 1; ``generate`` checks its output folder before the
 work and writes it atomically; ``bench`` keeps to the engine's profile; profiles that could never be
 allocated are refused. Commands run in-process (``fastgen.cli.main.main``, the same exit-code mapping as
-the console script) in a daemon thread with a hard timeout, so a regression fails instead of hanging CI.
+the console script) in a daemon thread with a hard timeout (``hangs.within``), so a regression fails
+instead of hanging CI.
 """
 
 from __future__ import annotations
@@ -11,43 +12,34 @@ import builtins
 import errno
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hangs import TIMEOUT, within
 
 from fastgen.cli.main import main
 from fastgen.errors import InvalidArgumentError
 from fastgen.models.spec import ExportSpec, ShapeProfile, TensorSpec
 
-TIMEOUT = float(os.environ.get("FASTGEN_FAULTS_TIMEOUT", "60"))  # seconds per command
 HUGE = str(10**12)  # a dim no machine could hold a tensor of: refusing it must not try to allocate it
 
 
 def run_cli(capsys, *args: str, timeout: float = TIMEOUT) -> tuple[int, str, str]:
-    """``fastgen ARGS`` in-process under a timeout: (exit code, stdout, stderr)."""
-    box: dict = {}
+    """``fastgen ARGS`` in-process under a timeout: (exit code, stdout, stderr). Any other exception
+    escaping ``main`` (which must turn everything into an exit code) is re-raised here."""
 
-    def target() -> None:
+    def run() -> int:
         try:
             main([*args])
-            box["code"] = 0
         except SystemExit as exc:
-            box["code"] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException as exc:  # main must turn everything into an exit code
-            box["error"] = exc
+            return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        return 0
 
     capsys.readouterr()
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"fastgen {' '.join(args)} still running after {timeout:.0f} s")
-    if "error" in box:
-        raise box["error"]
+    code = within(timeout, run, what=f"fastgen {' '.join(args)}")
     out, err = capsys.readouterr()
-    return box["code"], out, err
+    return code, out, err
 
 
 def assert_error(result: tuple[int, str, str], *needles: str) -> str:

@@ -1,6 +1,6 @@
 """Hostile files and caches (issue 15): ONNX external data, engine directories, cache maintenance,
-permissions and API arguments. Every risky call runs under a hard timeout, so a regression fails
-instead of hanging CI."""
+permissions and API arguments. Every risky call runs under a hard timeout (``hangs.within``), so a
+regression fails instead of hanging CI."""
 
 from __future__ import annotations
 
@@ -12,39 +12,18 @@ import logging
 import os
 import shutil
 import stat
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hangs import TIMEOUT, within
 from onnx import TensorProto, helper
 
 import fastgen
 from fastgen.engines.cache import EngineCache, publish_dir, read_manifest, verify_dir, write_manifest
 from fastgen.errors import CacheCorruptionError, FastgenError, InvalidArgumentError
 
-TIMEOUT = float(os.environ.get("FASTGEN_FAULTS_TIMEOUT", "60"))  # seconds per risky call
 UP = "../" * 40  # more than any tmp_path is deep: normalises to the filesystem root
-
-
-def call(fn, *args, timeout: float = TIMEOUT, **kwargs):
-    """``fn(*args, **kwargs)`` in a daemon thread: a hang fails the test (and cannot block the exit)."""
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # re-raised in the test's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout:.0f} s (hang)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def one_line(exc: BaseException, *needles: str) -> str:
@@ -66,7 +45,7 @@ def cli(*args: str, capsys) -> tuple[int, str]:
             return int(exc.code or 0)
         return 0
 
-    code = call(run)
+    code = within(TIMEOUT, run, what=f"fastgen {' '.join(args)}")
     return code, capsys.readouterr().err
 
 
@@ -149,7 +128,7 @@ def test_build_refuses_external_data_outside_the_model_dir(hostile_onnx, tmp_pat
     path, location, _ = hostile_onnx
     cache = EngineCache(tmp_path / "cache")
     with pytest.raises(FastgenError) as info:
-        call(fastgen.build, str(path), backend="onnxruntime", device="cpu", cache=cache)
+        within(TIMEOUT, fastgen.build, str(path), backend="onnxruntime", device="cpu", cache=cache)
     check_refusal(info.value, location)
     assert cache.entries() == []
 
@@ -161,10 +140,10 @@ def test_every_reader_of_a_users_onnx_refuses_it(hostile_onnx):
     path, location, case = hostile_onnx
     for reader in (fastgen.load_engine, ort_runner, lambda p: fastgen.load_engine(p.parent), spec_from_onnx):
         if reader is spec_from_onnx and case in DATA_ONLY:
-            assert call(reader, path).input_names == ["x"]  # the graph alone: its weights need not be there
+            assert within(TIMEOUT, reader, path).input_names == ["x"]  # the graph alone: no weights needed
             continue
         with pytest.raises(FastgenError) as info:
-            call(reader, path)
+            within(TIMEOUT, reader, path)
         check_refusal(info.value, location)
 
 
@@ -180,10 +159,11 @@ def test_external_data_inside_the_model_dir_still_builds(tmp_path):
     d = tmp_path / "model"
     _weights(d, "weights/w.bin", pad=12)
     path = add_model(d / "m.onnx", "weights/w.bin", offset="12", length="16")
-    engine = call(fastgen.build, str(path), backend="onnxruntime", device="cpu", cache=EngineCache(tmp_path / "c"))
+    engine = within(TIMEOUT, fastgen.build, str(path), backend="onnxruntime", device="cpu",
+                    cache=EngineCache(tmp_path / "c"))
     y = engine.run(x=np.zeros((2, 4), np.float32))["y"]
     np.testing.assert_array_equal(np.asarray(y), np.tile(np.arange(4, dtype=np.float32), (2, 1)))
-    assert call(fastgen.load_engine, path).run(x=np.ones((1, 4), np.float32))["y"].shape == (1, 4)
+    assert within(TIMEOUT, fastgen.load_engine, path).run(x=np.ones((1, 4), np.float32))["y"].shape == (1, 4)
 
 
 # --- engine directories ------------------------------------------------------------------------
@@ -192,8 +172,8 @@ def test_external_data_inside_the_model_dir_still_builds(tmp_path):
 def built_entry(tmp_path_factory) -> Path:
     """A real onnxruntime engine directory (with a tokenizer/ subfolder), built once per module."""
     root = tmp_path_factory.mktemp("entry")
-    engine = call(fastgen.build, str(add_model(root / "src" / "m.onnx")), backend="onnxruntime", device="cpu",
-                  cache=EngineCache(root / "cache"), out=root / "engine")
+    engine = within(TIMEOUT, fastgen.build, str(add_model(root / "src" / "m.onnx")), backend="onnxruntime",
+                    device="cpu", cache=EngineCache(root / "cache"), out=root / "engine")
     directory = Path(engine.path)
     (directory / "tokenizer").mkdir()
     (directory / "tokenizer" / "vocab.json").write_text('{"a": 0}')
@@ -219,18 +199,18 @@ def relist(directory: Path, drop: str | None = None, **artifacts: Path) -> None:
 
 
 def test_unlisted_tampered_model_is_refused(engine_dir):
-    call(fastgen.load_engine, engine_dir)  # intact: loads
+    within(TIMEOUT, fastgen.load_engine, engine_dir)  # intact: loads
     relist(engine_dir, drop="model.onnx")
     add_model(engine_dir / "model.onnx")  # another graph, not listed any more
     with pytest.raises(CacheCorruptionError) as info:
-        call(fastgen.load_engine, engine_dir)
+        within(TIMEOUT, fastgen.load_engine, engine_dir)
     one_line(info.value, "model.onnx", "not listed")
 
 
 def test_unlisted_file_in_subfolder_is_refused(engine_dir):
     (engine_dir / "tokenizer" / "merges.txt").write_text("a b")
     with pytest.raises(CacheCorruptionError, match=r"tokenizer/merges\.txt.*not listed") as info:
-        call(verify_dir, engine_dir, check="size")
+        within(TIMEOUT, verify_dir, engine_dir, check="size")
     one_line(info.value)
 
 
@@ -247,7 +227,7 @@ def test_symlinks_in_an_engine_dir_are_refused(engine_dir, what):
         shutil.move(engine_dir / "manifest.json", engine_dir.parent / "elsewhere.json")
         os.symlink(engine_dir.parent / "elsewhere.json", engine_dir / "manifest.json")
     with pytest.raises(CacheCorruptionError) as info:
-        call(fastgen.load_engine, engine_dir)
+        within(TIMEOUT, fastgen.load_engine, engine_dir)
     one_line(info.value, "symbolic link")
 
 
@@ -266,7 +246,7 @@ def test_hostile_manifest_is_one_line_corruption(engine_dir, manifest):
      "binary": lambda: path.write_bytes(b"\xff\xfe\x00{")}[manifest]()
     for fn in (verify_dir, read_manifest, fastgen.load_engine):
         with pytest.raises(CacheCorruptionError) as info:
-            call(fn, engine_dir, timeout=min(20.0, TIMEOUT))
+            within(min(20.0, TIMEOUT), fn, engine_dir)
         one_line(info.value, "manifest")
 
 
@@ -277,7 +257,7 @@ def test_bad_artifact_names_are_refused(engine_dir, name):
     manifest["artifacts"][name] = {"sha256": "0" * 64, "bytes": 1}
     (engine_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheCorruptionError) as info:
-        call(verify_dir, engine_dir)
+        within(TIMEOUT, verify_dir, engine_dir)
     one_line(info.value)
 
 
@@ -287,7 +267,7 @@ def test_bad_artifact_entries_are_refused(engine_dir, entry):
     manifest["artifacts"]["model.onnx"] = entry
     (engine_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheCorruptionError) as info:
-        call(verify_dir, engine_dir, check="size")
+        within(TIMEOUT, verify_dir, engine_dir, check="size")
     one_line(info.value, "model.onnx")
 
 
@@ -420,7 +400,7 @@ def test_out_inside_the_cache_root_is_refused(tmp_path):
     path = add_model(tmp_path / "m.onnx")
     for out in (cache.root / KEY_B[:2] / KEY_B, cache.root, tmp_path):
         with pytest.raises(InvalidArgumentError) as info:
-            call(fastgen.build, str(path), backend="onnxruntime", device="cpu", cache=cache, out=out)
+            within(TIMEOUT, fastgen.build, str(path), backend="onnxruntime", device="cpu", cache=cache, out=out)
         one_line(info.value, "out")
     assert cache.lookup(KEY_B) is None
 
@@ -447,8 +427,8 @@ def test_published_dirs_are_shareable(tmp_path, umask):
 def test_built_out_dir_is_0755(tmp_path):
     old = os.umask(0o022)
     try:
-        engine = call(fastgen.build, str(add_model(tmp_path / "m.onnx")), backend="onnxruntime", device="cpu",
-                      cache=EngineCache(tmp_path / "cache"), out=tmp_path / "out")
+        engine = within(TIMEOUT, fastgen.build, str(add_model(tmp_path / "m.onnx")), backend="onnxruntime",
+                        device="cpu", cache=EngineCache(tmp_path / "cache"), out=tmp_path / "out")
     finally:
         os.umask(old)
     assert modes(Path(engine.path)) == {("d", 0o755), ("f", 0o644)}

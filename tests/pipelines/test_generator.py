@@ -38,8 +38,8 @@ def test_config_defaults_docs_and_round_trip():
 
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
-    ("steps", 0, "integers >= 1"),
-    ("steps", 2.5, "integers >= 1"),
+    ("steps", 0, "integers from 1 to 1000"),
+    ("steps", 2.5, "integers from 1 to 1000"),
     ("strength", 1.5, "from 0.0 to 1.0"),
     ("strength", -0.1, "from 0.0 to 1.0"),
     ("guidance_scale", -1.0, ">= 0.0"),

@@ -102,6 +102,29 @@ def test_layer_export_matches_pytorch_in_onnxruntime(tmp_path, config, opset, ex
         assert ort_optimized_ops(path).get(kernel, 0) == 2
 
 
+@pytest.mark.parametrize(("config", "opset"), [(c[0], c[1]) for c in CASES if c[0].activation is not None],
+                         ids=[c[0].describe() for c in CASES if c[0].activation is not None])
+def test_a_non_finite_token_stays_nan_in_onnxruntime_and_other_tokens_are_untouched(tmp_path, config, opset):
+    # QuantizeLinear saturates NaN to a finite code: without the guard a poisoned token came out finite.
+    torch.manual_seed(0)
+    model = Net().eval()
+    calibrate(model, [_inputs(1), _inputs(2)])
+    quantize_(model, config, skip=())
+    path = tmp_path / "q.onnx"
+    _export(model, path, opset)
+    session = ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
+    tokens, fmap = (t.numpy() for t in _inputs(3, batch=3))
+    clean = session.run(["y"], {"tokens": tokens, "fmap": fmap})[0]
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = tokens.copy()
+        poisoned[1, 7, 5] = bad
+        out = session.run(["y"], {"tokens": poisoned, "fmap": fmap})[0]
+        assert np.isnan(out[1, 7]).all()
+        keep = np.ones(out.shape[:2], bool)
+        keep[1, 7] = False
+        np.testing.assert_array_equal(out[keep], clean[keep])
+
+
 def test_fp8_needs_opset_19(tmp_path):
     model = quantize_(Net().eval(), Fp8DynamicConfig(), skip=())
     with pytest.raises((UnsupportedError, FastgenError, RuntimeError), match="opset >= 19"):

@@ -201,7 +201,7 @@ def test_asyncio_api_and_cancelling_a_task_cancels_the_request(tiny_generator, t
 def test_bad_requests_fail_at_submission_and_are_never_queued(tiny_generator, tiny_scorer):
     with Runtime(tiny_generator(), tiny_scorer("image")) as rt:
         for request, needle in [
-            (GenerateRequest("x", GenerateConfig(scheduler="lcm", steps=5000)), "steps"),
+            (GenerateRequest("x", GenerateConfig(scheduler="lcm", steps=1000)), "steps"),  # LCM takes <= 50
             (GenerateRequest("x", GenerateConfig(height=33)), "height"),
             (ScoreRequest(np.zeros((4, 4), np.float32)), "item"),
             (ScoreRequest("a text", kind="text"), "text scorer"),

@@ -68,6 +68,9 @@ def _run_backend(backend: str, cache, steps: int, candidates: int) -> dict[str, 
     row.update(text_encoding_ms=lat.text_encoding_ms, unet_step_ms=float(np.median(lat.denoising_step_ms)),
                denoising_ms=lat.denoising_ms, vae_decode_ms=lat.vae_decode_ms, total_ms=lat.total_ms)
     row["images"] = result.images
+    # The torch UNet's intra-op threads: timed on its first call (ThreadPolicy), None for onnxruntime.
+    policy = getattr(gen.unet, "thread_policy", None)
+    row["unet_threads"] = policy.threads if policy is not None else None
     row["seeds"] = result.seeds
     t0 = time.perf_counter()
     pil = [_to_pil(img) for img in result.images]
@@ -84,6 +87,12 @@ def _run_backend(backend: str, cache, steps: int, candidates: int) -> dict[str, 
     row["best"] = [{"prompt": p, "seed": s, "score": v} for p, s, v in zip(best.prompts, best.seeds, best.rank_values)]
     row["best_images"] = best.images
     return row
+
+
+def _threads(torch_row: dict[str, Any]) -> str:
+    """The table title's thread counts: torch's pool, and what the torch UNet chose to run on."""
+    chosen = torch_row.get("unet_threads")
+    return f"{torch.get_num_threads()} threads" + (f", torch UNet on {chosen}" if chosen else "")
 
 
 def _to_pil(array: np.ndarray):
@@ -148,7 +157,7 @@ def run_demo(out: Path, *, cache_dir: str | None, steps: int = 20, candidates: i
         files.append(path.name)
 
     table = Table(title=f"fastgen demo: preset '{PRESET}', {len(PROMPTS)} prompts, {steps} steps, "
-                        f"{platform.machine()} CPU ({torch.get_num_threads()} threads), {total:.1f} s in all")
+                        f"{platform.machine()} CPU ({_threads(rows[0])}), {total:.1f} s in all")
     table.add_column("stage")
     for backend in BACKENDS:
         table.add_column(f"{backend} ms", justify="right")
@@ -170,7 +179,7 @@ def run_demo(out: Path, *, cache_dir: str | None, steps: int = 20, candidates: i
     summary = {
         "preset": PRESET, "prompts": list(PROMPTS), "steps": steps, "candidates": candidates,
         "fastgen_version": __version__, "torch_version": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+        "threads": torch.get_num_threads(), "torch_unet_threads": rows[0].get("unet_threads"), "date": datetime.date.today().isoformat(),
         "total_seconds": total, "psnr_torch_vs_onnxruntime_db": agreement, "files": files,
         "backends": [{k: v for k, v in r.items() if k not in ("images", "best_images")} for r in rows],
     }

@@ -220,26 +220,15 @@ def write_outputs(out: Path, result: Any, extra: dict[str, Any]) -> dict[str, An
 
 
 def _check_image_count(config: GenerateConfig, prompts: int, candidates: int | None, gen: Any, image: Any) -> None:
-    """Refuse a request whose images could not all be held at once: the generator decodes every image of
-    a call in one float32 batch (``-n 1000000000`` asked for terabytes and was killed by the kernel)."""
-    from fastgen.models.spec import human_bytes, memory_limit_bytes
+    """The library's memory check (``check_image_memory``), before the engines are built."""
+    from fastgen.pipelines.config import check_image_memory
 
     default = getattr(gen, "default_size", None) or (512, 512)
     height = config.height or (image.height if image is not None else default[0])
     width = config.width or (image.width if image is not None else default[1])
     per_prompt = candidates or config.num_images_per_prompt
-    need = prompts * per_prompt * height * width * 3 * 4
-    limit = memory_limit_bytes()
-    if height * width * 3 * 4 > limit:  # one image alone: the size is the culprit, not the count
-        name, size = ("height", height) if height >= width else ("width", width)
-        raise InvalidArgumentError(name, size, reason=f"one {height}x{width} image would need "
-                                   f"{human_bytes(height * width * 12)}, more than this machine's memory "
-                                   f"({human_bytes(limit)})")
-    if need > limit:
-        argument = "candidates" if candidates else "num-images-per-prompt"
-        raise InvalidArgumentError(argument, per_prompt, reason=f"{prompts * per_prompt} images of {height}x{width} "
-                                   f"would need {human_bytes(need)} at once, more than this machine's memory "
-                                   f"({human_bytes(limit)}); generate fewer per call")
+    check_image_memory(prompts * per_prompt, height, width, per_prompt=per_prompt,
+                       argument="candidates" if candidates else "num-images-per-prompt")
 
 
 def _engine_folder(model: str) -> bool:

@@ -350,6 +350,12 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The command owns its process, so it may choose OpenMP's barrier policy (a library import must
+    # not): idle OpenMP threads that sleep instead of spinning keep torch on the CPU from collapsing
+    # when another process holds a core (docs/reliability.md, "CPU contention"). OpenMP reads it once,
+    # when torch loads, so only before that; a user's own setting wins.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     debug = os.environ.get("FASTGEN_DEBUG", "") not in ("", "0")
     try:
         cli.main(args=argv, prog_name="fastgen", standalone_mode=False)

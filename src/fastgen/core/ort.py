@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fastgen.core.cpus import MAX_THREADS
 from fastgen.errors import InvalidArgumentError
 
 #: ``graph_optimization`` names -> onnxruntime's ``GraphOptimizationLevel`` members.
@@ -33,10 +34,12 @@ def session_options(*, intra_op_threads: int = 0, inter_op_threads: int = 0, spi
                     entries: Mapping[str, str] | None = None) -> Any:
     """An ``onnxruntime.SessionOptions`` with fastgen's settings.
 
-    ``intra_op_threads`` / ``inter_op_threads``: 0 keeps onnxruntime's default (one thread per
-    physical core; inter-op: its own default). ``spin_wait``: whether idle intra- and inter-op
-    threads spin between runs; None keeps onnxruntime's default (they spin). ``graph_optimization``:
-    ``disable``, ``basic``, ``extended`` or ``all`` (onnxruntime's default). ``exact_quant``: the
+    ``intra_op_threads`` / ``inter_op_threads``: 0 to :data:`fastgen.core.cpus.MAX_THREADS`; 0 keeps
+    onnxruntime's default (intra-op: one thread per physical core of the machine, which engines cut
+    to :func:`fastgen.core.cpus.limited_cpus`; inter-op: its own default). ``spin_wait``: whether
+    idle intra- and inter-op threads spin between runs; None keeps onnxruntime's default (they
+    spin). ``graph_optimization``: ``disable``, ``basic``, ``extended`` or ``all`` (onnxruntime's
+    default). ``exact_quant``: the
     :data:`EXACT_QUANT_ENTRIES`, so quantized graphs compute what they state (fp32 math is
     unaffected). ``log_severity``: onnxruntime's own log level (3: errors only; it prints every
     provider-assignment warning to stderr otherwise). ``entries``: further session config entries,
@@ -45,8 +48,9 @@ def session_options(*, intra_op_threads: int = 0, inter_op_threads: int = 0, spi
     if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
         raise InvalidArgumentError("graph_optimization", graph_optimization, GRAPH_OPTIMIZATION_LEVELS)
     for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgumentError(name, value, "integers >= 0")
+        # onnxruntime would try to start any count it is given: 10**6 threads exhausts the machine.
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THREADS:
+            raise InvalidArgumentError(name, value, f"integers 0 to {MAX_THREADS}")
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastgen.core.config import ConfigMixin
+from fastgen.core.cpus import MAX_THREADS
 from fastgen.engines.registry import backend_names, check_backend
 from fastgen.engines.trt_options import TensorRTOptions
 from fastgen.errors import InvalidArgumentError
@@ -33,9 +34,17 @@ class ExecutionOptions(ConfigMixin):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     """onnxruntime: graph optimisation level of the session."""
     intra_op_threads: int = 0
-    """onnxruntime: threads inside one operator (0: onnxruntime's default, one per physical core)."""
+    """onnxruntime and torch: threads inside one operator, 1 to 1024 (0: automatic). Automatic sizes
+    from the CPUs this process may really use (affinity and cgroup CPU quota): onnxruntime keeps its
+    default (one thread per physical core) unless those are fewer; a torch engine on the CPU times its
+    first call with up to that many threads and with fewer, keeps the faster (one thread when busy
+    processes share the CPUs: OpenMP's threads otherwise wait at every operator for a CPU), and measures
+    again when its calls collapse. A torch engine sets torch's count around each call and restores it
+    after. Thread counts change float rounding: give a count for bit-identical results run to run."""
     inter_op_threads: int = 0
-    """onnxruntime: threads across independent operators (0: onnxruntime's default)."""
+    """onnxruntime: threads across independent operators; torch: its inter-op pool (TorchScript forks),
+    which torch sizes once per process: set when the engine is created if still possible, else a
+    warning (0: the defaults)."""
     spin_wait: bool = False
     """onnxruntime: let idle intra-op threads spin between runs; faster back-to-back calls, but they take
     the cores from the PyTorch work between calls (scheduler steps, guidance), so off by default."""
@@ -51,8 +60,10 @@ class ExecutionOptions(ConfigMixin):
         self.validate_literals()
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise InvalidArgumentError(name.replace("_", "-"), value, "integers >= 0")
+            # bool is an int to Python, and a huge count would make torch or onnxruntime start that
+            # many threads: both refused here, before an engine exists.
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THREADS:
+                raise InvalidArgumentError(name.replace("_", "-"), value, f"integers 0 to {MAX_THREADS}, 0: automatic")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastgen.core import cpus
 from fastgen.core.ort import session_options as ort_session_options
 from fastgen.engines.base import Engine, root_sizes
 from fastgen.engines.config import ExecutionOptions, execution_options
@@ -91,8 +92,9 @@ def session_options(execution: ExecutionOptions):
     """The onnxruntime ``SessionOptions`` of an engine with these execution options (``fastgen.core.ort``)."""
     # Spinning is set explicitly either way (off by default, unlike onnxruntime's). Quantized graphs
     # compute what they state (see fastgen.core.ort.EXACT_QUANT_ENTRIES). onnxruntime's log is kept
-    # to errors unless the user asked for debug logging.
-    return ort_session_options(intra_op_threads=execution.intra_op_threads,
+    # to errors unless the user asked for debug logging. Automatic intra-op threads: onnxruntime counts
+    # the machine's cores, so where affinity or a cgroup quota gives this process fewer, that many.
+    return ort_session_options(intra_op_threads=execution.intra_op_threads or cpus.limited_cpus(),
                                inter_op_threads=execution.inter_op_threads,
                                spin_wait=execution.spin_wait, graph_optimization=execution.graph_optimization,
                                exact_quant=True, log_severity=1 if logger.isEnabledFor(logging.DEBUG) else 3)

@@ -2,19 +2,31 @@
 
 Saved torch engines hold only ``weights.safetensors`` and the JSON recipe in the manifest; the model
 is rebuilt from its library class and config, so loading never unpickles anything.
+
+Threads (:class:`ThreadPolicy`): torch's intra-op count is process-global, so an engine sets its own
+around each call and restores torch's after (measured: 0.2 us a switch, nothing on the step time).
+Importing this module changes nothing. On the CPU the automatic count is timed on the first call:
+torch's OpenMP threads spin, then sleep, at every operator's barrier, and when a busy process holds a
+CPU every barrier waits for a descheduled thread (the tiny UNet on 2 CPUs, one busy process beside
+it: 20 to 30 ms a call on one thread, 80 ms to 2.7 s on two; benchmarks/bench_contention.py). OpenMP's
+wait policy is fixed once torch has loaded it, so the lever left to a library is the thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastgen.core import cpus
 from fastgen.engines.base import PRECISION_FLOAT, Engine
 from fastgen.engines.config import BuildConfig, ExecutionOptions, execution_options
 from fastgen.engines.cuda_graphs import GraphBucket, ShapeKey, capture, shape_key
@@ -30,6 +42,116 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 _ALIASES_KEY = "fastgen_aliases"  # safetensors metadata: JSON {tied name: saved name}
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block, the caller's restored after
+    (None: left alone).
+
+    OpenMP keeps the count per calling thread, so engines called from several threads do not undo
+    each other's; MKL's is process-wide, and torch sets up a thread's count lazily, at its first
+    query, from the last count set in any thread: a thread whose very first torch call runs while
+    another thread's engine call is under way starts with that engine's count (torch's behaviour
+    with any ``torch.set_num_threads``).
+    """
+    before = torch.get_num_threads() if threads is not None else None
+    if before is None or before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _set_inter_op_threads(threads: int) -> None:
+    """torch's inter-op pool: sized once per process, before its first use; a later request is a warning."""
+    current = torch.get_num_interop_threads()
+    if not threads or current == threads:
+        return
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("torch engine: inter-op threads stay %d, not %d: torch sizes that pool once per "
+                       "process (%s)", current, threads, reason)
+    else:
+        logger.info("torch engine: %d inter-op threads (torch's process-wide inter-op pool)", threads)
+
+
+class ThreadPolicy:
+    """The intra-op threads of one torch engine's calls.
+
+    ``ExecutionOptions.intra_op_threads`` > 0: that count. Otherwise, on a CUDA device: torch's own
+    (the host threads barely work). On the CPU: at most the CPUs this process may use
+    (:func:`fastgen.core.cpus.usable_cpus`) and torch's setting when the engine is made; compiled
+    modules keep that (inductor builds its kernels for one count). Eager ones time their first call
+    (:func:`fastgen.core.cpus.calibrate`, starting below the CPUs other runnable threads hold now) and
+    keep the fastest count for every call after, so repeated calls compute the same bits; when calls on
+    more than one thread collapse (4x their own median, :class:`fastgen.core.cpus.CollapseWatch`: a busy
+    process arrived) the next call times the counts again.
+    """
+
+    def __init__(self, name: str, execution: ExecutionOptions, device: torch.device) -> None:
+        self.name = name
+        self.ladder: tuple[int, ...] = ()
+        self._fixed: int | None = execution.intra_op_threads or None
+        if self._fixed is None and device.type == "cpu":
+            most = max(1, min(cpus.usable_cpus(), torch.get_num_threads()))
+            if most == 1 or execution.compile != "none":
+                self._fixed = most
+            else:
+                self.ladder = cpus.thread_ladder(most)
+        self._chosen: int | None = self._fixed
+        self._lock = threading.Lock()
+        self._watch = cpus.CollapseWatch()
+
+    @property
+    def threads(self) -> int | None:
+        """The count the next call runs with (None: torch's own, or not chosen yet)."""
+        return self._chosen
+
+    def run(self, fn: Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]],
+            args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if not self.ladder:
+            with intra_op_threads(self._fixed):
+                return fn(args)
+        threads = self._chosen
+        if threads is None:
+            with self._lock:  # one caller times the counts; concurrent first calls wait for its choice
+                if self._chosen is None:
+                    self._chosen = self._calibrate(fn, args)
+                threads = self._chosen
+        with intra_op_threads(threads):
+            start = time.perf_counter()
+            outs = fn(args)
+            seconds = time.perf_counter() - start
+        if threads > 1:  # one thread waits at no barrier: nothing to collapse
+            with self._lock:
+                if self._watch.observe(tuple(tuple(a.shape) for a in args), seconds) and self._chosen == threads:
+                    logger.info("torch engine %s: calls on %d threads got over %.0fx slower (busy processes?): "
+                                "timing thread counts again", self.name, threads, self._watch.factor)
+                    self._chosen = None
+                    self._watch.reset()
+        return outs
+
+    def _calibrate(self, fn: Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]],
+                   args: list[torch.Tensor]) -> int:
+        def time_call(threads: int) -> float:
+            with intra_op_threads(threads):
+                start = time.perf_counter()
+                fn(args)
+                return time.perf_counter() - start
+
+        others = cpus.others_running()
+        start = self.ladder[0] if others is None else max(1, self.ladder[0] - others)
+        result = cpus.calibrate(time_call, self.ladder, start=start)
+        logger.info("torch engine %s: %d intra-op thread(s) of %d usable CPUs (timed %s; %.2f s)", self.name,
+                    result.threads, self.ladder[0], result.describe(), result.spent)
+        return result.threads
+
 
 class TorchEngine(Engine):
     """The component's wrapper module on a device, at a precision, in inference mode.
@@ -67,6 +189,14 @@ class TorchEngine(Engine):
             self._fn = torch.compile(self.module, mode=execution.compile)
         self._graphs: dict[ShapeKey, GraphBucket] = {}
         self._graphs_revision = self._model_revision()
+        self.thread_policy = ThreadPolicy(component.name, execution, self.device)
+        _set_inter_op_threads(execution.inter_op_threads)
+
+    @property
+    def intra_op_threads(self) -> int | None:
+        """The intra-op threads this engine's next call runs with (None: torch's own setting, or not
+        timed yet); see :class:`ThreadPolicy`."""
+        return self.thread_policy.threads
 
     def _call(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         outs = self._fn(*args)
@@ -81,10 +211,7 @@ class TorchEngine(Engine):
     def _run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [inputs[n] for n in self.spec.input_names]
         with torch.inference_mode():
-            if self.execution.cuda_graphs:
-                outs = self._replay(args)
-            else:
-                outs = self._call(args)
+            outs = self.thread_policy.run(self._replay if self.execution.cuda_graphs else self._call, args)
         return dict(zip(self.spec.output_names, outs, strict=True))
 
     def _model_revision(self) -> tuple[int, int]:

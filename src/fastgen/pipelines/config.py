@@ -20,6 +20,9 @@ MAX_SEED = 2**63 - 1
 #: tokenizers (and the truncation warning) go through the whole text first: a 10 MB prompt took a
 #: minute of CPU before anything was refused.
 MAX_TEXT_CHARS = 100_000
+#: Most denoising steps: diffusers' schedulers train on 1000 timesteps and refuse more; a typo such as
+#: ``steps=10**9`` must fail at once rather than allocate a billion-entry schedule.
+MAX_STEPS = 1000
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -105,7 +108,7 @@ class GenerateConfig(ConfigMixin):
         self.validate_literals()
         # Numbers are stored as plain ints and floats: numpy scalars are accepted, and the config (and
         # every result's to_dict) stays JSON-serialisable.
-        normal = {"steps": _check_int("steps", self.steps, 1),
+        normal = {"steps": _check_int("steps", self.steps, 1, MAX_STEPS),
                   "guidance_scale": _check_float("guidance_scale", self.guidance_scale, 0.0),
                   "strength": _check_float("strength", self.strength, 0.0, 1.0),
                   "eta": _check_float("eta", self.eta, 0.0),
@@ -127,6 +130,24 @@ class GenerateConfig(ConfigMixin):
         if unknown:
             raise InvalidArgumentError("generate option", unknown[0], names)
         return dataclasses.replace(self, **overrides)
+
+
+def check_image_memory(images: int, height: int, width: int, *, argument: str, per_prompt: int) -> None:
+    """Refuse a call whose images could not all be held at once, before any work: a generator decodes
+    every image of a call in one float32 (N, H, W, 3) batch (``num_images_per_prompt=10**9`` asked for
+    terabytes and was killed by the kernel). ``argument`` names the count to lower."""
+    from fastgen.models.spec import human_bytes, memory_limit_bytes
+
+    limit = memory_limit_bytes()
+    one = height * width * 3 * 4
+    if one > limit:  # one image alone: the size is the culprit, not the count
+        name, size = ("height", height) if height >= width else ("width", width)
+        raise InvalidArgumentError(name, size, reason=f"one {height}x{width} image would need {human_bytes(one)}, "
+                                   f"more than this machine's memory ({human_bytes(limit)})")
+    if images * one > limit:
+        raise InvalidArgumentError(argument, per_prompt, reason=f"{images} images of {height}x{width} would need "
+                                   f"{human_bytes(images * one)} at once, more than this machine's memory "
+                                   f"({human_bytes(limit)}); generate fewer per call")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,14 @@ from fastgen.models.spec import parse_dim
 from fastgen.pipelines import stepping
 from fastgen.pipelines import vae_images as imaging
 from fastgen.pipelines.conditioning import PromptEncoder
-from fastgen.pipelines.config import GenerateConfig, GenerationResult, Latencies, check_seed, check_text
+from fastgen.pipelines.config import (
+    GenerateConfig,
+    GenerationResult,
+    Latencies,
+    check_image_memory,
+    check_seed,
+    check_text,
+)
 from fastgen.pipelines.sampling import make_scheduler, set_timesteps
 
 logger = logging.getLogger(__name__)
@@ -212,6 +219,8 @@ class Generator:
         height, width = self.image_size(cfg, init_images)
         self.check_size(height, width, [self.unet, self.vae_decoder] +
                         ([self.vae_encoder] if init_images is not None else []))
+        check_image_memory(len(prompts) * per_prompt, height, width, per_prompt=per_prompt,
+                           argument="candidates" if best_of else "num-images-per-prompt")
 
         # Prompt-major rows, as diffusers orders num_images_per_prompt: prompt 0's images first.
         prompt_indices = [p for p in range(len(prompts)) for _ in range(per_prompt)]

@@ -80,6 +80,21 @@ def _scale_from_amax(g, amax, qmax: float) -> object:
     return g.op("Where", g.op("Greater", amax, _const(g, 0.0)), scale, _const(g, 1.0))
 
 
+def _keep_non_finite(g, y, x) -> object:
+    """``y`` (..., N) plus 0 where its row of ``x`` (..., K) is finite, NaN where it holds a NaN or an inf.
+
+    QuantizeLinear saturates NaN to a finite code and ReduceMax may skip it, so without this a
+    poisoned token would come out as plausible numbers; PyTorch's layers give NaN (fastgen's contract,
+    docs/reliability.md). ``0 * x`` is 0 or NaN, summed per row; ``y + 0`` is bit-identical to ``y``.
+    """
+    zeros = g.op("Mul", x, _const(g, 0.0))
+    if g.opset >= 13:
+        poison = g.op("ReduceSum", zeros, _const(g, torch.tensor([-1], dtype=torch.int64)), keepdims_i=1)
+    else:
+        poison = g.op("ReduceSum", zeros, axes_i=[-1], keepdims_i=1)
+    return g.op("Add", y, poison)
+
+
 def _smoothed(g, x, layer) -> object:
     return x if layer.smooth is None else g.op("Div", x, _const(g, layer.smooth.float()))
 
@@ -159,7 +174,7 @@ def _int8_dynamic(g, x, bias, layer) -> object:
     y = g.op("com.microsoft::MatMulIntegerToFloat", xu, _const(g, wu), _const(g, torch.tensor(1.0)),
              _const(g, layer.weight_scale.float()), zp, zp)  # (M, N): float(acc) * w_scale
     y = g.op("Mul", y, g.op("Reshape", scale, _const(g, torch.tensor([-1, 1]))))
-    y = _with_bias(g, y, bias)
+    y = _with_bias(g, _keep_non_finite(g, y, rows), bias)
     return g.op("Reshape", y, g.op("Concat", lead, _const(g, torch.tensor([n])), axis_i=0))  # (..., N)
 
 
@@ -168,7 +183,7 @@ def _int8_static(g, x, bias, layer) -> object:
     s = _const(g, layer.input_scale.float().reshape(()))
     zp = _const(g, torch.tensor(0, dtype=torch.int8))
     xd = g.op("DequantizeLinear", g.op("QuantizeLinear", xs, s, zp), s, zp)
-    return _with_bias(g, g.op("MatMul", xd, _dq_weight(g, layer)), bias)
+    return _with_bias(g, _keep_non_finite(g, g.op("MatMul", xd, _dq_weight(g, layer)), xs), bias)
 
 
 def _fp8_dynamic(g, x, bias, layer) -> object:
@@ -180,7 +195,7 @@ def _fp8_dynamic(g, x, bias, layer) -> object:
     v = g.op("Clip", g.op("Div", x, scale), _const(g, -448.0), _const(g, 448.0))
     xq = g.op("Cast", g.op("Cast", v, to_i=_ONNX_FLOAT8E4M3FN), to_i=_ONNX_FLOAT)
     y = g.op("Mul", g.op("MatMul", xq, _dq_weight(g, layer)), scale)
-    return _with_bias(g, y, bias)
+    return _with_bias(g, _keep_non_finite(g, y, x), bias)
 
 
 class _QuantLinearFunction(torch.autograd.Function):
