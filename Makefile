@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve,ray]'
 	# NVIDIA's TensorRT 10 and 11 Python bindings (1.3 MB each, no libraries): the TensorRT backend's
 	# API-conformance tests load them over stub libraries (tests/engines/tensorrt/trt_bindings.py).
 	$(PY) tests/engines/tensorrt/trt_bindings.py

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engines",),
     ("pipelines",),
     ("runtime",),
+    ("serve",),
     ("cli",),
 ]
 ROOT = "fastgen"  # the composition root: fastgen/__init__.py

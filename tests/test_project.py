@@ -24,6 +24,6 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 def test_makefile_installs_the_cpu_torch_wheel_and_the_package():
     makefile = (ROOT / "Makefile").read_text()
-    assert "torch==2.13.0" in makefile and "-e '.[dev]'" in makefile
+    assert "torch==2.13.0" in makefile and "-e '.[dev,serve,ray]'" in makefile
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"torch>=2\.4,<3"', pyproject), "torch stays a range for users"

@@ -243,6 +243,10 @@ def test_bad_input_one_line_errors(gen, tmp_path):
     with pytest.raises(InvalidArgumentError) as err:
         gen.generate(A, steps=60, scheduler="lcm", progress=False)  # LCM distils 50 steps at most
     _one_line(err, "steps", "60", "LCMScheduler")
+    for scheduler in ("pndm", "ddim"):  # their schedules at 1000 steps start at timestep 1000 of 0..999
+        with pytest.raises(InvalidArgumentError) as err:
+            gen.generate(A, steps=1000, scheduler=scheduler, progress=False)
+        _one_line(err, "steps", "1000", "timestep 1000")
     with pytest.raises(InvalidArgumentError) as err:
         gen.generate(A, sampler="euler", **FAST)
     _one_line(err, "sampler", "guidance_scale")

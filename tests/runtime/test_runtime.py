@@ -4,12 +4,13 @@ equal solo runs, failure isolation with fault injection, backpressure, deadlines
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.pipelines.config import GenerateConfig, GenerationResult
@@ -319,24 +320,44 @@ def test_shutdown_with_generations_in_flight_ends_every_request(tiny_generator, 
 
 # --- observability and tuning ------------------------------------------------------------------------------
 
+def samples(text: str) -> dict:
+    """Prometheus text parsed back: {sample name: {labels: value}} (the parser refuses malformed text)."""
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
 def test_stats_and_prometheus_exposition(tiny_scorer):
-    with Runtime(scorer=[tiny_scorer("text"), tiny_scorer("image")], max_wait_ms=5) as rt:
+    with Runtime(scorer=[tiny_scorer("text"), tiny_scorer("image")], max_wait_ms=5) as rt, \
+            Runtime(scorer=tiny_scorer("text")) as other:
         for f in [rt.submit(ScoreRequest(t)) for t in ("a", "b c", "d e f")]:
             f.result(TIMEOUT)
         rt.submit(ScoreRequest(np.zeros((64, 64, 3), np.uint8))).result(TIMEOUT)
-        stats, text = rt.stats(), rt.metrics_text()
+        other.submit(ScoreRequest("elsewhere")).result(TIMEOUT)
+        stats, text, other_text = rt.stats(), rt.metrics_text(), other.metrics_text()
+        assert rt.metrics_registry is not other.metrics_registry
+        assert generate_latest(rt.metrics_registry).decode() == rt.metrics_text()
     kinds = stats["kinds"]
     assert kinds["text"]["requests"] == {"succeeded": 3} and kinds["image"]["requests"] == {"succeeded": 1}
     for key in ("p50", "p95", "p99"):
         assert kinds["text"]["latency_ms"][key] >= kinds["text"]["queue_wait_ms"][key] >= 0
     assert stats["schedule_decision_us"]["count"] >= 2
-    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [-+0-9.eInfNa]+$')
-    for line in text.strip().splitlines():
-        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
-    assert 'fastgen_requests_total{kind="text",status="succeeded"} 3' in text
-    assert 'fastgen_request_latency_seconds_count{kind="text"} 3' in text
-    assert 'fastgen_request_latency_seconds_bucket{kind="text",le="+Inf"} 3' in text
-    assert "# TYPE fastgen_queue_depth gauge" in text
+    got = samples(text)
+    assert got["fastgen_requests_total"] == {(("kind", "image"), ("status", "succeeded")): 1,
+                                             (("kind", "text"), ("status", "succeeded")): 3}
+    assert got["fastgen_request_latency_seconds_count"][(("kind", "text"),)] == 3
+    buckets = {dict(k)["le"]: v for k, v in got["fastgen_request_latency_seconds_bucket"].items()
+               if dict(k)["kind"] == "text"}
+    counts = [buckets[le] for le in sorted(buckets, key=float)]
+    assert counts == sorted(counts) and counts[-1] == 3 and float(max(buckets, key=float)) == float("inf")
+    assert got["fastgen_batch_size_count"][(("kind", "text"),)] >= 1
+    assert got["fastgen_queue_depth"] == {(("kind", "image"),): 0, (("kind", "text"),): 0}
+    assert got["fastgen_inflight_requests"] == {(): 0} and "fastgen_rejected_total" not in got
+    assert "# TYPE fastgen_queue_depth gauge" in text and "# TYPE fastgen_requests_total counter" in text
+    # The other runtime's registry counts its own request only.
+    assert samples(other_text)["fastgen_requests_total"] == {(("kind", "text"), ("status", "succeeded")): 1}
 
 
 def test_autotune_measures_and_applies_limits(tiny_generator, tiny_scorer):

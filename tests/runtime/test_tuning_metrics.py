@@ -1,4 +1,4 @@
-"""Auto-tuning from a latency profile, and the metrics (percentiles, Prometheus text). No device."""
+"""Auto-tuning from a latency profile, and the metrics (percentiles, the Prometheus collector). No device."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastgen.core.stats import percentile
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.batch_tuning import CallCost, LatencyProfile, choose, fit_call_cost, measure
-from fastgen.runtime.metrics import Histogram, Metrics
+from fastgen.runtime.metrics import Histogram, Metrics, MetricsCollector
 
 # A typical engine: 2 ms per call plus 0.5 ms per item (ms), with a p99 20% above the median.
 COST_MS = {b: 2.0 + 0.5 * b for b in (1, 2, 4, 8, 16, 32, 64)}
@@ -110,12 +112,21 @@ def test_histogram_buckets_are_cumulative():
     h = Histogram((1, 2, 5))
     for v in (0.5, 1, 1.5, 3, 9):
         h.observe(v)
-    lines = h.exposition("x", {"kind": "a"})
-    assert lines[:4] == ['x_bucket{kind="a",le="1"} 2', 'x_bucket{kind="a",le="2"} 3', 'x_bucket{kind="a",le="5"} 4',
-                         'x_bucket{kind="a",le="+Inf"} 5']
-    assert lines[4:] == ['x_sum{kind="a"} 15', 'x_count{kind="a"} 5']
+    assert h.buckets() == [("1.0", 2.0), ("2.0", 3.0), ("5.0", 4.0), ("+Inf", 5.0)]
+    assert h.sum == 15 and h.count == 5
     s = h.summary()
     assert s["count"] == 5 and s["p50"] == 1.5 and s["mean"] == 3
+
+
+def scrape(m: Metrics, gauges: dict) -> dict:
+    """``m`` and ``gauges`` through a registry of their own, parsed back: {sample name: {labels: value}}."""
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(m, lambda: gauges))
+    out: dict = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
 
 
 def test_metrics_stats_and_exposition():
@@ -131,8 +142,27 @@ def test_metrics_stats_and_exposition():
     assert stats["kinds"]["text"]["latency_ms"]["p99"] == pytest.approx(4.0)
     assert stats["steps"]["64x64"]["rows"]["p50"] == 6 and stats["queued"] == {"text": 0}
     assert stats["schedule_decision_us"]["p50"] == pytest.approx(20)
-    text = m.prometheus({"queue_depth": {"text": 3}})
-    assert 'fastgen_rejected_total{kind="text"} 1' in text and 'fastgen_queue_depth{kind="text"} 3' in text
-    assert 'fastgen_step_rows_bucket{bucket="64x64",le="8"} 1' in text
+    got = scrape(m, {"queue_depth": {"text": 3}, "inflight_requests": {"": 2}})
+    assert got["fastgen_requests_total"] == {(("kind", "text"), ("status", "expired")): 1,
+                                             (("kind", "text"), ("status", "succeeded")): 1}
+    assert got["fastgen_rejected_total"] == {(("kind", "text"),): 1}
+    assert got["fastgen_queue_depth"] == {(("kind", "text"),): 3} and got["fastgen_inflight_requests"] == {(): 2}
+    rows = got["fastgen_step_rows_bucket"]
+    assert rows[(("bucket", "64x64"), ("le", "4.0"))] == 0 and rows[(("bucket", "64x64"), ("le", "8.0"))] == 1
+    assert rows[(("bucket", "64x64"), ("le", "+Inf"))] == 1 and got["fastgen_step_rows_sum"] == {(("bucket", "64x64"),): 6}
+    assert got["fastgen_request_latency_seconds_count"] == {(("kind", "text"),): 1}  # succeeded ones only
+    assert got["fastgen_queue_wait_seconds_count"] == {(("kind", "text"),): 2}
+    assert got["fastgen_schedule_decision_seconds_count"] == {(): 1}
+    assert "fastgen_requests_total_total" not in got
     assert m.profile.keys() == [("text", "32"), ("unet", "64x64")]
     assert not math.isnan(stats["kinds"]["text"]["queue_wait_ms"]["mean"])
+
+
+def test_collector_names_are_checked_by_its_registry():
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(Metrics(), dict))
+    with pytest.raises(ValueError, match="Duplicated timeseries"):  # an HTTP app's metric may not shadow one
+        Counter("fastgen_requests", "clash", registry=registry)
+    Counter("fastgen_http_requests", "fine", registry=registry)
+    other = CollectorRegistry()  # another runtime's registry: the same names, no clash
+    other.register(MetricsCollector(Metrics(), dict))

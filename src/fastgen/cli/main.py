@@ -1,4 +1,4 @@
-"""The ``fastgen`` command line: export, build, inspect, bench, demo.
+"""The ``fastgen`` command line: export, build, inspect, bench, generate, score, serve, demo.
 
 Bad input or a bad environment prints one line (``error: ...``) on stderr and exits with code 2,
 with no traceback: fastgen's own errors, and the environment's (a path that cannot be written, is a
@@ -305,9 +305,11 @@ def _register_pipeline_commands() -> None:
     # Defined in their own modules (heavy imports happen inside the commands, not here).
     from fastgen.cli.generate import generate
     from fastgen.cli.score import score
+    from fastgen.cli.serve import serve
 
     cli.add_command(generate)
     cli.add_command(score)
+    cli.add_command(serve)
 
 
 _register_pipeline_commands()

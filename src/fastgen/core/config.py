@@ -73,6 +73,16 @@ class ConfigMixin:
 
     #: Bumped when a config's meaning changes, so old cache keys never collide with new ones.
     VERSION: typing.ClassVar[int] = 1
+    #: What :meth:`replace` calls an unknown field name in its error ("generate option").
+    OPTION_NAME: typing.ClassVar[str] = "option"
+
+    def replace(self, **overrides: Any):
+        """A copy with some fields changed (validated again); unknown names raise, naming the known ones."""
+        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise InvalidArgumentError(self.OPTION_NAME, unknown[0], names)
+        return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
 
     def validate_literals(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

@@ -78,6 +78,8 @@ def check_text(argument: str, value: Any, what: str = "strings (the empty string
 class GenerateConfig(ConfigMixin):
     """Sampling settings of one text-to-image or image-to-image call."""
 
+    OPTION_NAME = "generate option"
+
     steps: int = 20
     """Denoising steps asked of the scheduler (image-to-image runs the last strength * steps of them)."""
     guidance_scale: float = 7.5
@@ -123,13 +125,6 @@ class GenerateConfig(ConfigMixin):
         for name, value in normal.items():
             object.__setattr__(self, name, value)
 
-    def replace(self, **overrides: Any) -> GenerateConfig:
-        """A copy with some fields changed (validated again); unknown names raise."""
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise InvalidArgumentError("generate option", unknown[0], names)
-        return dataclasses.replace(self, **overrides)
 
 
 def check_image_memory(images: int, height: int, width: int, *, argument: str, per_prompt: int) -> None:

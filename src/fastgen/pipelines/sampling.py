@@ -61,6 +61,14 @@ def set_timesteps(scheduler: Any, steps: int, device: torch.device | str = "cpu"
     except ValueError as exc:  # e.g. LCM: at most original_inference_steps; any: at most 1000
         reason = " ".join(str(exc).split()).replace("`", "")
         raise InvalidArgumentError("steps", steps, reason=f"{type(scheduler).__name__}: {reason}") from None
+    # Some schedules step off the model's timestep range without refusing: PNDM with steps_offset=1 at
+    # 1000 steps starts at timestep 1000 of 0..999 and fails with an IndexError at the first step.
+    trained = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if trained is not None and timesteps is not None and len(timesteps) and float(timesteps.max()) >= trained:
+        raise InvalidArgumentError("steps", steps, reason=f"{type(scheduler).__name__}'s schedule for {steps} steps "
+                                   f"reaches timestep {int(timesteps.max())}, past the model's {trained - 1}: "
+                                   f"use fewer steps")
 
 
 def step_kwargs(scheduler: Any, *, eta: float, generators: list[torch.Generator]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +30,8 @@ def _float(name: str, value: Any, low: float, *, strict: bool = False, optional:
 @dataclass(frozen=True)
 class RuntimeConfig(ConfigMixin):
     """Queueing, batching and scheduling settings of a :class:`fastgen.Runtime`."""
+
+    OPTION_NAME = "runtime option"
 
     max_queue: int = 1024
     """Requests waiting to start, at most (all kinds together); one more is rejected at once with an
@@ -116,13 +117,6 @@ class RuntimeConfig(ConfigMixin):
             raise InvalidArgumentError("text-buckets", list(buckets), "increasing integers >= 1 (token lengths)")
         object.__setattr__(self, "text_buckets", tuple(int(b) for b in buckets))
 
-    def replace(self, **overrides: Any) -> RuntimeConfig:
-        """A copy with some fields changed (validated again); unknown names raise."""
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise InvalidArgumentError("runtime option", unknown[0], names)
-        return dataclasses.replace(self, **overrides)
 
 
 __all__ = ["RuntimeConfig"]

@@ -9,6 +9,12 @@ One :meth:`GenerationExecutor.run` is one denoising step of one shape bucket (im
    scheduler steps on its slice;
 3. the requests whose last step this was are decoded in ONE VAE-decoder call and leave.
 
+Image-to-image requests (``GenerateRequest.image``) share the buckets of text-to-image ones of
+their size: the input images of the requests joining at a step are VAE-encoded in ONE call (in 1.),
+and they step from their schedule's tail (fewer steps). The futures that asked for progress
+(:meth:`~fastgen.runtime.requests.RequestFuture.add_progress_callback`) are told of each step their
+request took, right after its UNet call; the others cost nothing.
+
 Failures stay with their request: a call that raises is retried in halves down to the request
 that causes it (:func:`fastgen.runtime.execution.isolate`); the UNet row counts that fit in device
 memory and those that did not go back to the worker, which lowers the bucket's row limit after an
@@ -19,6 +25,7 @@ the row counts) goes back to the worker in the step's :class:`~fastgen.runtime.e
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,14 +48,31 @@ class GenerationExecutor:
         self.generator = generator
         self.clock = clock
         self._feeds_cache: dict = {}
+        self._encoder_lock = threading.Lock()  # a lazily given VAE encoder is built once, by one client
 
     def prepare(self, request: GenerateRequest) -> tuple[Any, int, float, stepping.SampleState]:
-        """(bucket, rows, cost, state) of one request, in the caller's thread; bad input raises here."""
+        """(bucket, rows, cost, state) of one request, in the caller's thread; bad input raises here
+        (an image-to-image request's image is read here too)."""
         cfg = request.config if request.config is not None else GenerateConfig()
         if not isinstance(cfg, GenerateConfig):
             raise InvalidArgumentError("config", type(cfg).__name__, "a fastgen.GenerateConfig")
-        state = stepping.prepare(self.generator, request.prompt, cfg)
+        image = self._image(request.image) if request.image is not None else None
+        state = stepping.prepare(self.generator, request.prompt, cfg, image=image)
         return (state.height, state.width), state.rows, float(state.rows * state.height * state.width), state
+
+    def _image(self, item: Any) -> Any:
+        """An image-to-image request's input as an RGB PIL image; a one-line error naming ``image``."""
+        with self._encoder_lock:
+            if self.generator.vae_encoder is None:
+                raise InvalidArgumentError("image", type(item).__name__,
+                                           reason="this generator has no vae-encoder engine (image-to-image needs one)")
+        try:
+            return imaging.load_image(item)
+        except InvalidArgumentError:
+            raise
+        except (OSError, ValueError, TypeError, SyntaxError) as exc:  # a PIL image whose lazy decode fails
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise InvalidArgumentError("image", type(item).__name__, reason=f"cannot read image: {detail}") from None
 
     @staticmethod
     def work(state: stepping.SampleState) -> float:
@@ -75,15 +99,18 @@ class GenerationExecutor:
                     if not ok:
                         fail(job, value)
             active = [j for j in decision.jobs if j.id not in failed]
+            # Image-to-image at a low strength may have no step to run: it is only encoded and decoded.
+            stepping_jobs = [j for j in active if not j.payload.data.done]
             start = time.perf_counter()
-            for chunk in self._chunks(active, decision.max_rows):
+            for chunk in self._chunks(stepping_jobs, decision.max_rows):
                 results = isolate(lambda jobs: self._step(jobs, memory), chunk, what="UNet step",
                                   on_oom=lambda group: memory.append((sum(j.rows for j in group), False)))
                 for job, ok, value in results:
                     if not ok or value is not None:  # the call failed, or this request's scheduler step did
                         fail(job, value)
-            if active and not failed:  # retried halves would skew the fit
-                step = (sum(j.rows for j in active), len(active), time.perf_counter() - start)
+            if stepping_jobs and not failed:  # retried halves would skew the fit
+                step = (sum(j.rows for j in stepping_jobs), len(stepping_jobs), time.perf_counter() - start)
+            self._report_progress([j for j in stepping_jobs if j.id not in failed])
             finished = [j for j in active if j.id not in failed and j.payload.data.done]
             to_decode = [j for j in finished if j.payload.data.config.output_type != "latent"]
             decoded: dict[int, torch.Tensor] = {}
@@ -101,10 +128,28 @@ class GenerationExecutor:
                     fail(job, exc)
         return Outcomes(ended, memory=memory, step=step)
 
+    @staticmethod
+    def _report_progress(jobs: list[Job]) -> None:
+        for job in jobs:
+            future = job.payload.future
+            if future.wants_progress:
+                state: stepping.SampleState = job.payload.data
+                future.progress(state.index, state.total_steps)
+
     def _encode(self, jobs: list[Job]) -> list[None]:
         states = [j.payload.data for j in jobs]
-        stepping.encode_prompts(self.generator, states)
-        stepping.init_latents(self.generator, states)
+        # A failed call is retried in halves (isolate): noise drawn before it failed (a request's
+        # initial noise, drawn before the VAE encoder ran for another's image) must be drawn again
+        # from the same generator states, or the retried requests would differ from a solo run.
+        saved = [[g.get_state() for g in s.generators] for s in states]
+        try:
+            stepping.encode_prompts(self.generator, states)
+            stepping.init_latents(self.generator, states)
+        except BaseException:
+            for s, gens in zip(states, saved):
+                for g, state in zip(s.generators, gens):
+                    g.set_state(state)
+            raise
         return [None] * len(jobs)
 
     def _step(self, jobs: list[Job], memory: list[tuple[int, bool]]) -> list[BaseException | None]:
@@ -141,7 +186,8 @@ class GenerationExecutor:
         cfg = s.config
         images = s.latents if cfg.output_type == "latent" else imaging.to_output(decoded, cfg.output_type)
         now = self.clock()
-        latencies = Latencies(text_encoding_ms=s.text_encoding_ms, denoising_ms=float(sum(s.step_ms)),
+        latencies = Latencies(text_encoding_ms=s.text_encoding_ms, vae_encode_ms=s.vae_encode_ms,
+                              denoising_ms=float(sum(s.step_ms)),
                               denoising_step_ms=tuple(s.step_ms), vae_decode_ms=s.vae_decode_ms,
                               total_ms=(now - job.arrival) * 1e3)  # type: ignore[operator]
         n = s.images
@@ -149,7 +195,7 @@ class GenerationExecutor:
             images=images, prompts=[s.prompt] * n, seeds=list(s.seeds), prompt_indices=[0] * n, latencies=latencies,
             config=cfg, extras={"height": s.height, "width": s.width, "pipeline": self.generator.pipeline,
                                 "scheduler": cfg.scheduler or self.generator.scheduler_config.get("_class_name"),
-                                "mode": "txt2img", "request_id": job.id,
+                                "mode": "txt2img" if s.image is None else "img2img", "request_id": job.id,
                                 "queue_ms": ((job.started or now) - job.arrival) * 1e3})  # type: ignore[operator]
 
     # --- auto-tuning ---------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Runtime metrics: queue wait, end-to-end latency, batch sizes, step latency, scheduling time.
 
-Each series is a :class:`Histogram`: cumulative bucket counts, sum and count for the Prometheus
-text exposition format (``runtime.metrics_text()``), and a window of the most recent samples for
-the p50 / p95 / p99 that ``runtime.stats()`` reports. Batch timings also feed a
-:class:`~fastgen.runtime.batch_tuning.LatencyProfile` per (engine, bucket, batch size) for auto-tuning.
-Thread-safe (one lock); nothing here imports torch.
+Each series is a :class:`Histogram`: cumulative bucket counts, sum and count for Prometheus, and a
+window of the most recent samples for the p50 / p95 / p99 that ``runtime.stats()`` reports. Batch
+timings also feed a :class:`~fastgen.runtime.batch_tuning.LatencyProfile` per (engine, bucket,
+batch size) for auto-tuning. Thread-safe (one lock); nothing here imports torch.
+
+Prometheus: :class:`MetricsCollector` is a ``prometheus_client`` collector that turns the series
+into metric families (read under the lock, at scrape time, so recording stays a dict update) plus
+the runtime's gauges; each runtime registers one in its own ``CollectorRegistry``
+(``runtime.metrics_registry``), never in the process-wide default one, so several runtimes in one
+process (and an HTTP app's own metrics) do not clash.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import bisect
 import math
 import threading
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from fastgen.core.stats import percentile
 from fastgen.runtime.batch_tuning import LatencyProfile
@@ -52,34 +61,13 @@ class Histogram:
             out[f"p{q}"] = None if p is None else p * scale
         return out
 
-    def exposition(self, name: str, labels: Mapping[str, str]) -> list[str]:
-        lines, running = [], 0
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs, ``+Inf`` last, as a histogram family takes them."""
+        out, running = [], 0
         for bound, count in zip((*self.bounds, math.inf), self.counts):
             running += count
-            le = "+Inf" if bound == math.inf else _number(bound)
-            lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {running}")
-        lines.append(f"{name}_sum{_labels(labels)} {_number(self.sum)}")
-        lines.append(f"{name}_count{_labels(labels)} {self.count}")
-        return lines
-
-
-def _number(value: float) -> str:
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+            out.append((floatToGoString(bound), float(running)))
+        return out
 
 
 def bucket_label(bucket: Hashable) -> str:
@@ -176,40 +164,73 @@ class Metrics:
                 **dict(gauges or {}),
             }
 
-    def prometheus(self, gauges: Mapping[str, Mapping[str, float]] | None = None, prefix: str = "fastgen") -> str:
-        """The Prometheus text exposition format (version 0.0.4). ``gauges``: name -> {kind: value}."""
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> str:
-            full = f"{prefix}_{name}"
-            out.append(f"# HELP {full} {help_text}")
-            out.append(f"# TYPE {full} {kind}")
-            return full
-
+    def families(self, prefix: str = "fastgen") -> list[Metric]:
+        """The counters and histograms as ``prometheus_client`` metric families (a snapshot)."""
+        requests = CounterMetricFamily(f"{prefix}_requests_total", "Requests that ended, by kind and final status.",
+                                       labels=["kind", "status"])  # the family is "..._requests": "_total" is added
+        rejected = CounterMetricFamily(f"{prefix}_rejected_total", "Submissions refused because the queue was full.",
+                                       labels=["kind"])
+        out: list[Metric] = [requests, rejected]
         with self._lock:
-            name = family("requests_total", "counter", "Requests that ended, by kind and final status.")
             for (kind, status), n in sorted(self.requests.items()):
-                out.append(f"{name}{_labels({'kind': kind, 'status': status})} {n}")
-            name = family("rejected_total", "counter", "Submissions refused because the queue was full.")
+                requests.add_metric([kind, status], n)
             for kind, n in sorted(self.rejected.items()):
-                out.append(f"{name}{_labels({'kind': kind})} {n}")
-            for table, metric, help_text, label in (
-                    (self.latency, "request_latency_seconds", "Submission to result of succeeded requests.", "kind"),
-                    (self.queue_wait, "queue_wait_seconds", "Submission to start (or to leaving the queue).", "kind"),
-                    (self.batch_size, "batch_size", "Requests per scoring batch or generation step.", "kind"),
-                    (self.batch_latency, "batch_latency_seconds", "Wall time of one scoring batch.", "kind"),
-                    (self.step_latency, "step_latency_seconds", "Wall time of one generation step.", "bucket"),
-                    (self.step_rows, "step_rows", "UNet rows per generation step.", "bucket")):
-                name = family(metric, "histogram", help_text)
-                for key, hist in sorted(table.items()):
-                    out += hist.exposition(name, {label: key})
-            name = family("schedule_decision_seconds", "histogram", "Time of one scheduling decision.")
-            out += self.decisions.exposition(name, {})
-        for gauge, values in (gauges or {}).items():
-            name = family(gauge, "gauge", gauge.replace("_", " ").capitalize() + ".")
-            for kind, value in sorted(values.items()):
-                out.append(f"{name}{_labels({'kind': kind} if kind else {})} {_number(value)}")
-        return "\n".join(out) + "\n"
+                rejected.add_metric([kind], n)
+            for table, metric, help_text, label in _HISTOGRAMS:
+                family = HistogramMetricFamily(f"{prefix}_{metric}", help_text, labels=[label])
+                for key, hist in sorted(getattr(self, table).items()):
+                    family.add_metric([key], hist.buckets(), hist.sum)
+                out.append(family)
+            family = HistogramMetricFamily(f"{prefix}_schedule_decision_seconds", "Time of one scheduling decision.")
+            family.add_metric([], self.decisions.buckets(), self.decisions.sum)
+            out.append(family)
+        return out
 
 
-__all__ = ["Histogram", "Metrics", "bucket_label"]
+# (Metrics attribute, series name, help, label): the histograms with one label.
+_HISTOGRAMS = (
+    ("latency", "request_latency_seconds", "Submission to result of succeeded requests.", "kind"),
+    ("queue_wait", "queue_wait_seconds", "Submission to start (or to leaving the queue).", "kind"),
+    ("batch_size", "batch_size", "Requests per scoring batch or generation step.", "kind"),
+    ("batch_latency", "batch_latency_seconds", "Wall time of one scoring batch.", "kind"),
+    ("step_latency", "step_latency_seconds", "Wall time of one generation step.", "bucket"),
+    ("step_rows", "step_rows", "UNet rows per generation step.", "bucket"),
+)
+
+#: The runtime's gauges: name -> help. Their values come as name -> {kind: value} ("" : no label).
+GAUGES = {
+    "queue_depth": "Requests waiting to start, by kind.",
+    "active_requests": "Generation requests in an active set (stepping), by kind.",
+    "inflight_requests": "Requests accepted and not yet ended.",
+}
+
+
+class MetricsCollector(Collector):
+    """A ``prometheus_client`` collector of one runtime: ``metrics``' families and the gauges that
+    ``gauges()`` reads (name -> {kind: value}; the kind "" gives a series without a label)."""
+
+    def __init__(self, metrics: Metrics, gauges: Callable[[], Mapping[str, Mapping[str, float]]],
+                 prefix: str = "fastgen") -> None:
+        self.metrics = metrics
+        self.gauges = gauges
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics.families(self.prefix)
+        for name, values in self.gauges().items():
+            kinds = sorted(values)
+            labels = ["kind"] if any(kinds) else []
+            family = GaugeMetricFamily(f"{self.prefix}_{name}", GAUGES.get(name, name.replace("_", " ") + "."),
+                                       labels=labels)
+            for kind in kinds:
+                family.add_metric([kind] if labels else [], values[kind])
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: what a registry checks names against (no lock, no gauge read)."""
+        yield from Metrics().families(self.prefix)
+        for name, help_text in GAUGES.items():
+            yield GaugeMetricFamily(f"{self.prefix}_{name}", help_text)
+
+
+__all__ = ["GAUGES", "Histogram", "Metrics", "MetricsCollector", "bucket_label"]

@@ -24,10 +24,11 @@ import enum
 import logging
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastgen.errors import FastgenError, InvalidArgumentError
+from fastgen.runtime.progress import SerialDispatch
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ def _check_common(priority: Any, deadline_s: Any) -> None:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Text-to-image generation of one prompt (``config.num_images_per_prompt`` images)."""
+    """Generation of one prompt (``config.num_images_per_prompt`` images): text-to-image, or
+    image-to-image from ``image``."""
 
     prompt: str
     """The prompt (the empty string is allowed)."""
@@ -131,6 +133,11 @@ class GenerateRequest:
     deadline_s: float | None = None
     """Seconds after submission by which it must have finished; later, it fails as expired. None:
     the runtime's default."""
+    image: Any = field(default=None, compare=False)
+    """Image-to-image: the input image (a PIL image, a path to an image file, or a uint8 (H, W, 3)
+    array), read at submission; the request runs the last ``config.strength`` of ``config.steps``,
+    as ``Generator.generate(image=...)`` does, at ``config``'s size or else the image's (rounded down
+    to what the models take). None: text-to-image."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -179,6 +186,12 @@ class RequestFuture(concurrent.futures.Future):
     of a request the runtime resolves run (its callback threads, never the device's); False, or
     none given: in the resolving thread. Callbacks of a cancel run in the cancelling thread, and one
     added once the future is done runs at once in the caller's, as with any Future.
+
+    ``add_progress_callback(fn)``: ``fn(future, step, steps)`` after each denoising step of a
+    generation request (step 1 to ``steps``, its number of denoising steps), on the callback threads.
+    A future's progress callbacks and then its done-callbacks run one at a time, in order (a cancel's
+    done-callbacks too, after the progress already reported); a cancelled request reports no further
+    steps.
     """
 
     def __init__(self, request_id: int, kind: str, *, callbacks: Callable[[Callable[[], None]], bool] | None = None,
@@ -189,6 +202,8 @@ class RequestFuture(concurrent.futures.Future):
         self._status = RequestStatus.QUEUED
         self._dispatch = callbacks
         self._on_cancel = on_cancel
+        self._progress_callbacks: list[Callable[[RequestFuture, int, int], Any]] = []
+        self._serial: SerialDispatch | None = None  # set with the first progress callback
 
     @property
     def status(self) -> RequestStatus:
@@ -200,6 +215,42 @@ class RequestFuture(concurrent.futures.Future):
         """The request's batch or step has started (worker side): ``status`` says running. The future
         stays pending (``cancel()`` still works; unlike ``set_running_or_notify_cancel``)."""
         self._status = RequestStatus.RUNNING
+
+    def add_progress_callback(self, fn: Callable[[RequestFuture, int, int], Any]) -> None:
+        """Call ``fn(future, step, steps)`` after each denoising step from now on (generation requests
+        only; scoring requests never call it). An exception it raises is logged and ignored."""
+        if not callable(fn):
+            raise InvalidArgumentError("fn", type(fn).__name__, "callables fn(future, step, steps)")
+        with self._condition:
+            if self._serial is None:  # before the callback is visible: progress() relies on the order
+                self._serial = SerialDispatch(self._dispatch)
+            self._progress_callbacks.append(fn)
+
+    @property
+    def wants_progress(self) -> bool:
+        """Whether progress callbacks were added (the runtime reports steps only then)."""
+        return bool(self._progress_callbacks)
+
+    def progress(self, step: int, steps: int) -> None:
+        """Report that ``step`` of ``steps`` ran (worker side). Queued behind the progress already
+        reported, under the future's lock so a resolution racing it queues its done-callbacks after
+        it; nothing once the future is done."""
+        serial = self._serial
+        if serial is None:
+            return
+        with self._condition:
+            if self._state != _PENDING:
+                return
+            serial.post(lambda: self._run_progress(step, steps), required=False)
+
+    def _run_progress(self, step: int, steps: int) -> None:
+        if self.cancelled():  # cancelled meanwhile (maybe by a progress callback): no more steps
+            return
+        for fn in list(self._progress_callbacks):
+            try:
+                fn(self, step, steps)
+            except Exception:  # as done-callbacks: logged, never raised into the runtime
+                logger.exception("exception calling a progress callback of %r", self)
 
     def cancel(self) -> bool:
         with self._condition:
@@ -216,7 +267,10 @@ class RequestFuture(concurrent.futures.Future):
                 self._on_cancel(self)
             except Exception:
                 logger.exception("taking cancelled request %d out of the runtime failed", self.request_id)
-        self._run_callbacks()
+        if self._serial is not None:  # after the progress callbacks already queued
+            self._serial.post(self._run_callbacks)
+        else:
+            self._run_callbacks()
         return True
 
     def _finish(self, status: RequestStatus, result: Any = None, error: BaseException | None = None) -> bool:
@@ -242,6 +296,9 @@ class RequestFuture(concurrent.futures.Future):
 
     def _invoke_callbacks(self) -> None:
         if not self._done_callbacks:
+            return
+        if self._serial is not None:  # after the progress callbacks already queued
+            self._serial.post(self._run_callbacks)
             return
         dispatch = self._dispatch
         if dispatch is None or not dispatch(self._run_callbacks):

@@ -21,6 +21,7 @@ what it accepted and stops its threads, and one still running at interpreter exi
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -28,11 +29,13 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.batch_tuning import CallCost, LatencyProfile, TuningChoice, choose, measure
 from fastgen.runtime.callbacks import CallbackPool
 from fastgen.runtime.config import RuntimeConfig
-from fastgen.runtime.metrics import Metrics, bucket_label
+from fastgen.runtime.metrics import Metrics, MetricsCollector, bucket_label
 from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
 from fastgen.runtime.requests import GenerateRequest, OverloadedError, RequestFuture, ScoreRequest
 from fastgen.runtime.worker import Ticket, Worker
@@ -55,6 +58,15 @@ def _scorers(scorer: Any) -> dict[str, Any]:
             raise InvalidArgumentError("scorer", f"two {kind} scorers", "at most one text and one image scorer")
         out[kind] = s
     return out
+
+
+def _gauges(worker: Worker, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The gauges now, name -> {kind: value} (a function of the worker, not of the runtime: the metrics
+    registry holds it, and a runtime must stay collectable by reference counting)."""
+    depths, active = worker.queue_state()
+    return {"queue_depth": {k: float(depths.get(k, 0)) for k in kinds},
+            "active_requests": {GENERATE: float(active)} if GENERATE in kinds else {},
+            "inflight_requests": {"": float(worker.inflight())}}
 
 
 def _release(worker: Worker, callbacks: CallbackPool) -> None:
@@ -107,6 +119,10 @@ class Runtime:
             if cap is not None and cap < self.config.max_batch_size:
                 self._worker.set_limits(kind, max_batch=cap)
         self._callbacks = CallbackPool()
+        self.metrics_registry = CollectorRegistry()
+        """This runtime's Prometheus metrics (its own registry: runtimes in one process never clash)."""
+        self.metrics_registry.register(MetricsCollector(self.metrics, functools.partial(_gauges, self._worker,
+                                                                                         tuple(executors))))
         self._ids = itertools.count(1)
         self._started = False
         self._finalizer = weakref.finalize(self, _release, self._worker, self._callbacks)
@@ -123,7 +139,8 @@ class Runtime:
 
     # --- submitting ------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest | ScoreRequest) -> RequestFuture:
+    def submit(self, request: GenerateRequest | ScoreRequest, *,
+               progress: Callable[[RequestFuture, int, int], Any] | None = None) -> RequestFuture:
         """Accept one request and return its future (thread-safe; never blocks on the device).
 
         Checks run in the caller's thread, so a bad request raises here and is never queued; so does a
@@ -135,7 +152,11 @@ class Runtime:
         that cannot be read fails the future, with a one-line InvalidArgumentError. A full queue
         raises :class:`OverloadedError` (with ``retry_after_s``), a closed runtime ShutdownError, an
         engine stuck in a call :class:`~fastgen.runtime.requests.EngineTimeoutError`. The future's
-        done-callbacks run on the runtime's callback threads.
+        done-callbacks (and a generation's progress callbacks) run on the runtime's callback threads.
+        An image-to-image request's image is read here (a file: in the caller's thread), so a bad one
+        raises here, as a generator without a VAE encoder does. ``progress``: a progress callback
+        (:meth:`RequestFuture.add_progress_callback`) added before the request is queued, so it sees
+        every step from the first.
         """
         if isinstance(request, GenerateRequest):
             kind = GENERATE
@@ -159,6 +180,8 @@ class Runtime:
         # The cancel hook holds the worker and the job, never the runtime: a runtime nobody references
         # any more is collected (and its threads stopped) even with requests in flight.
         future = RequestFuture(rid, kind, callbacks=self._callbacks.submit, on_cancel=lambda f: worker.cancel(job))
+        if progress is not None:
+            future.add_progress_callback(progress)
         now = self.clock()
         job = Job(rid, kind, bucket, priority=int(request.priority), arrival=now,
                   deadline=None if deadline_s is None else now + deadline_s, rows=rows, cost=cost,
@@ -187,15 +210,16 @@ class Runtime:
         return "text" if isinstance(item, str) else "image"
 
     async def generate(self, prompt: str, *, config: Any = None, priority: int = 0, deadline_s: float | None = None,
-                       **overrides: Any) -> Any:
+                       image: Any = None, **overrides: Any) -> Any:
         """``await``-able generation of one prompt: a ``GenerationResult``. ``overrides``: GenerateConfig
-        fields (``steps=4, seed=1``). Cancelling the awaiting task cancels the request."""
+        fields (``steps=4, seed=1``); ``image``: image-to-image from it. Cancelling the awaiting task
+        cancels the request."""
         from fastgen.pipelines.config import GenerateConfig
 
         cfg = config if config is not None else GenerateConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
-        return await asyncio.wrap_future(self.submit(GenerateRequest(prompt, cfg, priority, deadline_s)))
+        return await asyncio.wrap_future(self.submit(GenerateRequest(prompt, cfg, priority, deadline_s, image=image)))
 
     async def score(self, item: Any, *, kind: str | None = None, priority: int = 0,
                     deadline_s: float | None = None) -> Any:
@@ -204,22 +228,18 @@ class Runtime:
 
     # --- observing -------------------------------------------------------------------------------
 
-    def _gauges(self) -> dict[str, dict[str, float]]:
-        depths, active = self._worker.queue_state()
-        return {"queue_depth": {k: float(depths.get(k, 0)) for k in self.executors},
-                "active_requests": {GENERATE: float(active)} if GENERATE in self.executors else {},
-                "inflight_requests": {"": float(self._worker.inflight())}}
-
     def stats(self) -> dict[str, Any]:
         """Counts by status, p50 / p95 / p99 latency and queue wait per kind (ms), batch sizes, step
         latency per bucket, scheduling time (us), and the queue depths now."""
-        gauges = self._gauges()
+        gauges = _gauges(self._worker, tuple(self.executors))
         return self.metrics.stats({"queued": gauges["queue_depth"], "active": gauges["active_requests"],
                                    "inflight": gauges["inflight_requests"][""]})
 
     def metrics_text(self) -> str:
-        """The metrics in the Prometheus text exposition format."""
-        return self.metrics.prometheus(self._gauges())
+        """The metrics in the Prometheus text exposition format: ``prometheus_client.generate_latest``
+        of :attr:`metrics_registry` (counters ``fastgen_requests_total{kind,status}`` and
+        ``fastgen_rejected_total{kind}``, ``fastgen_*_seconds`` and size histograms, gauges)."""
+        return generate_latest(self.metrics_registry).decode()
 
     # --- auto-tuning -----------------------------------------------------------------------------
 

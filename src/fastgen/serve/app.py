@@ -1,0 +1,287 @@
+"""The FastAPI app of ``fastgen serve``: an OpenAI-style Images API, scoring, probes and metrics over
+one :class:`~fastgen.serve.service.Service`.
+
+Routes: ``GET /`` (the playground), ``/static/...``, ``GET /healthz`` (the process answers),
+``GET /readyz`` (503 until the engines are loaded and warm), ``GET /metrics`` (Prometheus),
+``GET /v1/models``, ``POST /v1/images/generations`` (JSON; ``"stream": true`` for server-sent
+events), ``POST /v1/images/edits`` (multipart: image-to-image), ``POST /v1/score`` (JSON or
+multipart). Errors: :mod:`fastgen.serve.errors`. The event loop never decodes, encodes or waits
+on the device: images are decoded and encoded on worker threads, and runtime requests are awaited
+as futures. A client that disconnects cancels its runtime requests at their next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastgen.errors import FastgenError, InvalidArgumentError
+from fastgen.serve import sse
+from fastgen.serve.config import ServeConfig
+from fastgen.serve.errors import APIError, from_exception, one_line, validation_error
+from fastgen.serve.images import decode_base64_image, decode_image
+from fastgen.serve.middleware import Guard, HTTPMetrics
+from fastgen.serve.schemas import GenerationBody, ImageSettings, ScoreBody
+from fastgen.serve.service import GenerationParams, ImageScorerClient, Service
+from fastgen.version import __version__
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Status recorded for a request whose client went away before its response (nginx's convention).
+CLIENT_CLOSED = 499
+#: How often a waiting request checks that its client is still connected (seconds).
+DISCONNECT_POLL_S = 0.1
+#: Retry-After (seconds) while the engines load.
+LOADING_RETRY_S = 2
+
+
+def _json(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was running (its runtime requests are cancelled)."""
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``await work``, unless the client disconnects first: then ``work`` is cancelled (its runtime
+    requests with it) and :class:`ClientGone` raised."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientGone()
+    return task.result()
+
+
+def create_app(config: ServeConfig, *, service: Service | None = None,
+               image_scorer: ImageScorerClient | None = None) -> FastAPI:
+    """The app serving ``config``'s models (or ``service``'s). Its engines load on a thread once the
+    server starts (``/readyz`` says when they are warm); its shutdown drains the runtime for up to
+    ``config.drain_timeout_s``. ``image_scorer``: ranks best-of-N candidates instead of a local image
+    classifier. ``app.state.service`` is the Service; ``app.state.on_ready()`` and
+    ``app.state.on_load_failure(error)``, if set, are called (on the loading thread) when the engines
+    are warm or failed to load (``fastgen serve`` says so, or stops the server)."""
+    service = service if service is not None else Service(config, image_scorer=image_scorer)
+    if image_scorer is not None:
+        service.image_scorer = image_scorer
+    metrics = HTTPMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if service.state == "loading":
+            # Looked up when called: the server that runs the app sets them after create_app.
+            service.start_loading(on_failure=lambda exc: app.state.on_load_failure and app.state.on_load_failure(exc),
+                                  on_ready=lambda: app.state.on_ready and app.state.on_ready())
+        yield
+        await anyio.to_thread.run_sync(service.close, config.drain_timeout_s)
+
+    app = FastAPI(title="fastgen", version=__version__, lifespan=lifespan,
+                  description="Image generation and classification on fastgen engines.")
+    app.state.service = service
+    app.state.http_metrics = metrics
+    app.state.on_load_failure = None
+    app.state.on_ready = None
+    _handlers(app)
+    _routes(app, service, config, metrics)
+    app.add_middleware(Guard, api_key=config.resolved_api_key(), max_body_bytes=config.max_body_bytes, metrics=metrics)
+    return app
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _json(exc)
+
+    @app.exception_handler(FastgenError)
+    async def fastgen_error(request: Request, exc: FastgenError) -> JSONResponse:
+        return _json(from_exception(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json(validation_error(list(exc.errors())))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_model(request: Request, exc: ValidationError) -> JSONResponse:
+        return _json(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, APIError):
+            return _json(exc)
+        codes = {404: ("not_found", f"no route {request.method} {request.url.path}"),
+                 405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}")}
+        code, message = codes.get(exc.status_code, ("http_error", one_line(exc.detail)))
+        return _json(APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
+
+
+def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMetrics) -> None:
+    def ready() -> Service:
+        if service.state == "ready":
+            return service
+        if service.state == "failed":
+            raise APIError(503, f"the engines failed to load: {one_line(service.error)}",
+                           type="service_unavailable", code="load_failed")
+        if service.state == "closed":
+            raise APIError(503, "the server is shutting down", type="service_unavailable", code="shutting_down")
+        raise APIError(503, "the engines are still loading", type="service_unavailable", code="not_ready",
+                       headers={"Retry-After": str(LOADING_RETRY_S)})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise APIError(404, "no playground page in this installation", code="not_found")
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if service.state == "ready":
+            return JSONResponse({"status": "ready", "models": [m["id"] for m in service.models()]})
+        body: dict[str, Any] = {"status": service.state}
+        headers = {}
+        if service.state == "loading":
+            headers["Retry-After"] = str(LOADING_RETRY_S)
+        if service.error is not None:
+            body["error"] = one_line(service.error)
+        return JSONResponse(body, status_code=503, headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics_text() + metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": service.models()}
+
+    async def generate(request: Request, params: GenerationParams, stream: bool) -> Response:
+        job = ready().submit_generation(params, stream=stream)
+        if stream:
+            return StreamingResponse(sse.stream(job), media_type="text/event-stream", headers=sse.HEADERS)
+        try:
+            body = await until_disconnected(request, job.run())
+        except ClientGone:
+            logger.info("client went away: request %s cancelled", job.request_id)
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            job.cancel()
+        return JSONResponse(body)
+
+    @app.post("/v1/images/generations")
+    async def generations(body: GenerationBody, request: Request) -> Response:
+        return await generate(request, body.to_params(), body.stream)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        ready()
+        async with _form(request) as form:
+            fields: dict[str, Any] = {}
+            image = None
+            for name, value in form.multi_items():
+                if name == "mask":
+                    if isinstance(value, UploadFile) or str(value).strip():
+                        raise APIError(400, "inpainting is not supported yet: send the image without a mask",
+                                       code="unsupported", param="mask")
+                elif name == "image":
+                    if not isinstance(value, UploadFile):
+                        raise InvalidArgumentError("image", "a form field", "an image file (multipart upload)")
+                    image = value
+                elif isinstance(value, UploadFile):
+                    raise InvalidArgumentError(name, "a file", reason="only image (and mask) are files")
+                else:
+                    fields[name] = value
+            if image is None:
+                raise InvalidArgumentError("image", None, reason="the image to edit is required (a file field)")
+            settings = ImageSettings.model_validate(fields, strict=False)
+            data = await image.read()
+        pil = await anyio.to_thread.run_sync(functools.partial(decode_image, data, argument="image",
+                                                               max_pixels=config.max_image_pixels))
+        return await generate(request, settings.to_params(image=pil), settings.stream)
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        service = ready()
+        texts: list[str] = []
+        raw_images: list[bytes | str] = []
+        deadline_s = None
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async with _form(request) as form:
+                for name, value in form.multi_items():
+                    if name == "files" and isinstance(value, UploadFile):
+                        raw_images.append(await value.read())
+                    elif name == "texts" and not isinstance(value, UploadFile):
+                        texts.append(value)
+                    else:
+                        raise InvalidArgumentError(name, "a form field", reason="send files (images) and texts")
+        else:
+            body = ScoreBody.model_validate_json(await request.body())
+            texts, raw_images, deadline_s = list(body.texts or []), list(body.images or []), body.deadline_s
+        if len(texts) + len(raw_images) > config.max_items:
+            raise InvalidArgumentError("images" if raw_images else "texts", f"{len(texts) + len(raw_images)} items",
+                                       f"at most {config.max_items} texts and images per request (max_items)")
+
+        def decode_all() -> list[Any]:
+            return [decode_image(item, argument=f"images[{i}]", max_pixels=config.max_image_pixels)
+                    if isinstance(item, bytes) else
+                    decode_base64_image(item, argument=f"images[{i}]", max_pixels=config.max_image_pixels)
+                    for i, item in enumerate(raw_images)]
+
+        images = await anyio.to_thread.run_sync(decode_all) if raw_images else []
+        try:
+            data = await until_disconnected(request, service.score(texts, images, deadline_s=deadline_s))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse({"object": "list", "data": data})
+
+
+@contextlib.asynccontextmanager
+async def _form(request: Request):
+    """The request's multipart form (uploads closed after use); one that cannot be parsed is a 400."""
+    try:
+        form = await request.form(max_files=16, max_fields=128)
+    except APIError:
+        raise
+    except StarletteHTTPException as exc:  # starlette's own parse errors (a malformed body)
+        raise APIError(400, f"invalid multipart body: {one_line(exc.detail)}", code="invalid_argument") from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+__all__ = ["create_app", "until_disconnected"]

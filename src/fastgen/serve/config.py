@@ -1,0 +1,158 @@
+"""What ``fastgen serve`` serves and how (a frozen dataclass; the CLI's flags come from it).
+
+Nothing here imports fastapi, uvicorn or torch: a config can be made, checked and passed around
+(to a Ray deployment, say) on a machine that has only fastgen's core.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastgen.core.config import ConfigMixin, literal_choices
+from fastgen.engines.config import BuildConfig, Device, Precision
+from fastgen.engines.registry import backend_names, check_backend
+from fastgen.errors import InvalidArgumentError
+from fastgen.runtime.config import RuntimeConfig
+
+#: The environment variable read when ``api_key`` is not set.
+API_KEY_ENV = "FASTGEN_API_KEY"
+#: Classifier components a ``scorers`` entry may name (``MODEL:COMPONENT``).
+SCORER_COMPONENTS = ("classifier", "text-classifier")
+
+
+def _quantizations() -> tuple[Any, ...]:
+    return literal_choices(BuildConfig, "quantization") or ("none",)
+
+
+def _int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+            high is not None and value > high):
+        allowed = f"integers >= {low}" if high is None else f"integers from {low} to {high}"
+        raise InvalidArgumentError(name.replace("_", "-"), value, allowed)
+
+
+def split_scorer(spec: str) -> tuple[str, str | None]:
+    """``MODEL[:COMPONENT]`` -> (model, component or None). Only a known component after the last
+    colon splits, so a path with a colon in it stays a path."""
+    model, sep, component = spec.rpartition(":")
+    if sep and model and component in SCORER_COMPONENTS:
+        return model, component
+    return spec, None
+
+
+def model_label(model: str) -> str:
+    """The name a model is served under by default: a preset as is, a folder or file by its name."""
+    path = Path(os.path.expanduser(model))
+    if os.sep in model or (os.altsep and os.altsep in model) or path.exists():
+        return path.resolve().name or model
+    return model
+
+
+@dataclass(frozen=True)
+class ServeConfig(ConfigMixin):
+    """One HTTP server over one :class:`fastgen.Runtime`: its models, its address, its limits."""
+
+    OPTION_NAME = "serve option"
+
+    model: str | None = None
+    """The generator: a preset (tiny, tiny-sdxl, sd15, sdxl), a local diffusers pipeline folder, or a
+    folder of engine directories made by `fastgen build --component all --out DIR`; none: no generator
+    (a scoring-only server; a server needs a model, a scorer or both)."""
+    scorers: tuple[str, ...] = ()
+    """Classifiers to serve, each MODEL or MODEL:COMPONENT (classifier or text-classifier; default
+    classifier), at most one image and one text classifier. The image classifier ranks best-of-N
+    candidates."""
+    model_name: str | None = None
+    """The name clients pass as `model` and /v1/models lists; none: the preset's name, or the folder's."""
+    backend: str = field(default="onnxruntime", metadata={"choices": backend_names})
+    """Engine backend of the models that are built (not of engine directories)."""
+    device: Device = "auto"
+    """Where the engines run: cuda when a GPU is present (auto), or forced."""
+    precision: Precision = "fp32"
+    """Engine precision (not of engine directories)."""
+    quantization: str = field(default="none", metadata={"choices": _quantizations})
+    """Quantize the UNet (a fastgen.quant preset; text encoders, the VAE and the classifiers stay in float)."""
+    profile: str | None = None
+    """Shape ranges for the generator's engines, e.g. batch=1:8:16,height=256:512:768 (none: the model's)."""
+    cache_dir: str | None = None
+    """Engine cache root; none: $FASTGEN_CACHE_DIR, else ~/.cache/fastgen/engines."""
+    host: str = "127.0.0.1"
+    """Address to listen on: the loopback interface by default; 0.0.0.0 listens on every interface
+    (set an api_key then)."""
+    port: int = 8000
+    """TCP port to listen on (0: any free port, printed at start)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Clients must send `Authorization: Bearer KEY` (every route but /, /static, /healthz and /readyz);
+    none: $FASTGEN_API_KEY, and without it no key is asked for."""
+    max_body_bytes: int = 32 << 20
+    """Largest request body, in bytes (uploads and base64 images included); larger: 413."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest input image (width x height) accepted for editing or scoring, and largest generated size; a
+    larger upload: 413."""
+    max_images: int = 16
+    """Images per generation request, at most: n, and best-of-N candidates."""
+    max_items: int = 64
+    """Texts and images per /v1/score request, at most."""
+    warmup: bool = True
+    """Run one small generation and one scoring call per engine before /readyz says ready."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: seconds that accepted requests get to finish before they are cancelled and the
+    server exits."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Queueing and batching of the runtime (fastgen.RuntimeConfig)."""
+
+    def __post_init__(self) -> None:
+        self.validate_literals()
+        check_backend(self.backend)
+        if self.quantization not in _quantizations():
+            raise InvalidArgumentError("quantization", self.quantization, _quantizations())
+        for name in ("model", "model_name", "profile", "cache_dir", "api_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                shown = "an empty string" if isinstance(value, str) else type(value).__name__
+                raise InvalidArgumentError(name.replace("_", "-"), "<hidden>" if name == "api_key" else shown,
+                                           "a non-empty string, or none")
+        scorers = (self.scorers,) if isinstance(self.scorers, str) else tuple(self.scorers)
+        for spec in scorers:
+            if not isinstance(spec, str) or not spec.strip():
+                raise InvalidArgumentError("scorer", spec, "MODEL or MODEL:COMPONENT (classifier, text-classifier)")
+        object.__setattr__(self, "scorers", scorers)
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise InvalidArgumentError("host", self.host, "an address or host name, e.g. 127.0.0.1 or 0.0.0.0")
+        _int("port", self.port, 0, 65535)
+        for name in ("max_body_bytes", "max_image_pixels", "max_images", "max_items"):
+            _int(name, getattr(self, name), 1)
+        if not isinstance(self.warmup, bool):
+            raise InvalidArgumentError("warmup", self.warmup, (True, False))
+        value = self.drain_timeout_s
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+            raise InvalidArgumentError("drain-timeout-s", value, "finite numbers >= 0 (seconds)")
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", RuntimeConfig.from_dict(self.runtime))
+        if not isinstance(self.runtime, RuntimeConfig):
+            raise InvalidArgumentError("runtime", type(self.runtime).__name__, "a fastgen.RuntimeConfig")
+
+    # --- derived -----------------------------------------------------------------------------------
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key``, else $FASTGEN_API_KEY, else None (no key needed)."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    @property
+    def served_name(self) -> str | None:
+        """The generator's name for clients (``model_name``, else from ``model``); None without one."""
+        if self.model is None:
+            return None
+        return self.model_name or model_label(self.model)
+
+    def scorer_specs(self) -> list[tuple[str, str | None]]:
+        """Each ``scorers`` entry as (model, component or None)."""
+        return [split_scorer(s) for s in self.scorers]
+
+
+
+__all__ = ["API_KEY_ENV", "SCORER_COMPONENTS", "ServeConfig", "model_label", "split_scorer"]

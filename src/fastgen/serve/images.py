@@ -1,0 +1,75 @@
+"""Images in and out of the HTTP app: uploads and base64 decoded (size checked before any pixel is
+decoded), results encoded as base64 PNG. These are CPU work that holds the GIL for milliseconds to
+seconds, so the app runs them on worker threads (``anyio.to_thread.run_sync``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Any
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.serve.errors import APIError
+
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+def image_too_large(argument: str, width: int, height: int, limit: int) -> APIError:
+    return APIError(413, f"{argument}: a {width}x{height} image has more than {limit} pixels (max_image_pixels)",
+                    code="too_large", param=argument)
+
+
+def decode_image(data: bytes, *, argument: str, max_pixels: int) -> Any:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) -> an RGB PIL image; 413 above ``max_pixels``, one-line
+    400 naming ``argument`` for anything that is not an image."""
+    from PIL import Image
+
+    from fastgen.pipelines.classifier_images import standard_mode
+
+    if not data:
+        raise InvalidArgumentError(argument, "an empty file", "a PNG, JPEG or WebP image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise image_too_large(argument, width, height, max_pixels)
+            image.load()
+    except APIError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(413, f"{argument}: the image is too large to decode (a decompression bomb?)",
+                       code="too_large", param=argument) from None
+    except Exception as exc:  # PIL raises many kinds for a bad file: all of them are the client's input
+        detail = " ".join(str(exc).split())[:200]
+        raise InvalidArgumentError(argument, "the uploaded data", "a PNG, JPEG or WebP image",
+                                   reason=f"not a readable image ({type(exc).__name__}: {detail})") from None
+    return standard_mode(image, argument).convert("RGB")
+
+
+def decode_base64_image(text: Any, *, argument: str, max_pixels: int) -> Any:
+    """A base64 string (or a ``data:image/...;base64,`` URL) of an image -> an RGB PIL image."""
+    if not isinstance(text, str):
+        raise InvalidArgumentError(argument, type(text).__name__, "a base64 string of a PNG or JPEG image")
+    payload = _DATA_URL.sub("", text.strip(), count=1)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgumentError(argument, f"{len(text)} characters", "a base64 string of a PNG or JPEG image",
+                                   reason="not valid base64") from None
+    return decode_image(data, argument=argument, max_pixels=max_pixels)
+
+
+def png_base64(image: Any) -> str:
+    """A PIL image as base64 PNG text."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+__all__ = ["decode_base64_image", "decode_image", "image_too_large", "png_base64"]

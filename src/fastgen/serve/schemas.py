@@ -1,0 +1,86 @@
+"""Request bodies of the HTTP API (pydantic models): the OpenAI Images fields plus fastgen's own.
+
+Types are checked strictly (``"4"`` is not a step count, ``4.5`` is not one either); unknown fields
+are refused, naming them, so a typo never silently falls back to a default. The values themselves
+(ranges, scheduler names, seeds) are checked by :class:`fastgen.GenerateConfig` and the service,
+whose one-line errors name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.serve.generation import GenerationParams
+
+#: ``response_format`` values served: images come back inline, never as URLs to fetch later.
+RESPONSE_FORMATS = ("b64_json",)
+_SIZE = re.compile(r"^\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (width, height); None or ``"auto"``: the model's default size."""
+    if size is None or size.strip().lower() == "auto":
+        return None, None
+    match = _SIZE.match(size)
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise InvalidArgumentError("size", size, "WIDTHxHEIGHT in pixels, e.g. 512x512, or auto")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ImageSettings(_Body):
+    """Fields that generation (JSON) and editing (multipart form) share."""
+
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    model: str | None = None
+    user: str | None = None
+    """Accepted for OpenAI compatibility, and ignored."""
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    strength: float | None = None
+    eta: float | None = None
+    candidates: int | None = None
+    keep: int | None = None
+    rank_by: str | None = None
+    deadline_s: float | None = None
+    """Seconds after submission by which the images must be done; later: 504."""
+    stream: bool = False
+
+    def to_params(self, image: Any = None) -> GenerationParams:
+        if self.response_format not in RESPONSE_FORMATS:
+            raise InvalidArgumentError("response_format", self.response_format, RESPONSE_FORMATS,
+                                       reason="images are returned inline as base64 PNG")
+        width, height = parse_size(self.size)
+        settings = {name: getattr(self, name) for name in ("steps", "guidance_scale", "scheduler", "strength",
+                                                           "negative_prompt", "eta")}
+        return GenerationParams(prompt=self.prompt, n=self.n, width=width, height=height, seed=self.seed,
+                                candidates=self.candidates, keep=self.keep, rank_by=self.rank_by, model=self.model,
+                                deadline_s=self.deadline_s, image=image, settings=settings)
+
+
+class GenerationBody(ImageSettings):
+    """``POST /v1/images/generations``."""
+
+
+class ScoreBody(_Body):
+    """``POST /v1/score``: texts, images (base64 PNG / JPEG, or ``data:`` URLs), or both."""
+
+    texts: list[str] | None = None
+    images: list[str] | None = None
+    deadline_s: float | None = None
+
+
+__all__ = ["GenerationBody", "ImageSettings", "RESPONSE_FORMATS", "ScoreBody", "parse_size"]

@@ -1,0 +1,344 @@
+"""``Service``: the models of one server and the one :class:`fastgen.Runtime` that batches them.
+
+The HTTP routes (:mod:`fastgen.serve.app`) call it; it knows nothing of HTTP. Loading (building or
+fetching the engines, starting the runtime, warming it up) is :meth:`Service.load`, which the app
+runs on a thread after startup, so the server answers ``/healthz`` at once and ``/readyz`` once the
+engines are warm. Generation is :meth:`Service.submit_generation` (checks and submits, raising at
+once for bad input or a full queue) then :meth:`fastgen.serve.generation.GenerationJob.run` (awaits the images without
+blocking the event loop). An image of a request is one runtime request, so every image streams as
+soon as it is done and a disconnecting client's images are all cancelled at the next step. Image
+``i`` of a request with seed ``s`` uses seed ``s + i``, as :meth:`fastgen.Generator.generate` does:
+asking for that seed alone, with the same settings, gives the same image.
+
+Best-of-N (``candidates``): that many images are generated, each scored by the image classifier
+(the runtime's, through scoring requests, or the ``image_scorer`` client given, e.g. a Ray
+deployment), ranked by one label's probability (highest first; ties keep seed order), and the
+``keep`` best are returned with their seeds and scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from fastgen.errors import InvalidArgumentError
+from fastgen.pipelines.config import GenerateConfig, check_seed
+from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.requests import GenerateRequest, RequestFuture, ScoreRequest
+from fastgen.serve.config import ServeConfig, model_label
+from fastgen.serve.generation import CONFIG_FIELDS, GenerationJob, GenerationParams, ProgressRelay, score_body
+
+logger = logging.getLogger(__name__)
+
+
+class ImageScorerClient(Protocol):
+    """Scores images somewhere else (a Ray deployment, say) for best-of-N and ``/v1/score``.
+    ``labels`` (optional attribute): the label names, checked against ``rank_by`` before any work."""
+
+    async def score_images(self, images: list[Any]) -> list[Any]: ...
+
+
+class Service:
+    """The generator, the classifiers and the runtime behind one server.
+
+    ``generator`` / ``scorers``: already built models to serve (tests, embedding); else :meth:`load`
+    builds them from ``config``. ``image_scorer``: an :class:`ImageScorerClient` used to rank
+    best-of-N candidates (and score images) instead of a local image classifier.
+    """
+
+    def __init__(self, config: ServeConfig, *, generator: Any = None, scorers: Sequence[Any] = (),
+                 image_scorer: ImageScorerClient | None = None) -> None:
+        self.config = config
+        self.generator = generator
+        self.scorers = list(scorers)
+        self.image_scorer = image_scorer
+        self.runtime: Any = None
+        self.state = "loading"
+        self.error: BaseException | None = None
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def start_loading(self, on_failure: Callable[[BaseException], None] | None = None,
+                      on_ready: Callable[[], None] | None = None) -> threading.Thread:
+        """:meth:`load` on a daemon thread (once); then ``on_ready()``, or ``on_failure(error)`` if it
+        failed, run on that thread."""
+        with self._lock:
+            if self._loader is None:
+                def main() -> None:
+                    try:
+                        self.load()
+                    except BaseException as exc:
+                        if on_failure is not None:
+                            on_failure(exc)
+                        return
+                    if on_ready is not None and self.ready:
+                        on_ready()
+                self._loader = threading.Thread(target=main, name="fastgen-serve-load", daemon=True)
+                self._loader.start()
+            return self._loader
+
+    def load(self) -> None:
+        """Build (or fetch from the cache) the engines, start the runtime and warm it up (blocking)."""
+        try:
+            started = time.perf_counter()
+            if self.generator is None and self.config.model is None and not self.scorers and not self.config.scorers:
+                raise InvalidArgumentError("model", None, reason="nothing to serve: give a generator model, a "
+                                           "scorer, or both")
+            if self.generator is None and self.config.model is not None:
+                self.generator = self._load_generator()
+            if not self.scorers:
+                self.scorers = [self._load_scorer(model, component) for model, component in self.config.scorer_specs()]
+            runtime = self._make_runtime()
+            with self._lock:
+                closed = self.state == "closed"
+                if not closed:
+                    self.runtime = runtime
+            if closed:  # closed while loading: nothing to serve any more
+                runtime.shutdown(drain=False, timeout=5.0)
+                return
+            if self.config.warmup:
+                self._warmup()
+            with self._lock:
+                if self.state == "loading":
+                    self.state = "ready"
+            logger.info("engines loaded and warm in %.1f s", time.perf_counter() - started)
+        except BaseException as exc:
+            self.error = exc
+            self.state = "failed"
+            logger.error("loading the engines failed: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            raise
+
+    def _cache(self) -> Any:
+        if self.config.cache_dir is None:
+            return None  # the default cache ($FASTGEN_CACHE_DIR or ~/.cache/fastgen/engines)
+        from fastgen.engines.cache import EngineCache
+
+        return EngineCache(self.config.cache_dir)
+
+    def _load_generator(self) -> Any:
+        from fastgen.pipelines.generator import Generator
+
+        cfg = self.config
+        return Generator.from_pretrained(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
+                                         cache=self._cache(), profile=cfg.profile, quantization=cfg.quantization)
+
+    def _load_scorer(self, model: str, component: str | None) -> Any:
+        from fastgen.pipelines.scorer import Scorer
+
+        cfg = self.config
+        return Scorer.from_pretrained(model, component, backend=cfg.backend, device=cfg.device,
+                                      precision=cfg.precision, cache=self._cache())
+
+    def _make_runtime(self) -> Any:
+        from fastgen.runtime.runtime import Runtime
+
+        rt_config = self.config.runtime
+        unet = getattr(self.generator, "unet", None)
+        batch = unet.spec.profile.dims.get("batch") if unet is not None else None
+        # The default step size exceeds small UNet profiles (tiny's batch ends at 8): fit it, rather
+        # than split every step in two calls and warn; a size the user chose is kept as given.
+        if batch is not None and rt_config.max_step_rows == RuntimeConfig().max_step_rows > batch.max:
+            rt_config = rt_config.replace(max_step_rows=batch.max)
+        return Runtime(self.generator, self.scorers or None, config=rt_config)
+
+    def _warmup(self) -> None:
+        """One small request per engine kind, so the first client does not pay for first calls."""
+        from PIL import Image
+
+        futures = []
+        if self.generator is not None:
+            futures.append(self.runtime.submit(GenerateRequest("", GenerateConfig(steps=1, seed=0))))
+        kinds = self.runtime.scorers
+        if "text" in kinds:
+            futures.append(self.runtime.submit(ScoreRequest("warm-up", kind="text")))
+        if "image" in kinds:
+            futures.append(self.runtime.submit(ScoreRequest(Image.new("RGB", (64, 64)), kind="image")))
+        for future in futures:
+            future.result()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish the accepted requests (up to ``timeout`` seconds), then stop the runtime."""
+        with self._lock:
+            self.state = "closed" if self.state != "failed" else self.state
+            runtime = self.runtime
+        if runtime is not None:
+            runtime.shutdown(drain=True, timeout=timeout)
+
+    # --- what is served ---------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str | None:
+        return self.config.served_name
+
+    def _local_scorer(self, kind: str) -> Any:
+        return self.runtime.scorers.get(kind) if self.runtime is not None else None
+
+    def image_labels(self) -> list[str] | None:
+        """Labels of the image classifier that ranks candidates (None: unknown until it scores)."""
+        local = self._local_scorer("image")
+        if local is not None:
+            return list(local.labels)
+        labels = getattr(self.image_scorer, "labels", None)
+        return list(labels) if labels else None
+
+    def has_image_scorer(self) -> bool:
+        return self._local_scorer("image") is not None or self.image_scorer is not None
+
+    def models(self) -> list[dict[str, Any]]:
+        """What ``/v1/models`` lists: the generator, then the classifiers."""
+        out = []
+        if self.config.model is not None:
+            out.append({"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastgen",
+                        "kind": "generator", "ready": self.ready})
+        for model, component in self.config.scorer_specs():
+            name = f"{model_label(model)}:{component or 'classifier'}"
+            kind = "text" if component == "text-classifier" else "image"
+            scorer = self._local_scorer(kind)
+            if scorer is not None:
+                kind = scorer.kind
+            entry = {"id": name, "object": "model", "created": self.created, "owned_by": "fastgen",
+                     "kind": f"{kind}-classifier", "ready": self.ready}
+            if scorer is not None:
+                entry["labels"] = list(scorer.labels)
+            out.append(entry)
+        return out
+
+    def metrics_text(self) -> str:
+        """The runtime's metrics (Prometheus text); empty before the runtime exists."""
+        return self.runtime.metrics_text() if self.runtime is not None else ""
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def submit_generation(self, params: GenerationParams, *, stream: bool = False) -> GenerationJob:
+        """Check ``params`` and submit one runtime request per image. Bad input raises
+        InvalidArgumentError (nothing submitted), a full queue OverloadedError (what was submitted of
+        this request is cancelled). ``stream``: report each step (the runtime dispatches nothing per
+        step to requests nobody streams)."""
+        cfg = self.config
+        if self.generator is None:
+            raise InvalidArgumentError("model", params.model, reason="this server has no generator (scoring only)")
+        if params.model is not None and params.model != self.model_name:
+            raise InvalidArgumentError("model", params.model, [self.model_name])
+        n = params.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.max_images:
+            raise InvalidArgumentError("n", n, f"integers from 1 to {cfg.max_images} (max_images)")
+        best_of = params.candidates is not None
+        count, keep, label = n, n, None
+        if best_of:
+            count = params.candidates
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= cfg.max_images:
+                raise InvalidArgumentError("candidates", count, f"integers from 1 to {cfg.max_images} (max_images)")
+            if params.keep is not None and n != 1 and params.keep != n:
+                raise InvalidArgumentError("keep", params.keep, reason=f"n ({n}) and keep disagree: give one of them")
+            keep = params.keep if params.keep is not None else n
+            if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= count:
+                raise InvalidArgumentError("keep", keep, f"integers from 1 to candidates ({count})")
+            if not self.has_image_scorer():
+                raise InvalidArgumentError("candidates", count, reason="best-of-N needs an image classifier: "
+                                           "start the server with --scorer MODEL")
+            labels = self.image_labels()
+            label = params.rank_by if params.rank_by is not None else (labels[0] if labels else None)
+            if labels is not None and label not in labels:
+                raise InvalidArgumentError("rank_by", params.rank_by, labels)
+        else:
+            for name in ("keep", "rank_by"):
+                if getattr(params, name) is not None:
+                    raise InvalidArgumentError(name, getattr(params, name), reason="only used with candidates")
+        if params.width is not None and params.height is not None and params.width * params.height > cfg.max_image_pixels:
+            raise InvalidArgumentError("size", params.size_text,
+                                       reason=f"more than {cfg.max_image_pixels} pixels (max_image_pixels)")
+        unknown = sorted(set(params.settings) - set(CONFIG_FIELDS))
+        if unknown:
+            raise InvalidArgumentError("generate option", unknown[0], CONFIG_FIELDS)
+        settings = {k: v for k, v in params.settings.items() if v is not None}
+        config = GenerateConfig(height=params.height, width=params.width, output_type="pil", **settings)
+        base = params.seed if params.seed is not None else secrets.randbelow(2**31)
+        base = check_seed(base, count, "seed")
+        futures: list[RequestFuture] = []
+        relay = ProgressRelay() if stream else None
+        started = time.perf_counter()
+        try:
+            for i in range(count):
+                request = GenerateRequest(params.prompt, config.replace(seed=base + i), deadline_s=params.deadline_s,
+                                          image=params.image)
+                try:
+                    futures.append(self.runtime.submit(request, progress=None if relay is None else relay.for_image(i)))
+                except InvalidArgumentError as exc:
+                    if exc.argument in ("height", "width") and params.width is not None:
+                        raise InvalidArgumentError("size", params.size_text, reason=str(exc)) from None
+                    raise
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return GenerationJob(self, futures, seeds=[base + i for i in range(count)], keep=keep if best_of else None,
+                             rank_by=label, config=config, started=started, relay=relay)
+
+    # --- scoring ----------------------------------------------------------------------------------
+
+    async def score_images(self, images: list[Any], *, deadline_s: float | None = None) -> list[Any]:
+        """``Score`` of each PIL image: the runtime's image classifier, else the ``image_scorer`` client."""
+        if not images:
+            return []
+        if self._local_scorer("image") is not None:
+            futures = [self.runtime.submit(ScoreRequest(im, kind="image", deadline_s=deadline_s)) for im in images]
+            return await _gather(futures)
+        if self.image_scorer is not None:
+            scores = list(await self.image_scorer.score_images(list(images)))
+            if len(scores) != len(images):
+                raise RuntimeError(f"the image scorer returned {len(scores)} scores for {len(images)} images")
+            return scores
+        raise InvalidArgumentError("images", f"{len(images)} images", reason="this server has no image classifier")
+
+    async def score(self, texts: list[str], images: list[Any], *, deadline_s: float | None = None
+                    ) -> list[dict[str, Any]]:
+        """``/v1/score``'s data: one entry per text, then one per image (``index`` within its list)."""
+        total = len(texts) + len(images)
+        if total == 0:
+            raise InvalidArgumentError("texts", None, reason="give texts, images, or both")
+        if total > self.config.max_items:
+            raise InvalidArgumentError("texts" if texts else "images", f"{total} items",
+                                       f"at most {self.config.max_items} texts and images per request (max_items)")
+        text_futures: list[RequestFuture] = []
+        if texts:
+            if self._local_scorer("text") is None:
+                raise InvalidArgumentError("texts", f"{len(texts)} texts", reason="this server has no text classifier")
+            try:
+                text_futures = [self.runtime.submit(ScoreRequest(t, kind="text", deadline_s=deadline_s)) for t in texts]
+            except BaseException:
+                for future in text_futures:
+                    future.cancel()
+                raise
+        try:
+            image_scores = await self.score_images(images, deadline_s=deadline_s)
+            text_scores = await _gather(text_futures)
+        finally:
+            for future in text_futures:
+                future.cancel()  # no-op once done; a client that went away frees the queue
+        return ([{"index": i, "kind": "text", **score_body(s)} for i, s in enumerate(text_scores)]
+                + [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)])
+
+
+async def _gather(futures: list[RequestFuture]) -> list[Any]:
+    """The results of runtime futures, awaited without blocking the loop; cancelled if the awaiting
+    task is (``asyncio.wrap_future`` forwards a cancel to the request)."""
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+__all__ = ["GenerationJob", "GenerationParams", "ImageScorerClient", "Service"]
