@@ -80,9 +80,11 @@ def test_smoke_component_entry(smoke):
     for label in ("torch_cuda_graphs", "tensorrt_cuda_graphs"):
         assert isinstance(entry["latency_ms"][label], str)  # skipped (cpu) or unavailable
     assert entry["builds"]["torch_fp32_reference"]["device"] == "cpu"
-    # onnxruntime fp32 against the torch fp32 module; torch at fp32 is the reference itself
+    # onnxruntime fp32 against the torch fp32 module
     assert entry["parity"]["onnxruntime"]["cosine"] > 0.9999 and entry["parity"]["onnxruntime"]["max_rel"] < 1e-3
-    assert entry["parity"]["torch"]["max_abs"] == 0.0
+    # torch at fp32 is the reference's own module, on the thread count its engine chose (the last bits
+    # of a reduction may differ from the reference's count)
+    assert entry["parity"]["torch"]["max_abs"] < 1e-4
     assert set(entry["parity"]["onnxruntime"]["outputs"]) == {"noise_pred"}
     ratios = entry["ratios"]
     assert set(ratios) == RATIO_KEYS

@@ -119,9 +119,10 @@ def test_int8_classifier_in_onnxruntime_agrees_with_fp32():
     comp = fastgen.load_component("tiny", "text-classifier")
     result = ort_int8_comparison(comp, {"static": Int8StaticConfig(), "dynamic": Int8DynamicConfig()},
                                  n=256, repeats=1, min_seconds=0.0)
-    # Every quantized layer runs an ORT int8 kernel (q/k/v included: no shared QuantizeLinear), except,
-    # in the static QDQ graph, the pooler: ORT folds a 2-D MatMul + bias into Gemm before its QDQ fusions.
-    for name, kernel, fp32_layers in (("static", "MatMulIntegerToFloat", 1), ("dynamic", "MatMulIntegerToFloat", 0)):
+    # Every quantized layer runs an ORT int8 kernel (q/k/v included: no shared QuantizeLinear). The pooler
+    # too: the Add that keeps a non-finite token NaN sits between its MatMul and bias, so ORT no longer
+    # folds them into a float Gemm before its QDQ fusions (it did, before that Add).
+    for name, kernel, fp32_layers in (("static", "MatMulIntegerToFloat", 0), ("dynamic", "MatMulIntegerToFloat", 0)):
         entry = result["configs"][name]
         assert entry["top1_agreement"] >= 0.99 and entry["max_prob_diff"] < 0.01
         assert entry["ort_int8_kernels"] == {kernel: entry["layers_quantized"] - fp32_layers}
