@@ -212,6 +212,9 @@ def test_score_json_and_multipart(client):
     assert_error(client.post("/v1/score", json={"texts": "one"}), 400, param="texts")
     big = base64.b64encode(png_bytes(np.zeros((200, 100, 3)))).decode()
     assert_error(client.post("/v1/score", json={"images": [big]}), 413, code="too_large")
+    # An upload is decoded as image files are: EPS (PIL would run Ghostscript on it) is never opened.
+    eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n").decode()
+    assert_error(client.post("/v1/score", json={"images": [eps]}), 400, param="images[0]", contains="cannot read image")
 
 
 # --- input errors and limits ---------------------------------------------------------------------------

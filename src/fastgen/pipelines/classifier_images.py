@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -169,20 +169,26 @@ def standard_mode(im: Image.Image, argument: str = "image") -> Image.Image:
     return im.convert("RGB")
 
 
+def read_image(f: IO[bytes], argument: str, name: str,
+               check: Callable[[int, int, str, str], None] = check_pixels) -> Image.Image:
+    """Fully decode an open binary image (its first frame) into L, RGB or RGBA (:func:`standard_mode`):
+    ``check(width, height, argument, name)`` sees the header's size before any pixel is decoded (default:
+    :func:`check_pixels`); unsafe formats are never opened; any failure is one line naming ``name``."""
+    try:
+        with Image.open(f, formats=_formats()) as im:
+            check(im.width, im.height, argument, name)
+            im.load()
+            out = standard_mode(im, argument)
+            return out.copy() if out is im else out  # a copy: the caller may close the file
+    except _READ_ERRORS as exc:
+        raise InvalidArgumentError(argument, name, reason=f"cannot read image: {_detail(exc)}") from None
+
+
 def open_image(path: str | os.PathLike, argument: str = "image") -> Image.Image:
-    """Open and fully decode a regular image file (its first frame) into L, RGB or RGBA
-    (:func:`standard_mode`); any failure, or more than ``MAX_IMAGE_PIXELS`` pixels, is one line
-    naming the file."""
-    name = os.fspath(path)
+    """Open and fully decode a regular image file (:func:`read_image`); any failure, or more than
+    ``MAX_IMAGE_PIXELS`` pixels, is one line naming the file."""
     with open_regular(path, argument) as f:
-        try:
-            with Image.open(f, formats=_formats()) as im:
-                check_pixels(im.width, im.height, argument, name)
-                im.load()
-                out = standard_mode(im, argument)
-                return out.copy() if out is im else out  # a copy: the file closes here
-        except _READ_ERRORS as exc:
-            raise InvalidArgumentError(argument, name, reason=f"cannot read image: {_detail(exc)}") from None
+        return read_image(f, argument, os.fspath(path))
 
 
 def flatten_images(images: Any, argument: str = "images") -> list[Any]:
