@@ -160,3 +160,28 @@ def test_api_key_from_the_environment(monkeypatch):
     assert ServeConfig(model="tiny").resolved_api_key() == "from-env"
     assert ServeConfig(model="tiny", api_key="given").resolved_api_key() == "given"
     assert "given" not in repr(ServeConfig(model="tiny", api_key="given"))
+
+
+def test_a_request_refused_part_way_cancels_what_it_had_submitted():
+    # /v1/score submits one runtime request per item: when the queue fills at the third, the two already
+    # accepted must not stay queued for a client that got a 429.
+    from concurrent.futures import Future
+
+    from fastgen.runtime.requests import OverloadedError
+    from fastgen.serve.service import submit_all
+
+    class Runtime:
+        def __init__(self) -> None:
+            self.accepted: list[Future] = []
+
+        def submit(self, request):
+            if len(self.accepted) == 2:
+                raise OverloadedError(2, 2, 1.0)
+            self.accepted.append(Future())
+            return self.accepted[-1]
+
+    runtime = Runtime()
+    with pytest.raises(OverloadedError):
+        submit_all(runtime, ["a", "b", "c"])
+    assert [f.cancelled() for f in runtime.accepted] == [True, True]
+    assert len(submit_all(Runtime(), ["a", "b"])) == 2

@@ -293,8 +293,8 @@ class Service:
         if not images:
             return []
         if self._local_scorer("image") is not None:
-            futures = [self.runtime.submit(ScoreRequest(im, kind="image", deadline_s=deadline_s)) for im in images]
-            return await _gather(futures)
+            return await _gather(submit_all(self.runtime, [ScoreRequest(im, kind="image", deadline_s=deadline_s)
+                                                            for im in images]))
         if self.image_scorer is not None:
             scores = list(await self.image_scorer.score_images(list(images)))
             if len(scores) != len(images):
@@ -315,12 +315,7 @@ class Service:
         if texts:
             if self._local_scorer("text") is None:
                 raise InvalidArgumentError("texts", f"{len(texts)} texts", reason="this server has no text classifier")
-            try:
-                text_futures = [self.runtime.submit(ScoreRequest(t, kind="text", deadline_s=deadline_s)) for t in texts]
-            except BaseException:
-                for future in text_futures:
-                    future.cancel()
-                raise
+            text_futures = submit_all(self.runtime, [ScoreRequest(t, kind="text", deadline_s=deadline_s) for t in texts])
         try:
             image_scores = await self.score_images(images, deadline_s=deadline_s)
             text_scores = await _gather(text_futures)
@@ -329,6 +324,20 @@ class Service:
                 future.cancel()  # no-op once done; a client that went away frees the queue
         return ([{"index": i, "kind": "text", **score_body(s)} for i, s in enumerate(text_scores)]
                 + [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)])
+
+
+def submit_all(runtime: Any, requests: list[Any]) -> list[RequestFuture]:
+    """Submit every request, or none: when one is refused (a full queue), those already accepted are
+    cancelled before the error goes on."""
+    futures: list[RequestFuture] = []
+    try:
+        for request in requests:
+            futures.append(runtime.submit(request))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return futures
 
 
 async def _gather(futures: list[RequestFuture]) -> list[Any]:
