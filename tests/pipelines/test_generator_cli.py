@@ -45,12 +45,14 @@ def test_writes_pngs_and_results_json(generator_for, tmp_path):
     assert data["backend"] == "torch" and data["scores"] is None and data["mode"] == "txt2img"
     assert len(data["latencies"]["denoising_step_ms"]) == 3 and data["latencies"]["total_ms"] > 0
     assert [row["file"] for row in data["images"]] == files
-    # The PNGs hold exactly what the library returns for the same request.
+    # The PNGs hold what the library returns for the same request, within one uint8 step: two loads
+    # of a torch engine may time different thread counts and round differently (docs/reliability.md).
     lib = generator_for("tiny", "torch").generate(["a red car", "a blue shoe"], seed=7, num_images_per_prompt=2,
                                                   negative_prompt="blurry", steps=3, scheduler="euler",
                                                   output_type="uint8", progress=False)
     for name, expected in zip(files, lib.images):
-        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), expected)
+        diff = np.abs(np.asarray(Image.open(out / name)).astype(np.int16) - expected.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, diff.max(), (diff > 0).mean())
     assert "4 images" in result.output
 
 
