@@ -16,11 +16,13 @@ Modes, one after the other, on the same engines (preset, backend, engine cache, 
   runtime requests the Service sends (PIL images out), no HTTP. The Service's async layer (checks,
   PNG encoding, JSON) and the client's JSON and PNG decoding count as the HTTP layer's cost.
 - ``http``: ``python -m fastgen.cli serve PRESET --scorer PRESET --scorer PRESET:text-classifier``
-  in a subprocess on loopback (the same engine cache and runtime flags; its access log on, as
-  shipped). The client: one asyncio loop on a thread, keep-alive connections (``aiohttp``, or
-  ``--client httpx``: see CLIENT_NOTE for why not httpx by default); every status is checked (not
-  200: failed, i.e. missed), every generated PNG decoded; image scoring sends base64 PNGs encoded
-  once, up front. ``GET /healthz`` timed alone gives the HTTP stack's own latency.
+  in a subprocess on loopback (the same engine cache and runtime flags; as shipped: no access log,
+  /metrics counts the requests). The client: a process of its own per probe (``http_targets.py client``: the probe's
+  plan in, each request's completion out; as a client machine would, it never contends for the
+  load generator's GIL), one asyncio loop, keep-alive connections (``aiohttp``, or ``--client
+  httpx``: see CLIENT_NOTE for why not httpx by default); every status is checked (not 200:
+  failed, i.e. missed), every generated PNG decoded; image scoring sends base64 PNGs encoded once,
+  up front. ``GET /healthz`` timed alone gives the HTTP stack's own latency.
 - ``ray1``, ``ray2``: :func:`fastgen.serve.ray.run` with 1 and 2 replicas on a local Ray instance
   (``num_cpus=2``), the same client through Ray's proxy. Skipped, with the reason, without Ray.
 
@@ -60,11 +62,12 @@ from http_targets import (  # noqa: E402
     HttpTarget,
     InProcessTarget,
     RayTarget,
+    RemoteClient,
     cmdline,
     pin_threads,
     proc_ticks,
 )
-from load_analysis import capacity_at, goodput  # noqa: E402
+from load_analysis import capacity_at, drive, goodput  # noqa: E402
 
 logger = logging.getLogger("bench_http")
 MODES = ("inprocess", "http", "ray1", "ray2")
@@ -81,7 +84,7 @@ CLIENT_NOTE = ("The client is aiohttp by default: httpx 0.29's AsyncClient costs
                "GET /healthz), which on 2 cores would make the client the bottleneck; aiohttp costs 0.5 ms at any "
                "concurrency. --client httpx spreads the connections over AsyncClients of 8 each (2.5 ms at 64).")
 RATIOS = {"http/inprocess": ("http", "inprocess"), "ray1/inprocess": ("ray1", "inprocess"), "ray2/ray1": ("ray2", "ray1")}
-NOTE_2CORE = ("2 cores: the load generator (its HTTP client), the server's event loop, Ray's proxy and the engines "
+NOTE_2CORE = ("2 cores: the load generator, its HTTP client (a process of its own), the server's event loop, Ray's proxy and the engines "
               "share them. In-process the engines have both cores but for the arrival thread; over HTTP the "
               "client's and the server's request handling come out of the same two cores, so the HTTP / "
               "in-process ratios are lower bounds of what a server with cores of its own would show. ray2's two "
@@ -93,7 +96,7 @@ NOTE_2CORE = ("2 cores: the load generator (its HTTP client), the server's event
 
 def warm_up(target, args, specs: list, rounds: int) -> None:
     """Every shape the probes meet, through the mode's own path (Ray: each replica's share at random)."""
-    client = target.client(args)
+    client = target.client(args, remote=False)
     futures = [client.submit(s) for _ in range(rounds) for s in specs]
     client.stop(600)
     failed = [f for f in futures if f.cancelled() or f.exception() is not None]
@@ -111,11 +114,14 @@ def probe(target, args, plan, duration: float, grace: float, solo) -> dict:
     load, pids = cpus.load_snapshot(), target.server_pids()
     client = target.client(args)
     ticks, cpu = proc_ticks(), time.process_time()
-    p = bench_load.run_point(client, plan, duration, grace, KIND_TARGETS, solo)
-    # CPU per request: this process (in-process: the engines; else the client) and the server's processes.
+    remote = isinstance(client, RemoteClient)
+    marks = client.drive(plan, duration, grace) if remote else drive(client, plan, duration, grace)
+    p = bench_load.point_stats(plan, *marks, duration, KIND_TARGETS, solo)
+    # CPU per request: this process (in-process: the engines), the client's and the server's processes.
     mine, after = time.process_time() - cpu, proc_ticks()
     server = sum(after[q] - ticks[q] for q in pids if q in ticks and q in after) / os.sysconf("SC_CLK_TCK")
     p["cpu_ms_per_request"] = {"this_process": mine * 1e3 / p["submitted"],
+                               "client": client.cpu_s * 1e3 / p["submitted"] if remote else None,
                                "server": server * 1e3 / p["submitted"] if pids else None}
     p["load_before"], p["requests"] = load, dict(client.counts)
     target.settle()
@@ -331,8 +337,8 @@ def main(argv=None) -> int:
                           if mode == "http" else RayTarget(args, config, int(mode[3:])))
                 target.info["startup_s"] = time.perf_counter() - t_mode
                 warm_up(target, args, warm, rounds=int(mode[3:]) if mode.startswith("ray") else 1)
-                if mode != "inprocess":
-                    client = target.client(args)
+                if mode != "inprocess":  # the HTTP stack's own latency: GET /healthz, one at a time
+                    client = target.client(args, remote=False)
                     target.info["healthz_ms"] = client.ping()
                     client.stop(1)
                 for name in scenarios:

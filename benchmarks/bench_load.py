@@ -86,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from load_analysis import WARMUP_FRACTION, isotonic, p99_of, scheduling_decisions, summarize, write
+from load_analysis import WARMUP_FRACTION, drive, isotonic, p99_of, scheduling_decisions, summarize, write
 
 import fastgen
 from fastgen.core.stats import percentile
@@ -233,25 +233,17 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_point(server, plan, duration: float, grace: float, targets: dict, solo) -> dict:
+    return point_stats(plan, *drive(server, plan, duration, grace), duration, targets, solo)
+
+
+def point_stats(plan, done_at: list[float], ok: list[bool], stats: dict, duration: float, targets: dict,
+                solo) -> dict:
+    """One load point's figures from each request's completion (seconds after the probe's start)."""
     n = len(plan)
-    done_at = [math.inf] * n
-    ok = [False] * n
-    start = time.perf_counter() + 0.05
-
-    def mark(i: int, fut) -> None:
-        done_at[i] = time.perf_counter()
-        ok[i] = not fut.cancelled() and fut.exception() is None
-
-    for i, (offset, spec) in enumerate(plan):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        server.submit(spec).add_done_callback(lambda f, i=i: mark(i, f))
-    stats = server.stop(max(start + duration + grace - time.perf_counter(), 0.0))
     t0 = WARMUP_FRACTION * duration
     counted = [i for i in range(n) if plan[i][0] >= t0]
-    lat = {i: (done_at[i] - start - plan[i][0]) * 1e3 if ok[i] else math.inf for i in counted}
-    window = sum(1 for i in range(n) if ok[i] and t0 <= done_at[i] - start <= duration)
+    lat = {i: (done_at[i] - plan[i][0]) * 1e3 if ok[i] else math.inf for i in counted}
+    window = sum(1 for i in range(n) if ok[i] and t0 <= done_at[i] <= duration)
     point: dict = {"offered_rps": n / duration, "achieved_rps": window / (duration - t0), "submitted": n,
                    "counted": len(counted), "missed": sum(1 for v in lat.values() if v == math.inf), "kinds": {}}
     worst = 0.0

@@ -224,6 +224,53 @@ class HttpClient(Relay):
         return {}
 
 
+class RemoteClient:
+    """:class:`HttpClient` in a process of its own (``python http_targets.py client``), sent one probe's
+    plan as JSON: a client machine's work (the asyncio loop, JSON, PNG decoding) never contends for
+    the load generator's GIL, as it would on a thread beside it (there, generation latency doubled at
+    a third of the capacity). The process times the arrivals itself and returns each request's
+    completion (seconds after its start), its status counts and its CPU time."""
+
+    def __init__(self, url: str, pngs: dict, kind: str) -> None:
+        self.url, self.kind = url, kind
+        self.keys = {key: i for i, key in enumerate(pngs)}
+        self.pngs = list(pngs.values())
+        self.counts: collections.Counter = collections.Counter()
+        self.cpu_s = 0.0
+
+    def drive(self, plan, duration: float, grace: float) -> tuple[list[float], list[bool], dict]:
+        rows = [[offset, spec.kind, self.keys[id(spec.item)] if spec.kind == "image" else spec.item, spec.steps,
+                 spec.size, spec.seed] for offset, spec in plan]
+        job = {"url": self.url, "client": self.kind, "pngs": self.pngs, "plan": rows, "duration": duration,
+               "grace": grace}
+        proc = subprocess.run([sys.executable, str(HERE / "http_targets.py"), "client"], input=json.dumps(job),
+                              capture_output=True, text=True, timeout=duration + grace + 300, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the client process failed:\n{proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout)
+        self.counts.update(out["counts"])
+        self.cpu_s = out["cpu_s"]
+        return [float("inf") if t is None else t for t in out["done_at"]], out["ok"], {}
+
+
+def client_main() -> None:
+    """``python http_targets.py client``: one probe's plan from stdin (see :class:`RemoteClient`)."""
+    import types
+
+    from load_analysis import drive
+
+    job = json.load(sys.stdin)
+    images = [object() for _ in job["pngs"]]
+    client = HttpClient(job["url"], {id(im): png for im, png in zip(images, job["pngs"])}, job["client"])
+    plan = [(offset, types.SimpleNamespace(kind=kind, item=images[item] if kind == "image" else item, steps=steps,
+                                           size=size, seed=seed))
+            for offset, kind, item, steps, size, seed in job["plan"]]
+    cpu = time.process_time()
+    done_at, ok, _ = drive(client, plan, job["duration"], job["grace"])
+    json.dump({"done_at": [t if t != float("inf") else None for t in done_at], "ok": ok,
+               "counts": dict(client.counts), "cpu_s": time.process_time() - cpu}, sys.stdout)
+
+
 # --- each mode's server, started once for all its probes -----------------------------------------------------
 
 def wait_until(check, what: str, timeout: float, proc=None) -> None:
@@ -249,7 +296,7 @@ class InProcessTarget:
     def __init__(self, service, pil) -> None:
         self.service, self.pil, self.info = service, pil, {"server": "fastgen.serve.Service(config).load(): its runtime"}
 
-    def client(self, args):
+    def client(self, args, remote: bool = False):  # noqa: ARG002 (in-process: nothing remote)
         return InProcess(self.service.runtime, self.pil)
 
     def settle(self) -> None:
@@ -288,8 +335,8 @@ class HttpTarget:
             tail = "\n".join(self.log_path.read_text().splitlines()[-20:])
             raise RuntimeError(f"fastgen serve did not start:\n{tail}") from None
 
-    def client(self, args):
-        return HttpClient(self.url, args.pngs, args.client)
+    def client(self, args, remote: bool = True):
+        return (RemoteClient if remote else HttpClient)(self.url, args.pngs, args.client)
 
     def settle(self) -> None:
         wait_until(lambda: inflight(self.httpx.get(f"{self.url}/metrics", timeout=10).text) == 0, "server idle", 60)
@@ -386,3 +433,7 @@ def cmdline(pid: int) -> str:
         return " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split())
     except OSError:
         return ""
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["client"]:
+    client_main()

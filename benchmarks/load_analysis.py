@@ -25,6 +25,28 @@ METRICS = {"text": ("text", "latency_ms"), "generate": ("generate", "slowdown"),
            "generate_ms": ("generate", "latency_ms"), "mix": (None, "worst_p99_over_target")}
 
 
+def drive(server, plan, duration: float, grace: float) -> tuple[list[float], list[bool], dict]:
+    """Submit ``plan``'s requests (``(offset_s, spec)``) at their offsets to ``server`` (``submit(spec)
+    -> Future``, ``stop(grace) -> dict``), open loop; each request's completion in seconds after the
+    start (inf: never), whether it succeeded, and what ``stop`` returned."""
+    n = len(plan)
+    done_at = [math.inf] * n
+    ok = [False] * n
+    start = time.perf_counter() + 0.05
+
+    def mark(i: int, fut) -> None:
+        done_at[i] = time.perf_counter() - start
+        ok[i] = not fut.cancelled() and fut.exception() is None
+
+    for i, (offset, spec) in enumerate(plan):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        server.submit(spec).add_done_callback(lambda f, i=i: mark(i, f))
+    stats = server.stop(max(start + duration + grace - time.perf_counter(), 0.0))
+    return done_at, ok, stats
+
+
 def p99_of(point: dict, metric: str) -> float:
     kind, field = METRICS[metric]
     value = point[field] if kind is None else point["kinds"][kind][field]["p99"]

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("quant",),
     ("export",),
     ("engines",),
+    ("lora",),
     ("pipelines",),
     ("runtime",),
     ("serve",),

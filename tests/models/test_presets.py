@@ -30,7 +30,8 @@ PARAMS = {
 
 
 def test_list_presets_and_components():
-    assert list_presets() == ["tiny", "sd15", "sdxl", "tiny-sdxl"]
+    assert list_presets() == ["tiny", "sd15", "sdxl", "tiny-sdxl", "tiny-inpaint", "tiny-sdxl-inpaint",
+                              "tiny-controlnet", "tiny-sdxl-controlnet"]
     assert model_components("tiny") == ["unet", "vae-decoder", "vae-encoder", "text-encoder", "classifier",
                                         "text-classifier"]
     assert model_components("sd15") == ["unet", "vae-decoder", "vae-encoder", "text-encoder"]

@@ -175,9 +175,6 @@ def test_edits_image_to_image(client):
     progress = [d for n, d in parsed if n == "progress"]
     assert parsed[-1][0] == "done" and progress and progress[-1]["steps"] < 4
 
-    files = {"image": ("in.png", upload, "image/png"), "mask": ("m.png", upload, "image/png")}
-    assert_error(client.post("/v1/images/edits", data=form, files=files), 400, param="mask",
-                 contains="inpainting is not supported yet")
     assert_error(client.post("/v1/images/edits", data=form, files={"other": ("x", b"1")}), 400)
     assert_error(client.post("/v1/images/edits", data=form, files={"image": ("in.png", b"not an image")}), 400,
                  param="image")

@@ -37,7 +37,8 @@ def test_help(capsys):
     main(["serve", "--help"])  # click's --help returns (exit 0) under main's standalone_mode=False
     out = capsys.readouterr().out
     for flag in ("--scorer", "--host", "--port", "--api-key", "--max-queue", "--drain-timeout-s", "--warmup",
-                 "--ray", "--replicas", "--max-replicas", "--max-queued-requests", "--separate-scorer"):
+                 "--ray", "--replicas", "--max-replicas", "--max-queued-requests", "--separate-scorer",
+                 "--intra-op-threads"):
         assert flag in out, flag
 
 
@@ -47,6 +48,9 @@ def test_help(capsys):
     (("tiny", "--port", "70000"), ["port", "0 to 65535"]),
     (("tiny", "--scorer", "sd15"), ["scorer", "sd15"]),
     (("tiny", "--max-queue", "0"), ["max-queue"]),
+    (("tiny", "--intra-op-threads", "2000"), ["intra-op-threads", "0 to 1024"]),
+    (("tiny", "--lora", "/no/such/ink.safetensors:0.5"), ["lora", "no such file"]),
+    (("--scorer", "tiny", "--lora", "ink.safetensors"), ["lora", "need a generator"]),
     (("tiny", "--profile", "batch=1:x"), ["profile"]),
     (("tiny", "--replicas", "2"), ["replicas", "add --ray"]),  # a Ray option without --ray
     (("tiny", "--ray", "--replicas", "0"), ["replicas"]),

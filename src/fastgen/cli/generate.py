@@ -233,7 +233,7 @@ def _check_image_count(config: GenerateConfig, prompts: int, candidates: int | N
 
 def _engine_folder(model: str) -> bool:
     """A folder of engine directories made by ``fastgen build --component all`` (needs no engine cache)."""
-    return (Path(model).expanduser() / "unet" / "manifest.json").is_file()
+    return any((Path(model).expanduser() / unet / "manifest.json").is_file() for unet in ("unet", "unet-controlled"))
 
 
 @click.command("generate")
@@ -248,6 +248,9 @@ def _engine_folder(model: str) -> bool:
 @click.option("--negative-prompt", default=None, callback=utf8_text, help=_DOCS["negative_prompt"])
 @click.option("--image", "image_path", default=None, callback=nonempty,
               help="Image-to-image: the input image file (see --strength).")
+@click.option("--mask", "mask_path", default=None, callback=nonempty,
+              help="Inpainting of --image: a mask file of the image's size, white where to regenerate, black where "
+                   "to keep (see --strength, --mask-blur, --padding-mask-crop).")
 @click.option("--out", "-o", default="fastgen-out/generate", show_default=True, type=click.Path(file_okay=False),
               callback=nonempty, help="Folder for the PNGs and results.json: a new or empty folder, or a previous "
               "`fastgen generate` output (whose images are replaced; other folders are refused).")
@@ -268,19 +271,45 @@ def _engine_folder(model: str) -> bool:
 @click.option("--rank-by", default=None, callback=utf8_text,
               help="Best-of-N: the scorer label to maximise (default: its first label).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
-@dataclass_options(GenerateConfig, exclude=("num_images_per_prompt", "negative_prompt", "output_type"))
+@click.option("--lora", "loras", multiple=True, callback=nonempty,
+              help="A LoRA to apply, PATH[:SCALE] (a .safetensors file in diffusers/PEFT or kohya format, or a folder "
+                   "as diffusers saves it; scale 1 by default). Repeat for several.")
+@click.option("--control-image", "control_paths", multiple=True, callback=nonempty,
+              help="ControlNet condition image file (edges, depth, pose... as an image); repeat for one per "
+                   "ControlNet (with one net: one, or one per prompt). See docs/controlnet.md.")
+@click.option("--controlnet", "controlnets", multiple=True, callback=nonempty,
+              help="A ControlNet: a preset or diffusers folder with a controlnet component, or a built engine folder; "
+                   "repeat for several (default: the model's own, e.g. tiny-controlnet's).")
+@click.option("--controlnet-scale", "control_scales", multiple=True, type=float,
+              help=f"{_DOCS['controlnet_conditioning_scale']} Repeat for one per net. [default: 1.0]")
+@click.option("--control-guidance-start", "control_starts", multiple=True, type=float,
+              help=f"{_DOCS['control_guidance_start']} [default: 0.0]")
+@click.option("--control-guidance-end", "control_ends", multiple=True, type=float,
+              help=f"{_DOCS['control_guidance_end']} [default: 1.0]")
+@click.option("--canny", is_flag=True, default=False,
+              help="Run the model-free Canny edge detector (thresholds 100, 200) on each --control-image first.")
+@dataclass_options(GenerateConfig, exclude=("num_images_per_prompt", "negative_prompt", "output_type",
+                                            "controlnet_conditioning_scale", "control_guidance_start",
+                                            "control_guidance_end"))
 def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | None, negative_prompt: str | None,
              image_path: str | None, out: str, backend: str, device: str, precision: str, profile: str | None,
              quantization: str, cache_dir: str | None, candidates: int | None, keep: int, scorer_model: str | None,
-             rank_by: str | None, progress: bool, **kwargs: Any) -> None:
+             rank_by: str | None, progress: bool, loras: tuple[str, ...] = (), mask_path: str | None = None,
+             control_paths: tuple[str, ...] = (), controlnets: tuple[str, ...] = (), control_scales: tuple = (),
+             control_starts: tuple = (), control_ends: tuple = (), canny: bool = False, **kwargs: Any) -> None:
     """Generate images from prompts (or from an image with --image) and write PNGs and results.json to --out."""
     from fastgen.models.spec import ShapeProfile
     from fastgen.pipelines import vae_images as imaging
     from fastgen.pipelines.generator import Generator
+    from fastgen.pipelines.inpaint import load_mask
 
     # Everything the user typed is checked before any engine is built.
+    control = {name: None if not values else values[0] if len(values) == 1 else tuple(values) for name, values in (
+        ("controlnet_conditioning_scale", control_scales), ("control_guidance_start", control_starts),
+        ("control_guidance_end", control_ends))}
     config = pop_config(GenerateConfig, kwargs, num_images_per_prompt=num_images_per_prompt,
-                        negative_prompt=negative_prompt, output_type="uint8")
+                        negative_prompt=negative_prompt, output_type="uint8", **control)
+    _check_control_flags(control_paths, controlnets, canny, config)
     if config.steps > MAX_STEPS:
         raise InvalidArgumentError("steps", config.steps, f"1 to {MAX_STEPS}",
                                    reason="diffusion schedulers are trained on 1000 timesteps")
@@ -293,28 +322,69 @@ def generate(model: str, prompts: tuple[str, ...], num_images_per_prompt: int | 
         raise InvalidArgumentError("keep", keep, f"1 to --candidates ({candidates})")
     if rank_by is not None and candidates is None:
         raise InvalidArgumentError("rank-by", rank_by, reason="only used with --candidates")
+    if mask_path is not None and image_path is None:
+        raise InvalidArgumentError("mask", mask_path, reason="inpainting needs the input image too: pass --image")
     if profile:
         ShapeProfile.parse(profile)  # syntax now; each engine checks its dims and sizes
+    from fastgen.lora import parse_lora_arg
+
+    lora_args = [parse_lora_arg(text) for text in loras]
+    for path, _ in lora_args:
+        if not Path(path).expanduser().exists():
+            raise InvalidArgumentError("lora", path, reason="no such file or folder")
     output = OutputFolder(out).prepare()  # may it be written? before the work, not after
     try:
         cache = engine_cache(cache_dir) if cache_dir or not _engine_folder(model) else None
         image = imaging.load_image(image_path) if image_path is not None else None
+        mask = load_mask(mask_path) if mask_path is not None else None
+        control_images = _control_images(control_paths, canny)
         scorer = _load_scorer(scorer_model, backend, device) if scorer_model else None
         gen = Generator.from_pretrained(model, backend=backend, device=device, precision=precision, cache=cache,
-                                        profile=profile, quantization=quantization, progress=progress)
+                                        profile=profile, quantization=quantization, progress=progress,
+                                        **({"controlnet": list(controlnets)} if controlnets else {}))
+        for i, (path, scale) in enumerate(lora_args):
+            gen.load_lora(path, name=f"lora{i}", weight=scale)
         _check_image_count(config, len(prompts), candidates, gen, image)
-        result = gen.generate(list(prompts), image=image, config=config, progress=progress, candidates=candidates,
+        result = gen.generate(list(prompts), image=image, mask_image=mask, config=config, progress=progress,
+                              control_image=control_images,
+                              candidates=candidates,
                               scorer=scorer if candidates else None, keep=keep, rank_by=rank_by)
         if scorer is not None and candidates is None:  # score every image, rank nothing
             result.scores = list(scorer.score_images(imaging.to_pil(result.images)))
         extra = {"model": str(model), "backend": getattr(gen.unet, "backend", backend),
                  "device": str(getattr(gen.unet, "device", device)),
                  "precision": getattr(gen.unet, "precision", precision), "scorer": scorer_model}
+        if lora_args:
+            extra["loras"] = [{"path": path, "scale": scale} for path, scale in lora_args]
+        if control_paths:
+            extra.update(control_images=list(control_paths), controlnets=list(controlnets) or None, canny=canny)
         data = output.commit(result, extra)
     except BaseException:
         output.discard()
         raise
     _report(data, output.out)
+
+
+def _check_control_flags(paths: tuple[str, ...], controlnets: tuple[str, ...], canny: bool,
+                         config: GenerateConfig) -> None:
+    """The ControlNet flags need --control-image (a net without its condition image steers nothing)."""
+    used = [flag for flag, on in (("controlnet", controlnets), ("canny", canny), ("guess-mode", config.guess_mode))
+            if on]
+    defaults = GenerateConfig()
+    used += [name.replace("_", "-").replace("conditioning-", "") for name in
+             ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+             if getattr(config, name) != getattr(defaults, name)]
+    if used and not paths:
+        raise InvalidArgumentError(used[0], "given", reason="ControlNet options need --control-image PATH")
+
+
+def _control_images(paths: tuple[str, ...], canny: bool) -> list[Any] | None:
+    """The --control-image files read (a bad one fails in one line), Canny edges taken when asked."""
+    from fastgen.pipelines.control_images import canny_image, load_map
+
+    images = [load_map(p) for p in paths]
+    images = [canny_image(i) for i in images] if canny else images
+    return (images[0] if len(images) == 1 else images) if images else None
 
 
 def _report(data: dict[str, Any], out: Path) -> None:

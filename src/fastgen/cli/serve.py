@@ -32,7 +32,7 @@ _DOCS = field_docs(ServeConfig)
 #: (modules, any of which will do; the package that provides them).
 REQUIRED = ((("fastapi",), "fastapi"), (("uvicorn",), "uvicorn"),
             (("python_multipart", "multipart"), "python-multipart"))  # multipart: its name before 0.0.13
-_OWN_FLAGS = ("model", "scorers", "model_name", "profile", "cache_dir", "api_key", "runtime")
+_OWN_FLAGS = ("model", "scorers", "loras", "model_name", "profile", "cache_dir", "api_key", "runtime")
 
 
 def check_serve_extra() -> None:
@@ -56,7 +56,13 @@ def _engine_path(model: str) -> bool:
 
 def check_models(config: ServeConfig) -> None:
     """What can be checked without building anything: each model exists and has what is asked of it."""
+    from fastgen.lora.config import parse_lora_arg
     from fastgen.models import model_components
+
+    for text in config.loras:
+        path = parse_lora_arg(text)[0]
+        if not Path(path).expanduser().exists():
+            raise InvalidArgumentError("lora", printable(path), reason="no such file or folder")
 
     if config.model is not None and not _engine_folder(config.model):
         components = model_components(config.model)
@@ -80,6 +86,7 @@ def check_models(config: ServeConfig) -> None:
 @click.option("--scorer", "scorers", multiple=True, callback=nonempty,
               help="A classifier to serve: MODEL or MODEL:COMPONENT (classifier, text-classifier); repeat for "
                    "an image and a text classifier. The image classifier ranks best-of-N candidates.")
+@click.option("--lora", "loras", multiple=True, callback=nonempty, help=_DOCS["loras"] + " Repeatable.")
 @click.option("--model-name", callback=nonempty, help=_DOCS["model_name"])
 @click.option("--profile", callback=nonempty, help=_DOCS["profile"])
 @click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty,
@@ -92,8 +99,8 @@ def check_models(config: ServeConfig) -> None:
               help="Serve on Ray Serve (fastgen.serve.ray): replicas, autoscaling, a separate scorer deployment, "
                    "a cluster; needs pip install 'fastgen[ray]'. The options below apply with --ray only.")
 @dataclass_options(RayOptions)
-def serve(model: str | None, scorers: tuple[str, ...], model_name: str | None, profile: str | None,
-          cache_dir: str | None, api_key: str | None, use_ray: bool, **kwargs: Any) -> None:
+def serve(model: str | None, scorers: tuple[str, ...], loras: tuple[str, ...], model_name: str | None,
+          profile: str | None, cache_dir: str | None, api_key: str | None, use_ray: bool, **kwargs: Any) -> None:
     """Serve MODEL (a preset such as tiny, a diffusers folder, or a folder of engine directories) and
     classifiers over HTTP: an OpenAI-style Images API (/v1/images/generations, /v1/images/edits), /v1/score,
     /v1/models, /healthz, /readyz, /metrics, and a playground page at /.
@@ -108,8 +115,8 @@ def serve(model: str | None, scorers: tuple[str, ...], model_name: str | None, p
         raise InvalidArgumentError(name.replace("_", "-"), kwargs[name], reason="a Ray Serve option: add --ray")
     ray_options = pop_config(RayOptions, kwargs)
     runtime = pop_config(RuntimeConfig, kwargs)
-    config = pop_config(ServeConfig, kwargs, model=model, scorers=scorers or None, model_name=model_name,
-                        profile=profile, api_key=api_key, runtime=runtime)
+    config = pop_config(ServeConfig, kwargs, model=model, scorers=scorers or None, loras=loras or None,
+                        model_name=model_name, profile=profile, api_key=api_key, runtime=runtime)
     if config.model is None and not config.scorers:
         raise InvalidArgumentError("model", None, reason="give a generator MODEL, a --scorer, or both "
                                    "(e.g. fastgen serve tiny --scorer tiny)")

@@ -15,6 +15,10 @@ links are never followed out of the root. Reading (``entries``, ``verify_entries
 Only the standard library is used here (no torch, onnx or backends), and manifests are JSON: no
 entry is ever unpickled.
 
+LoRA adapters (:mod:`fastgen.lora`) are never part of a key: an entry is the base model's graph and
+weights, and adapters are applied to the loaded engine (fused in place, fed, or refitted), so
+swapping them never rebuilds or re-keys an engine.
+
 Format versions: 2 stores the component's typed metadata as ``metadata`` (``{"version", "kind",
 "fields"}``, see ``fastgen.models.metadata``); 1 stored the same fields as an untyped ``extras``
 dict. A version-1 engine directory is read by converting ``extras`` (an exact mapping), but a

@@ -147,6 +147,10 @@ class OrtEngine(Engine):
             raise UnsupportedError(f"onnxruntime backend on {self.device}: the CUDA execution provider "
                                    "failed to start (see onnxruntime's log: CUDA/cuDNN libraries?)")
         self.providers = actual
+        self._provider_list = providers
+        #: Values fed for overridable initializers on every run (LoRA-fused weights, see replace_session):
+        #: initializer name -> tensor on the engine's device, in the initializer's dtype and layout.
+        self.initializer_feeds: dict[str, torch.Tensor] = {}
         graph_in = {a.name: a for a in self._session.get_inputs()}
         graph_out = {a.name: a for a in self._session.get_outputs()}
         if set(graph_in) != set(spec.input_names) or not set(spec.output_names) <= set(graph_out):
@@ -191,6 +195,7 @@ class OrtEngine(Engine):
             return self._run_bound(inputs)
         # .numpy() shares memory with the tensor: no copy for contiguous inputs.
         feeds = {n: self._graph_dtype(n, t).detach().contiguous().numpy() for n, t in inputs.items()}
+        feeds.update({n: t.numpy() for n, t in self.initializer_feeds.items()})
         outs = self._session.run(self.spec.output_names, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.spec.output_names, outs, strict=True)}
 
@@ -202,7 +207,7 @@ class OrtEngine(Engine):
         kind, index = self.device.type, self.device.index or 0
         binding = self._session.io_binding()
         keep_alive = []  # the bound buffers must outlive run_with_iobinding
-        for name, tensor in inputs.items():
+        for name, tensor in {**inputs, **self.initializer_feeds}.items():
             tensor = self._graph_dtype(name, tensor).detach().contiguous()
             keep_alive.append(tensor)
             binding.bind_input(name=name, device_type=kind, device_id=index,
@@ -229,6 +234,27 @@ class OrtEngine(Engine):
                 if name not in outs:
                     outs[name] = _ortvalue_to_torch(value, self.device, lambda i=i: binding.copy_outputs_to_cpu()[i])
         return {n: outs[n] for n in self.spec.output_names}
+
+    def replace_session(self, model: bytes, *, external_data_dir: str | os.PathLike | None = None) -> None:
+        """Run a serialized variant of this engine's graph from now on (same inputs and outputs; e.g.
+        with some initializers made overridable, so :attr:`initializer_feeds` can replace their values
+        per run without another session). ``external_data_dir``: where its external data files are."""
+        import onnxruntime as ort
+
+        options = session_options(self.execution)
+        if external_data_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             os.fspath(external_data_dir))
+        session = ort.InferenceSession(model, sess_options=options, providers=[p for p, _ in self._provider_list],
+                                       provider_options=[o for _, o in self._provider_list])
+        if [a.name for a in session.get_inputs()] != [a.name for a in self._session.get_inputs()]:
+            raise InvalidArgumentError("model", "a replacement graph", reason="its inputs differ from the engine's")
+        self._session = session
+        self.initializer_feeds = {}
+
+    def overridable_initializers(self) -> list[str]:
+        """Names of the initializers a run may feed (:attr:`initializer_feeds`)."""
+        return [a.name for a in self._session.get_overridable_initializers()]
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

@@ -6,6 +6,8 @@
   ``text_time``, with ``text_embeds`` and ``time_ids`` inputs);
 - diffusers ``UNet2DModel``: ``unet`` in pixel space (latent factor 1);
 - diffusers ``AutoencoderKL``: ``vae-decoder`` (the default) or ``vae-encoder``;
+- diffusers ``ControlNetModel``: ``controlnet`` (residuals out); a ``UNet2DConditionModel`` also offers
+  ``unet-controlled``, which takes them in (see ``models.adapters_controlnet``);
 - transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection``: ``text-encoder`` or ``text-encoder-2``;
 - transformers ``*ForSequenceClassification``: ``text-classifier`` (alias ``classifier``);
 - transformers ``*ForImageClassification``: ``classifier``;
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 #: Every component name fastgen knows, in pipeline order.
 COMPONENT_NAMES = ("unet", "vae-decoder", "vae-encoder", "text-encoder", "text-encoder-2",
-                   "classifier", "text-classifier")
+                   "classifier", "text-classifier", "controlnet", "unet-controlled")
 
 # Builder: (model, component or None, latent_factor, image_size) -> (name, wrapper, spec)
 Builder = Callable[[nn.Module, str | None, int, int | None], tuple[str, nn.Module, ExportSpec]]

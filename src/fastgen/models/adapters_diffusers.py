@@ -114,7 +114,8 @@ def _class_label_input(config) -> TensorSpec | None:
 
 def adapt_unet_condition(model: nn.Module, component: str | None, latent_factor: int,
                          image_size: int | None) -> tuple[str, nn.Module, ExportSpec]:
-    name = choose(component, ("unet",))
+    # "unet-controlled": the same UNet taking ControlNet residuals as extra inputs (adapters_controlnet).
+    name = choose(component, ("unet", "unet-controlled"))
     cfg = model.config
     for key in ("time_cond_proj_dim", "encoder_hid_dim_type"):
         if config_value(cfg, key) is not None:
@@ -154,6 +155,10 @@ def adapt_unet_condition(model: nn.Module, component: str | None, latent_factor:
         model_type=type(model).__name__,
         multiples={"height": unit, "width": unit},
     )
+    if name == "unet-controlled":
+        from fastgen.models.adapters_controlnet import controlled_unet
+
+        return controlled_unet(model, spec, f)
     wrapper_cls = (SDXLUNetWrapper if addition == "text_time" else
                    ClassUNetConditionWrapper if labels is not None else UNetConditionWrapper)
     return name, wrapper_cls(model), spec
@@ -218,5 +223,9 @@ def builder_for(model: nn.Module) -> Builder:
         return adapt_unet_2d
     if isinstance(model, diffusers.AutoencoderKL):
         return adapt_vae
+    if isinstance(model, diffusers.ControlNetModel):
+        from fastgen.models.adapters_controlnet import adapt_controlnet
+
+        return adapt_controlnet
     raise UnsupportedError(f"no fastgen adapter for diffusers {type(model).__name__} "
-                           "(supported: UNet2DConditionModel, UNet2DModel, AutoencoderKL)")
+                           "(supported: UNet2DConditionModel, UNet2DModel, AutoencoderKL, ControlNetModel)")

@@ -82,8 +82,8 @@ def _folder_of(model: Any, comp: Component) -> tuple[Path | None, Path | None]:
     if path.is_file():
         path = path.parent
     if (path / "model_index.json").exists():
-        sub = {"unet": "unet", "vae-decoder": "vae", "vae-encoder": "vae", "text-encoder": "text_encoder",
-               "text-encoder-2": "text_encoder_2"}.get(comp.name)
+        sub = {"unet": "unet", "unet-controlled": "unet", "controlnet": "controlnet", "vae-decoder": "vae",
+               "vae-encoder": "vae", "text-encoder": "text_encoder", "text-encoder-2": "text_encoder_2"}.get(comp.name)
         return path, (path / sub if sub else None)
     return None, path
 
@@ -92,7 +92,7 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
               ) -> ComponentMetadata:
     """The component's typed metadata, from its config and, for local checkpoints, the files beside it."""
     dims = comp.spec.profile.dims
-    if comp.name == "unet":
+    if comp.name in ("unet", "unet-controlled"):
         sdxl = config.get("addition_embed_type") == "text_time"
         scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
         zeros = None

@@ -45,11 +45,13 @@ PIPELINE_FOLDERS = {
     "vae": ("vae-decoder", "vae-encoder"),
     "text_encoder": ("text-encoder",),
     "text_encoder_2": ("text-encoder-2",),
+    "controlnet": ("controlnet",),
 }
 DIFFUSERS_COMPONENTS = {
     "UNet2DConditionModel": ("unet",),
     "UNet2DModel": ("unet",),
     "AutoencoderKL": ("vae-decoder", "vae-encoder"),
+    "ControlNetModel": ("controlnet",),
 }
 
 
@@ -266,6 +268,10 @@ def _pipeline_plan(root: Path) -> _Plan:
                 _model_folder(plan, root / sub, names, latent_factor=factor, image_size=image_size)
             except UnsupportedError as exc:  # one exotic folder should not hide the others
                 logger.warning("skipping %s: %s", root / sub, exc)
+    if "controlnet" in plan.builders and "unet" in plan.builders:
+        # A ControlNet pipeline: its UNet also as the component that takes the residuals.
+        plan.builders["unet-controlled"] = plan.builders["unet"]
+        plan.options["unet-controlled"] = plan.options["unet"]
     if not plan.builders:
         raise ModelNotFoundError(f"{root}: model_index.json but none of the subfolders "
                                  f"{', '.join(PIPELINE_FOLDERS)} has a config.json")

@@ -275,6 +275,7 @@ class TextClassifierMetadata(ComponentMetadata):
 #: Metadata class of each component name fastgen knows; any other name gets :class:`GenericMetadata`.
 COMPONENT_METADATA: dict[str, type[ComponentMetadata]] = {
     "unet": UNetMetadata,
+    "unet-controlled": UNetMetadata,
     "vae-decoder": VaeMetadata,
     "vae-encoder": VaeMetadata,
     "text-encoder": TextEncoderMetadata,

@@ -2,7 +2,8 @@
 
 A preset names a set of components (``unet``, ``vae-decoder``...) whose architectures are plain
 config dicts (:func:`preset_config`), so a preset needs no download: ``tiny`` is a few-kilobyte
-stand-in for tests and demos (``tiny-sdxl`` the same for SDXL's architecture), ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
+stand-in for tests and demos (``tiny-sdxl`` the same for SDXL's architecture; ``tiny-controlnet`` /
+``tiny-sdxl-controlnet`` add a ``controlnet`` and the ``unet-controlled`` that takes its residuals), ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
 SDXL base 1.0 architectures (for benchmarking engines; the weights are random, not trained).
 """
 
@@ -246,14 +247,64 @@ _PRESETS: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {
         "text-encoder": ("transformers", "CLIPTextModel", _TINY_CLIP),
         "text-encoder-2": ("transformers", "CLIPTextModelWithProjection", _TINY_CLIP_2),
     },
+    # Inpainting UNets (9 input channels: latents, mask, masked-image latents, as SD's inpainting
+    # checkpoints); every other component is tiny's / tiny-sdxl's own, with the same weights.
+    "tiny-inpaint": {
+        "unet": ("diffusers", "UNet2DConditionModel", {**_TINY_UNET, "in_channels": 9}),
+        "vae-decoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "vae-encoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "text-encoder": ("transformers", "CLIPTextModel", _TINY_CLIP),
+    },
+    "tiny-sdxl-inpaint": {
+        "unet": ("diffusers", "UNet2DConditionModel", {**_TINY_SDXL_UNET, "in_channels": 9}),
+        "vae-decoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "vae-encoder": ("diffusers", "AutoencoderKL", _TINY_VAE),
+        "text-encoder": ("transformers", "CLIPTextModel", _TINY_CLIP),
+        "text-encoder-2": ("transformers", "CLIPTextModelWithProjection", _TINY_CLIP_2),
+    },
+}
+
+# --- ControlNet presets: a base preset plus a ControlNet matching its UNet ----------------------
+
+# The UNet's own settings (diffusers' ControlNetModel.from_unet copies the same ones); the last three
+# are the decoder's, which a ControlNet lacks.
+_UNET_ONLY_KEYS = ("up_block_types", "out_channels", "sample_size")
+# Four entries: three stride-2 convolutions take the pixel-space condition image down to the latent
+# grid (latent factor 8), as the (16, 32, 96, 256) of the public ControlNets do.
+_TINY_CONDITIONING_CHANNELS = [4, 8, 8, 16]
+
+
+def _controlnet_of(unet: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in unet.items() if k not in _UNET_ONLY_KEYS},
+            "conditioning_embedding_out_channels": list(_TINY_CONDITIONING_CHANNELS)}
+
+
+_TINY_CONTROLNET = _controlnet_of(_TINY_UNET)
+_TINY_SDXL_CONTROLNET = _controlnet_of(_TINY_SDXL_UNET)  # text_time conditioning, like its UNet
+
+# "unet-controlled" is the base preset's UNet (same architecture, hence from the same seed the same
+# weights) exported with the ControlNet residuals as extra inputs, so the plain "unet" engine is unchanged.
+_PRESETS["tiny-controlnet"] = {
+    **_PRESETS["tiny"],
+    "unet-controlled": ("diffusers", "UNet2DConditionModel", _TINY_UNET),
+    "controlnet": ("diffusers", "ControlNetModel", _TINY_CONTROLNET),
+}
+_PRESETS["tiny-sdxl-controlnet"] = {
+    **_PRESETS["tiny-sdxl"],
+    "unet-controlled": ("diffusers", "UNet2DConditionModel", _TINY_SDXL_UNET),
+    "controlnet": ("diffusers", "ControlNetModel", _TINY_SDXL_CONTROLNET),
 }
 
 #: Nominal image size (pixels, min/opt/max) of each preset: the UNet and VAE height/width profile.
 PRESET_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (32, 64, 128),
     "sd15": (256, 512, 1024),
+    "tiny-controlnet": (32, 64, 128),
+    "tiny-sdxl-controlnet": (32, 64, 128),
     "sdxl": (512, 1024, 1536),
     "tiny-sdxl": (32, 64, 128),
+    "tiny-inpaint": (32, 64, 128),
+    "tiny-sdxl-inpaint": (32, 64, 128),
 }
 
 #: Latent factor of every preset (its VAE has four blocks).
@@ -336,5 +387,19 @@ def build_preset_model(name: str, component: str, *, seed: int = 0, device: str 
     with torch.random.fork_rng(devices=[]), ctx:
         torch.manual_seed(seed)
         model = instantiate(library, cls_name, config)
+        if cls_name == "ControlNetModel":
+            _unzero_control_convs(model)
     logger.debug("built preset %s/%s (%s) with seed %d", name, component, cls_name, seed)
     return model
+
+
+def _unzero_control_convs(model: torch.nn.Module) -> None:
+    """Give a ControlNet's zero-initialised convolutions PyTorch's default random init.
+
+    diffusers zero-initialises the condition embedding's last conv and every residual projection, so an
+    untrained ControlNet adds exactly nothing; a preset stands in for a trained one, whose residuals are
+    not zero (and tests comparing against diffusers would otherwise compare zeros).
+    """
+    zeroed = [model.controlnet_cond_embedding.conv_out, *model.controlnet_down_blocks, model.controlnet_mid_block]
+    for conv in zeroed:
+        conv.reset_parameters()

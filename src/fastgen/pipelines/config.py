@@ -23,6 +23,9 @@ MAX_TEXT_CHARS = 100_000
 #: Most denoising steps: diffusers' schedulers train on 1000 timesteps and refuse more; a typo such as
 #: ``steps=10**9`` must fail at once rather than allocate a billion-entry schedule.
 MAX_STEPS = 1000
+#: Largest mask blur radius in pixels: PIL's Gaussian blur takes time in the radius, and a blur wider
+#: than any image only makes the mask uniform.
+MAX_MASK_BLUR = 1000.0
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -105,6 +108,22 @@ class GenerateConfig(ConfigMixin):
     latent (the final latents, undecoded)."""
     eta: float = 0.0
     """DDIM's eta: the weight of fresh noise at each step (0 is deterministic DDIM); other samplers ignore it."""
+    mask_blur: float = 0.0
+    """Inpainting: radius of the Gaussian blur applied to the mask first (diffusers'
+    ``mask_processor.blur``); softens the paste-back of padding_mask_crop. 0: none."""
+    padding_mask_crop: int | None = None
+    """Inpainting: work on the mask's bounding box grown by this many pixels (and to the output's
+    aspect ratio), then paste the result back into the input image, as diffusers'
+    ``padding_mask_crop``; none: the whole image."""
+    controlnet_conditioning_scale: float | tuple[float, ...] = 1.0
+    """ControlNet: the residuals are multiplied by it (0 turns a net off); a tuple gives one per net."""
+    control_guidance_start: float | tuple[float, ...] = 0.0
+    """ControlNet: fraction of the steps before which a net is off (0 to 1; a tuple: one per net)."""
+    control_guidance_end: float | tuple[float, ...] = 1.0
+    """ControlNet: fraction of the steps after which a net is off (above start, up to 1; a tuple: one per net)."""
+    guess_mode: bool = False
+    """ControlNet: the nets see the conditional half of guidance only, their residuals weighted from 0.1
+    (first) to 1 (mid block), as diffusers' guess mode."""
 
     def __post_init__(self) -> None:
         self.validate_literals()
@@ -118,6 +137,10 @@ class GenerateConfig(ConfigMixin):
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 normal[name] = _check_int(name, getattr(self, name), 1)
+        normal["mask_blur"] = _check_float("mask_blur", self.mask_blur, 0.0, MAX_MASK_BLUR)
+        if self.padding_mask_crop is not None:
+            normal["padding_mask_crop"] = _check_int("padding_mask_crop", self.padding_mask_crop, 0)
+        normal.update(_check_control(self))
         if self.seed is not None:
             normal["seed"] = check_seed(self.seed, normal["num_images_per_prompt"])
         if self.negative_prompt is not None:
@@ -125,6 +148,34 @@ class GenerateConfig(ConfigMixin):
         for name, value in normal.items():
             object.__setattr__(self, name, value)
 
+
+
+def _check_control(cfg: GenerateConfig) -> dict[str, Any]:
+    """The ControlNet settings as a float or a tuple of floats each, every (start, end) pair ordered."""
+    out: dict[str, Any] = {}
+    for name, low, high in (("controlnet_conditioning_scale", -1e6, 1e6), ("control_guidance_start", 0.0, 1.0),
+                            ("control_guidance_end", 0.0, 1.0)):
+        value = getattr(cfg, name)
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise InvalidArgumentError(name.replace("_", "-"), "[]", "a number or one number per ControlNet")
+            out[name] = tuple(_check_float(f"{name}[{i}]", v, low, high) for i, v in enumerate(value))
+        else:
+            out[name] = _check_float(name, value, low, high)
+    starts, ends = out["control_guidance_start"], out["control_guidance_end"]
+    if isinstance(starts, tuple) and isinstance(ends, tuple) and len(starts) != len(ends):
+        raise InvalidArgumentError("control-guidance-start", list(starts),
+                                   reason=f"{len(starts)} values, but control-guidance-end has {len(ends)}")
+    count = max(len(v) if isinstance(v, tuple) else 1 for v in (starts, ends))
+    pairs = zip(starts if isinstance(starts, tuple) else [starts] * count,
+                ends if isinstance(ends, tuple) else [ends] * count)
+    for i, (start, end) in enumerate(pairs):
+        if start >= end:
+            raise InvalidArgumentError("control-guidance-start", start, f"less than control-guidance-end ({end})",
+                                       reason=f"net {i}" if count > 1 else None)
+    if not isinstance(cfg.guess_mode, bool):
+        raise InvalidArgumentError("guess-mode", cfg.guess_mode, "True or False")
+    return out
 
 
 def check_image_memory(images: int, height: int, width: int, *, argument: str, per_prompt: int) -> None:

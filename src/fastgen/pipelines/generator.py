@@ -30,8 +30,12 @@ import torch
 from fastgen.errors import InvalidArgumentError, NumericalError
 from fastgen.models.metadata import UNetMetadata, VaeMetadata
 from fastgen.models.spec import parse_dim
+from fastgen.pipelines import best_of as ranking
+from fastgen.pipelines import controlnet as control
+from fastgen.pipelines import inpaint as inpainting
 from fastgen.pipelines import stepping
 from fastgen.pipelines import vae_images as imaging
+from fastgen.pipelines.adapters import AdapterMethods
 from fastgen.pipelines.conditioning import PromptEncoder
 from fastgen.pipelines.config import (
     GenerateConfig,
@@ -56,7 +60,7 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-class Generator:
+class Generator(AdapterMethods):
     """Stable Diffusion (1.x/2.x) or SDXL generation from component engines.
 
     ``unet``, ``vae_decoder``, ``text_encoder`` (and ``text_encoder_2`` for SDXL, ``vae_encoder``
@@ -72,7 +76,8 @@ class Generator:
     def __init__(self, *, unet: Any, vae_decoder: Any, text_encoder: Any = None, text_encoder_2: Any = None,
                  vae_encoder: Any = None, tokenizer: Any = None, tokenizer_2: Any = None,
                  scheduler_config: dict[str, Any] | None = None, scaling_factor: float | None = None,
-                 pipeline: str | None = None, force_zeros_for_empty_prompt: bool | None = None) -> None:
+                 pipeline: str | None = None, force_zeros_for_empty_prompt: bool | None = None,
+                 controlnet: Any = None) -> None:
         if "encoder_hidden_states" not in unet.spec.input_names:
             raise InvalidArgumentError("unet", unet.spec.model_type or unet.spec.component,
                                        reason="a text-conditioned UNet (UNet2DConditionModel) engine is needed")
@@ -104,16 +109,25 @@ class Generator:
         self.prompt_encoder = PromptEncoder(self.pipeline, encoders)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         sample = unet.spec.inputs[unet.spec.input_names.index("sample")]
-        self.latent_channels = int(sample.shape[1])
+        #: The UNet's input channels: the latent channels, or 2 * those + 1 for an inpainting UNet
+        #: (latents, mask, masked-image latents); the latents are what it predicts noise for.
+        self.unet_in_channels = int(sample.shape[1])
+        outputs = unet.spec.outputs
+        noise = outputs[unet.spec.output_names.index("noise_pred")] if "noise_pred" in unet.spec.output_names \
+            else sample
+        self.latent_channels = int(noise.shape[1])
         parsed = parse_dim(sample.shape[2])
         self.latent_factor = parsed[1] if parsed else 1
+        #: ControlNet engines (``controlnet``: one or a list; the unet must be ``unet-controlled``).
+        self.controlnets = control.check_nets(unet, controlnet)
 
     # --- construction --------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, backend: str = "onnxruntime", device: str = "auto",
                         precision: str = "fp32", cache: Any = None, profile: Any = None,
-                        build_config: Any = None, quantization: Any = None, progress: bool = False) -> Generator:
+                        build_config: Any = None, quantization: Any = None, progress: bool = False,
+                        controlnet: Any = None) -> Generator:
         """Build (cached) or load the engines of ``model`` and make a generator of them.
 
         ``model``: a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``), a local diffusers pipeline
@@ -125,29 +139,37 @@ class Generator:
         runtime); the keyword arguments override its fields. ``quantization`` (or
         ``build_config.quantization``): a ``fastgen.quant`` preset name or config applied to the UNet
         only, where nearly all the compute is; the text encoders and the VAE stay in float.
+        ``controlnet``: ControlNet(s) (docs/controlnet.md): a preset or folder with a ``controlnet``
+        component, a ControlNet engine or engine folder, or a list; a model with its own ControlNet
+        (``tiny-controlnet``) uses it by default. The UNet is then built as ``unet-controlled``.
         """
         from fastgen.engines.loading import load_engine
 
         path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
-        if path is not None and path.is_dir() and (path / "unet" / "manifest.json").is_file():
+        found = control.engine_folder(path, COMPONENTS) if path is not None and path.is_dir() else None
+        if found is not None:
             if quantization not in (None, "none"):
                 raise InvalidArgumentError("quantization", str(quantization), ("none",),
                                            reason=f"{path} holds built engines; quantize when building them")
             dev = None if device == "auto" else device
-            found = {name: path / name for name in COMPONENTS if (path / name / "manifest.json").is_file()}
-            engines = {name: load_engine(p, device=dev) for name, p in found.items() if name != "vae-encoder"}
+            execution = build_config.execution if build_config is not None else None
+            engines = {name: load_engine(p, device=dev, execution=execution) for name, p in found.items()
+                       if name != "vae-encoder"}
             lazy = found.get("vae-encoder")
-            vae_encoder = (lambda: load_engine(lazy, device=dev)) if lazy is not None else None
+            vae_encoder = (lambda: load_engine(lazy, device=dev, execution=execution)) if lazy is not None else None
             logger.info("generator from engine directories in %s: %s", path, ", ".join(found))
+            engines.update(control.net_engines(model, controlnet, None,
+                                               lambda p: load_engine(p, device=dev, execution=execution)))
         else:
             engines, vae_encoder = _build_engines(model, backend=backend, device=device, precision=precision,
                                                   cache=cache, profile=profile, build_config=build_config,
-                                                  quantization=quantization, progress=progress)
+                                                  quantization=quantization, progress=progress, controlnet=controlnet)
         missing = [n for n in ("unet", "vae-decoder") if n not in engines]
         if missing:
             raise InvalidArgumentError("model", os.fspath(model), reason=f"has no {missing[0]} component")
         return cls(unet=engines["unet"], vae_decoder=engines["vae-decoder"], text_encoder=engines.get("text-encoder"),
-                   text_encoder_2=engines.get("text-encoder-2"), vae_encoder=vae_encoder)
+                   text_encoder_2=engines.get("text-encoder-2"), vae_encoder=vae_encoder,
+                   controlnet=control.take_nets(engines))
 
     @property
     def vae_encoder(self) -> Any:
@@ -196,7 +218,7 @@ class Generator:
     def generate(self, prompts: str | Sequence[str], *, image: Any = None, config: GenerateConfig | None = None,
                  progress: bool = True, seeds: Sequence[int] | None = None, candidates: int | None = None,
                  scorer: Any = None, keep: int = 1, rank_by: str | Callable[[Any], float] | None = None,
-                 **overrides: Any) -> GenerationResult:
+                 mask_image: Any = None, control_image: Any = None, **overrides: Any) -> GenerationResult:
         """Generate images for ``prompts`` (a string or a list of them; empty strings are allowed).
 
         ``image``: image-to-image from one image for every prompt, or a list with one per prompt (PIL
@@ -204,19 +226,28 @@ class Generator:
         ``steps=30, guidance_scale=5``) set the sampling. ``seeds``: one seed per prompt (overrides
         ``config.seed``). ``candidates``/``scorer``/``keep``/``rank_by``: best-of-N (module docstring);
         ``rank_by`` is a label of the scorer (default: its first) or a function of a ``Score``.
+        ``mask_image``: inpainting of ``image`` (white: regenerate, black: keep), one mask or one per
+        prompt, each the size of its image (:mod:`fastgen.pipelines.inpaint`; options
+        ``strength``, ``mask_blur``, ``padding_mask_crop``). ``control_image``: ControlNet condition
+        image(s), :func:`fastgen.pipelines.controlnet.load_images` (options ``controlnet_conditioning_scale``,
+        ``control_guidance_start``/``end``, ``guess_mode``).
         """
         start = time.perf_counter()
         cfg = (config or GenerateConfig()).replace(**overrides) if overrides else (config or GenerateConfig())
         prompts = _check_prompts(prompts)
-        best_of = _check_best_of(candidates, scorer, keep, rank_by, cfg)
+        best_of = ranking.check_best_of(candidates, scorer, keep, rank_by, cfg)
         per_prompt = candidates if best_of else cfg.num_images_per_prompt
         seeds = _prompt_seeds(cfg, seeds, len(prompts), per_prompt)
         # An unknown scheduler, or a step count it refuses, fails before any work.
         set_timesteps(make_scheduler(cfg.scheduler, self.scheduler_config), cfg.steps)
         init_images = imaging.load_images(image, len(prompts)) if image is not None else None
+        if mask_image is not None and init_images is None:
+            raise InvalidArgumentError("mask_image", "a mask", reason="inpainting needs the input image too")
+        masks = inpainting.load_masks(mask_image, len(prompts)) if mask_image is not None else None
         if init_images is not None and self.vae_encoder is None:
             raise InvalidArgumentError("image", "an image", reason="this generator has no vae-encoder engine")
-        height, width = self.image_size(cfg, init_images)
+        controls = control.load_images(self, control_image, len(prompts))  # per prompt, per net
+        height, width = self.image_size(cfg, init_images if init_images is not None else control.size_source(controls))
         self.check_size(height, width, [self.unet, self.vae_decoder] +
                         ([self.vae_encoder] if init_images is not None else []))
         check_image_memory(len(prompts) * per_prompt, height, width, per_prompt=per_prompt,
@@ -225,29 +256,47 @@ class Generator:
         # Prompt-major rows, as diffusers orders num_images_per_prompt: prompt 0's images first.
         prompt_indices = [p for p in range(len(prompts)) for _ in range(per_prompt)]
         image_seeds = [seeds[p] + j for p in range(len(prompts)) for j in range(per_prompt)]
+        sources = inpainting.prepare_sources(init_images, masks, height, width, cfg) if masks is not None else None
         states = [stepping.prepare(self, prompt, cfg, seed=seeds[p], size=(height, width), images=per_prompt,
-                                   image=init_images[p] if init_images is not None else None)
+                                   image=init_images[p] if init_images is not None else None,
+                                   mask=sources[p] if sources is not None else None,
+                                   control=controls[p] if controls is not None else None)
                   for p, prompt in enumerate(prompts)]
         with torch.inference_mode():
             latents, decoded, timings = self._run(states, cfg, progress)
         scores = rank_values = None
+        row_sources = inpainting.row_sources(states)  # padding_mask_crop pastes each row back into its image
         if best_of:
             t0 = time.perf_counter()
-            chosen, scores, rank_values = _best_of(decoded, prompt_indices, per_prompt, scorer, keep, rank_by)
+            chosen, scores, rank_values = ranking.best_of(decoded, prompt_indices, per_prompt, scorer, keep, rank_by)
             timings["scoring_ms"] = _ms(t0)
             decoded = decoded[chosen]
+            row_sources = [row_sources[i] for i in chosen]
             prompt_indices = [prompt_indices[i] for i in chosen]
             image_seeds = [image_seeds[i] for i in chosen]
-        images = latents if cfg.output_type == "latent" else imaging.to_output(decoded, cfg.output_type)
+        images = latents if cfg.output_type == "latent" else inpainting.to_output(decoded, row_sources, cfg.output_type)
         latencies = Latencies(**timings, total_ms=_ms(start))
         return GenerationResult(images=images, prompts=[prompts[p] for p in prompt_indices], seeds=image_seeds,
                                 prompt_indices=prompt_indices, latencies=latencies, config=cfg, scores=scores,
                                 rank_values=rank_values,
                                 extras={"height": height, "width": width, "pipeline": self.pipeline,
                                         "scheduler": cfg.scheduler or self.scheduler_config.get("_class_name"),
-                                        "mode": "img2img" if init_images is not None else "txt2img"})
+                                        "mode": ("inpaint" if masks is not None else
+                                                 "img2img" if init_images is not None else "txt2img")})
 
     __call__ = generate
+
+    def inpaint(self, prompts: str | Sequence[str], image: Any, mask_image: Any, *,
+                strength: float | None = None, config: GenerateConfig | None = None,
+                **kwargs: Any) -> GenerationResult:
+        """Inpainting: :meth:`generate` with ``image`` and ``mask_image`` (white: regenerate, black:
+        keep). ``strength``: default ``config``'s, else 1 as diffusers' inpaint pipelines (the masked
+        part from pure noise; :meth:`generate`'s default is image-to-image's 0.8)."""
+        if strength is None and config is None:
+            strength = 1.0
+        if strength is not None:
+            kwargs["strength"] = strength
+        return self.generate(prompts, image=image, mask_image=mask_image, config=config, **kwargs)
 
     def _run(self, states: list[stepping.SampleState], cfg: GenerateConfig, progress: bool):
         """The stepping machinery from the first step to the last, all states in every UNet call.
@@ -295,7 +344,8 @@ class Generator:
 
     def close(self) -> None:
         """Release the engines' backend resources."""
-        for engine in (self.unet, self.vae_decoder, self.text_encoder, self.text_encoder_2, self._vae_encoder):
+        for engine in (self.unet, self.vae_decoder, self.text_encoder, self.text_encoder_2, self._vae_encoder,
+                       *self.controlnets):
             if engine is not None and hasattr(engine, "close"):
                 engine.close()
 
@@ -354,52 +404,6 @@ def _check_decoded(decoded: torch.Tensor, states: Sequence[stepping.SampleState]
     raise NumericalError(f"the VAE decoder returned non-finite pixels (NaN or inf) for image(s) {bad}")
 
 
-def _check_best_of(candidates: int | None, scorer: Any, keep: int, rank_by: Any, cfg: GenerateConfig) -> bool:
-    if candidates is None:
-        return False
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise InvalidArgumentError("candidates", candidates, "integers >= 1")
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= candidates:
-        raise InvalidArgumentError("keep", keep, f"integers from 1 to candidates ({candidates})")
-    if scorer is None or not hasattr(scorer, "score_images"):
-        raise InvalidArgumentError("scorer", scorer, reason="best-of-N needs a scorer with score_images()")
-    if cfg.num_images_per_prompt != 1:
-        raise InvalidArgumentError("num-images-per-prompt", cfg.num_images_per_prompt,
-                                   reason="with candidates, choose how many images to return with keep")
-    if cfg.output_type == "latent":
-        raise InvalidArgumentError("output-type", "latent", ("pil", "np", "uint8"),
-                                   reason="best-of-N scores decoded images")
-    labels = list(getattr(scorer, "labels", None) or [])
-    if isinstance(rank_by, str) and labels and rank_by not in labels:
-        raise InvalidArgumentError("rank-by", rank_by, labels)
-    if rank_by is not None and not isinstance(rank_by, str) and not callable(rank_by):
-        raise InvalidArgumentError("rank-by", rank_by, "a label name or a function of a Score")
-    return True
-
-
-def _best_of(decoded: torch.Tensor, prompt_indices: list[int], per_prompt: int, scorer: Any, keep: int,
-             rank_by: Any) -> tuple[list[int], list[Any], list[float]]:
-    """Indices (into ``decoded``) of the ``keep`` best images of each prompt, best first, with scores."""
-    pixels = imaging.to_output(decoded, "uint8")
-    scores = list(scorer.score_images(imaging.to_pil(pixels)))
-    if len(scores) != len(pixels):
-        raise InvalidArgumentError("scorer", type(scorer).__name__,
-                                   reason=f"score_images returned {len(scores)} scores for {len(pixels)} images")
-    if callable(rank_by):
-        key = rank_by
-    else:
-        labels = list(getattr(scorer, "labels", None) or scores[0].probs)
-        label = rank_by or labels[0]
-        key = lambda score: float(score.probs[label])  # noqa: E731
-    values = [float(key(s)) for s in scores]
-    chosen: list[int] = []
-    for start in range(0, len(prompt_indices), per_prompt):
-        block = range(start, start + per_prompt)
-        # Highest first; ties keep seed order (sorted is stable).
-        chosen += sorted(block, key=lambda i: -values[i])[:keep]
-    return chosen, [scores[i] for i in chosen], [values[i] for i in chosen]
-
-
 def _filter_profile(profile: Any, symbols: set[str]):
     """The part of a pipeline-wide profile that concerns one component (None when nothing does)."""
     dims = {k: v for k, v in profile.dims.items() if k in symbols} if profile is not None else {}
@@ -407,7 +411,7 @@ def _filter_profile(profile: Any, symbols: set[str]):
 
 
 def _build_engines(model: Any, *, backend: str, device: str, precision: str, cache: Any, profile: Any,
-                   build_config: Any, quantization: Any, progress: bool
+                   build_config: Any, quantization: Any, progress: bool, controlnet: Any = None
                    ) -> tuple[dict[str, Any], Callable[[], Any] | None]:
     """Build (or fetch from the cache) the generation components' engines; the VAE encoder lazily."""
     import dataclasses
@@ -427,7 +431,9 @@ def _build_engines(model: Any, *, backend: str, device: str, precision: str, cac
     if isinstance(profile, str):
         profile = ShapeProfile.parse(profile)
     available = [c for c in COMPONENTS if c in model_components(model)]
-    components = {name: load_component(model, name) for name in available if name != "vae-encoder"}
+    controlled = control.wanted(model, controlnet)  # then the UNet taking ControlNet residuals
+    components = {name: control.load_controlled_unet(model) if controlled and name == "unet" else
+                  load_component(model, name) for name in available if name != "vae-encoder"}
     if profile is not None:
         known = set().union(*(c.spec.symbols for c in components.values()))
         unknown = sorted(set(profile.dims) - known)
@@ -436,11 +442,15 @@ def _build_engines(model: Any, *, backend: str, device: str, precision: str, cac
 
     def build_one(comp) -> Any:
         sub = _filter_profile(profile, comp.spec.symbols)
-        quant = unet_quantization if comp.name == "unet" else "none"
+        quant = unet_quantization if comp.name in ("unet", "unet-controlled") else "none"
         return build(comp, config=dataclasses.replace(config, profile=sub, quantization=quant), cache=cache,
                      progress=progress)
 
     engines = {name: build_one(comp) for name, comp in components.items()}
+    from fastgen.engines.loading import load_engine
+
+    engines.update(control.net_engines(model, controlnet, build_one, lambda p: load_engine(p, device=(
+        None if device == "auto" else device))) if controlled else {})
     vae_encoder = None
     if "vae-encoder" in available:
         vae_encoder = lambda: build_one(load_component(model, "vae-encoder"))  # noqa: E731

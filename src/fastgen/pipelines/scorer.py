@@ -173,7 +173,7 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, model: Any, component: str | None = None, *, backend: str = "onnxruntime",
                         device: str = "auto", precision: str = "fp32", cache: Any = None,
-                        quantization: Any = "none", **options: Any) -> Scorer:
+                        quantization: Any = "none", execution: Any = None, **options: Any) -> Scorer:
         """A scorer over a built (cached) engine of ``model``.
 
         ``model``: a preset (``tiny`` has ``classifier`` and ``text-classifier``; the default
@@ -182,8 +182,9 @@ class Scorer:
         ``manifest.json``) or an ``.onnx`` file, which are loaded as they are (``backend`` and
         ``precision`` do not apply; ``device="auto"`` keeps the engine's own device when usable).
         ``quantization``: a ``fastgen.quant`` preset name or config for the built engine (the
-        classifier head stays in float, see ``fastgen.quant.DEFAULT_SKIP``). ``options`` go to
-        :class:`Scorer`.
+        classifier head stays in float, see ``fastgen.quant.DEFAULT_SKIP``). ``execution``: a
+        :class:`~fastgen.ExecutionOptions` for the engine (threads, provider; default: automatic).
+        ``options`` go to :class:`Scorer`.
         """
         from fastgen.engines.build import build
         from fastgen.engines.cache import MANIFEST
@@ -195,14 +196,15 @@ class Scorer:
             if quantization not in (None, "none"):
                 raise InvalidArgumentError("quantization", str(quantization), ("none",),
                                            reason=f"{path} is a built engine; quantize when building it")
-            engine = load_engine(path, device=None if device == "auto" else device)
+            engine = load_engine(path, device=None if device == "auto" else device, execution=execution)
             if component is not None and component != engine.spec.component and not (
                     component == "classifier" and engine.spec.component == "text-classifier"):
                 raise InvalidArgumentError("component", component, [engine.spec.component],
                                            reason=f"{path} is a {engine.spec.component} engine")
         else:
             engine = build(model, component=component or "classifier", backend=backend, device=device,
-                           precision=precision, cache=cache, quantization=quantization)
+                           precision=precision, cache=cache, quantization=quantization,
+                           **({} if execution is None else {"execution": execution}))
         return cls(engine, **options)
 
     def _infer_kind(self) -> Kind:

@@ -18,6 +18,11 @@ over a torch module:
   (:func:`combine_guidance`), then each request's scheduler steps on its slice;
 - :func:`decode`: one VAE-decoder call for the finished requests.
 
+Inpainting requests (:mod:`fastgen.pipelines.inpaint`) take the same steps: their initial latents
+come from one VAE-encoder call for their input and masked images, an inpainting UNet gets their
+mask and masked-image latents appended to their rows, and with a regular UNet their latents'
+unmasked part is reset after each scheduler step.
+
 Rows are laid out as diffusers lays out one batch: every guided request's unconditional rows first,
 then every request's conditional rows, so a batch of states gives what diffusers gives for the same
 prompts in one call. Per-image randomness comes from the image's own generator only, in this order:
@@ -44,7 +49,7 @@ import torch
 
 from fastgen.core.progress import steps as progress_steps
 from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError
-from fastgen.pipelines import vae_images
+from fastgen.pipelines import controlnet, inpaint, vae_images
 from fastgen.pipelines.conditioning import Conditioning, assemble_conditioning
 from fastgen.pipelines.config import GenerateConfig, check_seed, check_text
 from fastgen.pipelines.engine_calls import run_chunked
@@ -93,6 +98,14 @@ class SampleState:
     """Image-to-image: the input image (an RGB PIL image) every image of the request starts from."""
     vae_encode_ms: float = 0.0
     """Image-to-image: wall time of the VAE-encoder call that encoded the input image."""
+    inpaint: Any = None
+    """Inpainting: the request's :class:`~fastgen.pipelines.inpaint.InpaintState` (mask, its latents);
+    ``image`` is then the input image as the pipeline sees it (cropped with padding_mask_crop)."""
+    control: Any = None
+    """ControlNet: the request's :class:`~fastgen.pipelines.controlnet.ControlState` (condition images, scales)."""
+    adapters: Any = None
+    """LoRA: the :class:`~fastgen.lora.AdapterSelection` its engine calls run with (fastgen.Runtime's
+    per-request adapters); None: whatever the engines hold."""
 
     @property
     def images(self) -> int:
@@ -118,21 +131,27 @@ def _device(generator: Any) -> torch.device:
 
 
 def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *, seed: int | None = None,
-            image: Any = None, size: tuple[int, int] | None = None, images: int | None = None) -> SampleState:
+            image: Any = None, size: tuple[int, int] | None = None, images: int | None = None,
+            mask: Any = None, control: Sequence[Any] | None = None) -> SampleState:
     """Check one request and make its state (scheduler, timesteps, generators); no model call.
 
     ``seed``: overrides ``config.seed``; neither: a random seed, reported in ``state.seeds``.
     ``image``: image-to-image from this decoded RGB PIL image (``vae_images.load_image`` reads
     paths and arrays); the schedule is the last ``strength`` part of ``config.steps``. ``size``:
     (height, width), instead of :meth:`Generator.image_size`'s choice. ``images``: how many images
-    (default ``config.num_images_per_prompt``). Raises what :meth:`Generator.generate` raises for the
-    same arguments (bad size, unknown scheduler, a step count the scheduler refuses).
+    (default ``config.num_images_per_prompt``). ``mask``: inpainting of ``image`` (a mask
+    :func:`fastgen.pipelines.inpaint.load_mask` reads, or an ``InpaintSource`` made for this size).
+    ``control``: ControlNet condition images, one per net of the generator (PIL images).
+    Raises what :meth:`Generator.generate` raises for the same arguments (bad size, unknown
+    scheduler, a step count the scheduler refuses).
     """
     if image is not None and not _is_pil(image):
         raise UnsupportedError(f"step-level image-to-image takes a decoded PIL image, not {type(image).__name__}: "
                                "read it with fastgen.pipelines.vae_images.load_image, or use Generator.generate")
     check_text("prompt", prompt)
     cfg = config or GenerateConfig()
+    if mask is not None and image is None:
+        raise InvalidArgumentError("mask_image", "a mask", reason="inpainting needs the input image too")
     count = cfg.num_images_per_prompt if images is None else images
     base = seed if seed is not None else cfg.seed
     if base is None:
@@ -144,8 +163,19 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
         if generator.vae_encoder is None:
             raise InvalidArgumentError("image", "an image", reason="this generator has no vae-encoder engine")
         engines.append(generator.vae_encoder)
-    height, width = size if size is not None else generator.image_size(cfg, [image] if image is not None else None)
+    height, width = size if size is not None else generator.image_size(
+        cfg, [image] if image is not None else controlnet.size_source([control] if control else None))
     generator.check_size(height, width, engines)
+    inpainting = None
+    if mask is not None:
+        source = mask if isinstance(mask, inpaint.InpaintSource) else inpaint.prepare_source(
+            image, mask, height, width, cfg)
+        inpainting = inpaint.InpaintState(source, inpaint.unet_mode(generator))
+        image = source.image
+    else:
+        inpaint.check_without_mask(generator)
+        inpaint.check_options(cfg)
+    controlled = controlnet.prepare(generator, control, cfg, height, width, inpainting=mask is not None)
     scheduler = make_scheduler(cfg.scheduler, generator.scheduler_config)
     set_timesteps(scheduler, cfg.steps, _device(generator))
     timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength) if image is not None else scheduler.timesteps
@@ -158,7 +188,7 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
     return SampleState(prompt=prompt, config=cfg, seeds=seeds, height=height, width=width, scheduler=scheduler,
                        timesteps=timesteps, generators=generators, guided=guided, guidance=guidance,
                        extra=step_kwargs(scheduler, eta=cfg.eta, generators=generators), zero_negative=zero_negative,
-                       image=image)
+                       image=image, inpaint=inpainting, control=controlled)
 
 
 def _is_pil(image: Any) -> bool:
@@ -212,9 +242,12 @@ def init_latents(generator: Any, states: Sequence[SampleState]) -> None:
     for s in states:
         if s.image is None:
             s.latents = per_sample_noise(_latent_shape(generator, s), s.generators, device) * s.scheduler.init_noise_sigma
-    from_images = [s for s in states if s.image is not None]
+    from_images = [s for s in states if s.image is not None and s.inpaint is None]
     if from_images:
         _encode_images(generator, from_images, device)
+    inpainting = [s for s in states if s.inpaint is not None]
+    if inpainting:
+        inpaint.init_latents(generator, inpainting, device)
 
 
 def _latent_shape(generator: Any, s: SampleState) -> tuple[int, int, int, int]:
@@ -313,12 +346,15 @@ def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | N
         t = s.timesteps[s.index]
         # Both halves of guidance: scale_model_input on (2 * images, C, h, w), as diffusers does.
         model_input = torch.cat([s.latents, s.latents]) if s.guided else s.latents
-        inputs.append(s.scheduler.scale_model_input(model_input, t))
+        # Inpainting UNet: the mask and masked-image latents join the scaled rows along the channels.
+        inputs.append(inpaint.unet_input(s, s.scheduler.scale_model_input(model_input, t)) if s.inpaint is not None
+                      else s.scheduler.scale_model_input(model_input, t))
         timesteps.append(t.reshape(1).to(torch.float32).expand(model_input.shape[0]))  # (rows,)
     sample = _arrange(states, inputs)  # (rows, C, h, w)
     timestep = _arrange(states, timesteps)  # (rows,): per-sample timesteps
-    noise_pred = run_chunked(unet, {"sample": sample, "timestep": timestep,
-                                    **_feeds(states, feeds_cache)})["noise_pred"]
+    feeds = {"sample": sample, "timestep": timestep, **_feeds(states, feeds_cache)}
+    feeds.update(controlnet.residuals(unet, states, _layout(states), feeds))  # ControlNet residuals, if any
+    noise_pred = run_chunked(unet, feeds)["noise_pred"]
     errors: list = []
     previous: list = []
     for s, (uncond_row, cond_row) in zip(states, _layout(states)):
@@ -328,7 +364,10 @@ def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | N
             if uncond_row is not None:
                 own = combine_guidance(noise_pred[uncond_row:uncond_row + s.images].to(s.latents.device), own,
                                        s.guidance)
-            s.latents = s.scheduler.step(own, s.timesteps[s.index], s.latents, **s.extra, return_dict=False)[0]
+            stepped = s.scheduler.step(own, s.timesteps[s.index], s.latents, **s.extra, return_dict=False)[0]
+            if s.inpaint is not None:  # regular UNet: the kept part back to the input image's latents
+                stepped = inpaint.blend(s, stepped, s.index)
+            s.latents = stepped
             s.index += 1
             errors.append(None)
         except Exception as exc:  # one request's scheduler failing must not fail the batch

@@ -1,4 +1,4 @@
-"""Runtime metrics: queue wait, end-to-end latency, batch sizes, step latency, scheduling time.
+"""Runtime metrics: queue wait, end-to-end latency, batch sizes, step latency, scheduling time, LoRA swaps.
 
 Each series is a :class:`Histogram`: cumulative bucket counts, sum and count for Prometheus, and a
 window of the most recent samples for the p50 / p95 / p99 that ``runtime.stats()`` reports. Batch
@@ -71,9 +71,10 @@ class Histogram:
 
 
 def bucket_label(bucket: Hashable) -> str:
-    """``(64, 64)`` -> ``64x64``, ``32`` -> ``32``: a bucket as a metric label."""
+    """``(64, 64)`` -> ``64x64``, ``32`` -> ``32``: a bucket as a metric label. A generation bucket's
+    adapters (``(64, 64, adapters)``) are left out: one series per selection would be unbounded."""
     if isinstance(bucket, tuple):
-        return "x".join(str(b) for b in bucket)
+        return "x".join(str(b) for b in bucket if isinstance(b, (int, float)))
     return str(bucket)
 
 
@@ -91,6 +92,7 @@ class Metrics:
         self.batch_latency: dict[str, Histogram] = {}
         self.step_latency: dict[str, Histogram] = {}
         self.step_rows: dict[str, Histogram] = {}
+        self.swap_latency: dict[str, Histogram] = {}  # component -> LoRA adapter swaps (count and seconds)
         self.decisions = Histogram(DECISION_BUCKETS, window)
         self.profile = LatencyProfile()
 
@@ -130,6 +132,12 @@ class Metrics:
             self._hist(self.step_latency, label, LATENCY_BUCKETS).observe(seconds)
             self.profile.add(engine, label, rows, seconds)
 
+    def adapter_swaps(self, swaps: Iterable[tuple[str, float]]) -> None:
+        """LoRA adapter swaps a run made: (component, seconds) each."""
+        with self._lock:
+            for component, seconds in swaps:
+                self._hist(self.swap_latency, component, LATENCY_BUCKETS).observe(seconds)
+
     def profile_snapshot(self) -> LatencyProfile:
         """A copy of the latency profile recorded so far (safe to read while the runtime serves)."""
         with self._lock:
@@ -161,6 +169,8 @@ class Metrics:
                 "steps": {b: {"latency_ms": h.summary(1e3), "rows": self.step_rows[b].summary()}
                           for b, h in sorted(self.step_latency.items())},
                 "schedule_decision_us": self.decisions.summary(1e6),
+                "adapter_swaps": {c: {**h.summary(1e3), "total_ms": h.sum * 1e3}
+                                  for c, h in sorted(self.swap_latency.items())},
                 **dict(gauges or {}),
             }
 
@@ -195,6 +205,8 @@ _HISTOGRAMS = (
     ("batch_latency", "batch_latency_seconds", "Wall time of one scoring batch.", "kind"),
     ("step_latency", "step_latency_seconds", "Wall time of one generation step.", "bucket"),
     ("step_rows", "step_rows", "UNet rows per generation step.", "bucket"),
+    ("swap_latency", "adapter_swap_seconds", "LoRA adapter swaps (fused weights) per component; _count: swaps.",
+     "component"),
 )
 
 #: The runtime's gauges: name -> help. Their values come as name -> {kind: value} ("" : no label).

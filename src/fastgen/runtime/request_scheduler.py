@@ -51,6 +51,10 @@ and the text groups are formed in one pass over them, so a decision costs O(queu
 + expired and cancelled entries), whatever the number queued (1,000 queued: tens of microseconds,
 see ``tests/runtime/test_request_scheduler_bench.py``).
 
+Adapters. Generation buckets may be ``(height, width, adapters)``: no step mixes two UNet weights,
+and switching is kept rare (:mod:`fastgen.runtime.step_policy`, "Adapters"). A shape's limits hold
+for its adapter buckets.
+
 Deadlines. A queued request whose deadline passes is removed and reported (fail fast: it never
 runs); a running generation is removed at its next step boundary. Cancellation: a queued request
 is removed at once; a running generation is removed at its next step boundary.
@@ -69,7 +73,7 @@ from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.queues import GENERATE, BestCandidate, BucketQueue, Decision, Job, Limits
 from fastgen.runtime.requests import OverloadedError, RequestStatus
-from fastgen.runtime.step_policy import StepPolicy
+from fastgen.runtime.step_policy import UNKNOWN_WEIGHTS, StepPolicy, weights_of
 
 _SCORE_COST_FIELD = {"text": "max_batch_tokens", "image": "max_batch_pixels"}
 
@@ -105,6 +109,9 @@ class RequestScheduler(StepPolicy):
         """Requests waiting to start (all queues)."""
         self._outside = 0
         self._flush = False
+        self._weights_now: Hashable = UNKNOWN_WEIGHTS  # the UNet weights (adapters) of the last generation step
+        self.swap_s = 0.0
+        """Seconds one switch of adapters takes (a moving average of :meth:`observe_swap`); 0: none seen."""
 
     @property
     def outside(self) -> int:
@@ -140,6 +147,8 @@ class RequestScheduler(StepPolicy):
     def limits(self, kind: str, bucket: Hashable | None = None) -> Limits:
         """The limits of a queue: its own (auto-tuning), else its kind's, else the config's."""
         found = self._limits.get((kind, bucket)) if bucket is not None else None
+        if found is None and weights_of(bucket) is not None:  # an adapter bucket: its shape's limits
+            found = self._limits.get((kind, bucket[:2]))  # type: ignore[index]
         return found or self._limits.get((kind, None)) or self.default_limits(kind)
 
     def set_limits(self, kind: str, bucket: Hashable | None = None, *, max_batch: int | None = None,
@@ -372,6 +381,7 @@ class RequestScheduler(StepPolicy):
         best_q.last_service = now
         if best_q.kind == GENERATE:
             self._gen_last = now
+            self._weights_now = weights_of(best_q.bucket)
             self._admit(best_q, now, decision, static)
             decision.jobs = list(best_q.active) if static else self._running(best_q)
             decision.max_rows = best_q.lim.max_batch

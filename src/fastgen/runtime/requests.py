@@ -119,10 +119,42 @@ def _check_common(priority: Any, deadline_s: Any) -> None:
         raise InvalidArgumentError("deadline_s", deadline_s, "finite numbers > 0 (seconds after submission), or None")
 
 
+def adapter_pairs(adapters: Any) -> tuple[tuple[str, float], ...] | None:
+    """A request's ``adapters`` as ``((name, scale), ...)``, None for None; the forms taken: an
+    ``AdapterSelection`` (anything with ``names`` and ``weights``), a dict name -> scale, a name, or a
+    list of names (scale 1) and (name, scale) pairs. Bad ones raise a one-line error naming ``adapters``."""
+    if adapters is None:
+        return None
+    allowed = "an AdapterSelection, a dict name -> scale, or a list of names / (name, scale) pairs"
+    if isinstance(adapters, str):
+        items: list[Any] = [adapters]
+    elif hasattr(adapters, "names") and hasattr(adapters, "weights"):
+        items = list(zip(adapters.names, adapters.weights, strict=True))
+    elif isinstance(adapters, dict):
+        items = list(adapters.items())
+    elif isinstance(adapters, (list, tuple)):
+        items = list(adapters)
+    else:
+        raise InvalidArgumentError("adapters", type(adapters).__name__, allowed)
+    out: list[tuple[str, float]] = []
+    for item in items:
+        name, scale = (item, 1.0) if isinstance(item, str) else (
+            tuple(item) if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None))
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("adapters", item, allowed)
+        if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                or scale != scale or scale in (float("inf"), float("-inf"))):
+            raise InvalidArgumentError("adapters", f"{name}: {scale!r}", "finite numbers as scales")
+        if any(n == name for n, _ in out):
+            raise InvalidArgumentError("adapters", name, reason="an adapter is named twice")
+        out.append((name, float(scale)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Generation of one prompt (``config.num_images_per_prompt`` images): text-to-image, or
-    image-to-image from ``image``."""
+    """Generation of one prompt (``config.num_images_per_prompt`` images): text-to-image,
+    image-to-image from ``image``, or inpainting of ``image`` through ``mask_image``."""
 
     prompt: str
     """The prompt (the empty string is allowed)."""
@@ -138,11 +170,30 @@ class GenerateRequest:
     array), read at submission; the request runs the last ``config.strength`` of ``config.steps``,
     as ``Generator.generate(image=...)`` does, at ``config``'s size or else the image's (rounded down
     to what the models take). None: text-to-image."""
+    mask_image: Any = field(default=None, compare=False)
+    """Inpainting of ``image``: a mask of its size (a PIL image, a path to an image file, or a uint8
+    array; white: regenerate, black: keep), read at submission, as ``Generator.generate(image=...,
+    mask_image=...)`` does (``config.strength``, ``mask_blur``, ``padding_mask_crop``). With a
+    regular UNet it shares UNet calls with the text-to-image and image-to-image requests of its
+    size; an inpainting UNet (9 input channels) serves inpainting requests only. None: no inpainting."""
+    adapters: Any = field(default=None, compare=False)
+    """LoRA adapters of the generator's (``Generator.load_lora``) to run with, each at its scale: an
+    ``AdapterSelection``, a dict name -> scale, or a list of names (scale 1) and (name, scale) pairs;
+    empty: the base weights. None: the generator's active selection when the request is submitted.
+    Unknown names are refused at submission. Requests whose selections change the UNet differently
+    never share a UNet call (the weights are fused: docs/runtime.md, "Per-request adapters")."""
+    control_image: Any = field(default=None, compare=False)
+    """ControlNet: the condition image (one net) or a list of one per net of the generator (PIL images,
+    paths, uint8 arrays), read at submission; ``config`` sets ``controlnet_conditioning_scale``,
+    ``control_guidance_start``/``end`` and ``guess_mode``. It shares UNet calls with every other
+    request of its size (each row gets its own request's residuals; rows without any, zeros).
+    None: no control (on a generator with ControlNets, the plain UNet's result)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise InvalidArgumentError("prompt", self.prompt, "strings (the empty string is allowed)")
         _check_common(self.priority, self.deadline_s)
+        adapter_pairs(self.adapters)
 
 
 @dataclass(frozen=True)
@@ -204,6 +255,7 @@ class RequestFuture(concurrent.futures.Future):
         self._on_cancel = on_cancel
         self._progress_callbacks: list[Callable[[RequestFuture, int, int], Any]] = []
         self._serial: SerialDispatch | None = None  # set with the first progress callback
+        self._handoffs: list[Callable[[RequestFuture], Any]] = []
 
     @property
     def status(self) -> RequestStatus:
@@ -225,6 +277,32 @@ class RequestFuture(concurrent.futures.Future):
             if self._serial is None:  # before the callback is visible: progress() relies on the order
                 self._serial = SerialDispatch(self._dispatch)
             self._progress_callbacks.append(fn)
+
+    def add_handoff_callback(self, fn: Callable[[RequestFuture], Any]) -> None:
+        """Call ``fn(future)`` in the thread that resolves or cancels the future, as it does, with no
+        hop to the callback threads: for a callback that only hands the outcome over and returns, such
+        as ``loop.call_soon_threadsafe`` into an asyncio loop (a server saves a thread switch per
+        request). It may run on the device's thread, so it must never block. Unlike done-callbacks it
+        does not wait for progress callbacks still queued. Already done: it runs at once, here."""
+        if not callable(fn):
+            raise InvalidArgumentError("fn", type(fn).__name__, "callables fn(future)")
+        with self._condition:
+            if self._state in (_PENDING, _RUNNING):
+                self._handoffs.append(fn)
+                return
+        self._run_handoff(fn)
+
+    def _run_handoffs(self) -> None:
+        with self._condition:  # each runs once: taken under the lock that made the future done
+            handoffs, self._handoffs = self._handoffs, []
+        for fn in handoffs:
+            self._run_handoff(fn)
+
+    def _run_handoff(self, fn: Callable[[RequestFuture], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:  # as done-callbacks: logged, never raised into the runtime
+            logger.exception("exception calling a handoff callback of %r", self)
 
     @property
     def wants_progress(self) -> bool:
@@ -262,6 +340,7 @@ class RequestFuture(concurrent.futures.Future):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
+        self._run_handoffs()
         if self._on_cancel is not None:
             try:
                 self._on_cancel(self)
@@ -291,6 +370,7 @@ class RequestFuture(concurrent.futures.Future):
                     waiter.add_result(self)
             self._state = _FINISHED
             self._condition.notify_all()
+        self._run_handoffs()
         self._invoke_callbacks()
         return True
 

@@ -22,6 +22,18 @@ limits, and buckets take turns (the one served longest ago first).
 
 Admission never skips the head of a bucket's queue: a large request is not starved by smaller
 ones behind it. Pure Python (no torch), like the scheduler.
+
+Adapters (per-request LoRA). A generation bucket ``(height, width, adapters)`` holds requests whose
+adapters give the UNet the same weights (:func:`weights_of`; ``(height, width)``: the base weights).
+Weights are fused into the engine, so two such buckets never share a step, and stepping one after
+the other costs a swap (measured: :meth:`~fastgen.runtime.request_scheduler.RequestScheduler.observe_swap`).
+So the adapters on the UNet now are preferred: with step batching a bucket of other adapters steps
+only when its most urgent request is due more than ``switch_hold_s`` (twice the measured swap: there
+and back) before the most urgent one of the adapters in place (ties stay); with request batching,
+other adapters' batches start only once every batch running on the adapters in place has finished.
+Neither starves anyone: deadlines (virtual times) are fixed at submission while newer requests get
+later ones, so the adapters in place run out of more urgent requests within ``switch_hold_s`` plus
+their own work, and every request batch is finite.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ if TYPE_CHECKING:
     from fastgen.runtime.config import RuntimeConfig
 
 _POOL = 4  # step batching: a bucket's active set holds up to this many steps' rows (max_active_rows unset)
+UNKNOWN_WEIGHTS = object()  # what the UNet holds before the first generation step: no switch is charged
 
 
 def _by_vtime(job: Job) -> float:
@@ -47,10 +60,16 @@ def _by_vtime(job: Job) -> float:
 
 
 def _pixels(bucket: Hashable) -> float:
-    """Pixels of a generation bucket ``(height, width)``; 1 for anything else."""
-    if isinstance(bucket, tuple) and len(bucket) == 2 and all(isinstance(x, (int, float)) for x in bucket):
+    """Pixels of a generation bucket ``(height, width[, adapters])``; 1 for anything else."""
+    if isinstance(bucket, tuple) and len(bucket) >= 2 and all(isinstance(x, (int, float)) for x in bucket[:2]):
         return float(bucket[0] * bucket[1])
     return 1.0
+
+
+def weights_of(bucket: Hashable) -> Hashable:
+    """The UNet weights a generation bucket's steps run with: its third item (the adapters), None
+    for ``(height, width)`` (the base weights)."""
+    return bucket[2] if isinstance(bucket, tuple) and len(bucket) > 2 else None
 
 
 class StepPolicy:
@@ -62,6 +81,8 @@ class StepPolicy:
     if TYPE_CHECKING:
         config: RuntimeConfig
         queued: int
+        swap_s: float
+        _weights_now: Hashable
         _queues: dict[tuple[str, Hashable], BucketQueue]
         _generate: list[BucketQueue]
         _best: BestCandidate
@@ -79,10 +100,15 @@ class StepPolicy:
         scoring batches that arrived during a step run before the next one. Between shape buckets:
         with step batching, the bucket of the most urgent request (smallest ``vtime``, running or
         able to join: earliest deadline first); with request batching, the one served longest ago.
+        Either way the UNet's adapters in place are preferred (the module docstring, "Adapters").
         """
         chosen: BucketQueue | None = None
         chosen_head: Job | None = None
         chosen_key = math.inf
+        chosen_switch = False
+        now_weights = self._weights_now
+        known = now_weights is not UNKNOWN_WEIGHTS
+        busy = static and known and any(q.active and weights_of(q.bucket) == now_weights for q in self._generate)
         for q in self._generate:
             head = q.head() if q.count else None
             if head is not None and q.active and (static or not self._fits(q, head, static)):
@@ -95,8 +121,15 @@ class StepPolicy:
                 q_key = q.active_vmin
                 if head is not None and head.vtime < q_key:
                     q_key = head.vtime
-            if chosen is None or q_key < chosen_key or (q_key == chosen_key and q.last_service < chosen.last_service):
-                chosen, chosen_head, chosen_key = q, head, q_key  # ties: the bucket served longest ago
+            switch = known and weights_of(q.bucket) != now_weights  # stepping it swaps the UNet's adapters
+            if switch:
+                if busy:
+                    continue  # request batching: the batches on the adapters in place finish first
+                q_key += self.switch_hold_s
+            # Ties: the bucket needing no swap, then the one served longest ago.
+            if chosen is None or q_key < chosen_key or (q_key == chosen_key and (
+                    (switch, q.last_service) < (chosen_switch, chosen.last_service))):
+                chosen, chosen_head, chosen_key, chosen_switch = q, head, q_key, switch
         if chosen is None:
             return
         # Against scoring, only what this step would run counts: a request that can join another
@@ -159,6 +192,17 @@ class StepPolicy:
         return out
 
     # --- what the steps measured -----------------------------------------------------------------
+
+    @property
+    def switch_hold_s(self) -> float:
+        """How much more urgent (seconds of deadline) a bucket of other adapters must be to step before
+        the adapters on the UNet now: the swap there and back."""
+        return 2.0 * self.swap_s
+
+    def observe_swap(self, seconds: float) -> None:
+        """A generation run swapped adapters for ``seconds`` (UNet and text encoders together)."""
+        if seconds >= 0:
+            self.swap_s = seconds if self.swap_s == 0 else 0.8 * self.swap_s + 0.2 * seconds
 
     def step_ended(self, now: float) -> None:
         """A generation step has finished (the device loop says so): scoring requests that arrived

@@ -330,6 +330,9 @@ class Worker(BackgroundThreads):
     def _lane_main(self, lane: Lane) -> None:
         try:
             self._lane_loop(lane)
+            stopped = getattr(lane.executor, "stopped", None)
+            if stopped is not None:  # e.g. the generator's engines back to its own adapters, on this thread
+                stopped()
         except BaseException as exc:  # a bug in the loop itself: nothing may hang on it
             self._crash(exc, f"{lane.kind} device loop")
         finally:
@@ -387,6 +390,10 @@ class Worker(BackgroundThreads):
         seconds = time.perf_counter() - start
         if not isinstance(result, Outcomes):
             result = Outcomes(list(result))
+        take_swaps = getattr(lane.executor, "take_swaps", None)
+        swaps = take_swaps() if take_swaps is not None else ()  # LoRA adapter swaps of this run
+        if swaps:
+            self.metrics.adapter_swaps(swaps)
         done: list[Outcome] = []
         with self.cond:
             stalled, lane.stalled = lane.stalled, None
@@ -408,6 +415,8 @@ class Worker(BackgroundThreads):
                 else:
                     self.metrics.batch(kind, bucket, len(decision.jobs), seconds)
                 self._learn(lane, decision, result)
+                if swaps:
+                    sched.observe_swap(sum(t for _, t in swaps))
             for out in result.ended:
                 if self._inflight.pop(out.job.id, None) is None:
                     continue  # resolved already (the watchdog or a shutdown failed it)

@@ -4,7 +4,7 @@ one :class:`~fastgen.serve.service.Service`.
 Routes: ``GET /`` (the playground), ``/static/...``, ``GET /healthz`` (the process answers),
 ``GET /readyz`` (503 until the engines are loaded and warm), ``GET /metrics`` (Prometheus),
 ``GET /v1/models``, ``POST /v1/images/generations`` (JSON; ``"stream": true`` for server-sent
-events), ``POST /v1/images/edits`` (multipart: image-to-image), ``POST /v1/score`` (JSON or
+events), ``POST /v1/images/edits`` (multipart: image-to-image, inpainting with a ``mask``), ``POST /v1/score`` (JSON or
 multipart). Errors: :mod:`fastgen.serve.errors`. The event loop never decodes, encodes or waits
 on the device: images are decoded and encoded on worker threads, and runtime requests are awaited
 as futures. A client that disconnects cancels its runtime requests at their next step.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import json
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
@@ -33,7 +33,7 @@ from fastgen.errors import FastgenError, InvalidArgumentError
 from fastgen.serve import sse
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.errors import APIError, from_exception, one_line, validation_error
-from fastgen.serve.images import decode_base64_image, decode_image
+from fastgen.serve.images import decode_base64_image, decode_image, decode_mask
 from fastgen.serve.middleware import Guard, HTTPMetrics
 from fastgen.serve.schemas import GenerationBody, ImageSettings, ScoreBody
 from fastgen.serve.service import GenerationParams, ImageScorerClient, Service
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Status recorded for a request whose client went away before its response (nginx's convention).
 CLIENT_CLOSED = 499
-#: How often a waiting request checks that its client is still connected (seconds).
+#: Seconds between disconnect checks, on an ASGI server whose receive() does not wait for the disconnect.
 DISCONNECT_POLL_S = 0.1
 #: Retry-After (seconds) while the engines load.
 LOADING_RETRY_S = 2
@@ -64,7 +64,10 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
-        while not await request.is_disconnected():
+        # Once the body is read, an ASGI server's receive() waits until the client disconnects: one
+        # pending await per request, where polling is_disconnected() cost a cancel scope each time.
+        # A server that answers with more (empty) body messages instead is polled.
+        while (await request.receive())["type"] != "http.disconnect":
             await asyncio.sleep(DISCONNECT_POLL_S)
 
     watcher = asyncio.ensure_future(watch())
@@ -211,27 +214,39 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         ready()
         async with _form(request) as form:
             fields: dict[str, Any] = {}
-            image = None
+            image = mask = None
             for name, value in form.multi_items():
-                if name == "mask":
-                    if isinstance(value, UploadFile) or str(value).strip():
-                        raise APIError(400, "inpainting is not supported yet: send the image without a mask",
-                                       code="unsupported", param="mask")
-                elif name == "image":
+                if name in ("image", "mask"):
                     if not isinstance(value, UploadFile):
-                        raise InvalidArgumentError("image", "a form field", "an image file (multipart upload)")
-                    image = value
+                        raise InvalidArgumentError(name, "a form field", "an image file (multipart upload)")
+                    if name == "image":
+                        image = value
+                    else:
+                        mask = value
                 elif isinstance(value, UploadFile):
                     raise InvalidArgumentError(name, "a file", reason="only image (and mask) are files")
                 else:
                     fields[name] = value
             if image is None:
                 raise InvalidArgumentError("image", None, reason="the image to edit is required (a file field)")
+            if "adapters" in fields:  # a form field holds the JSON object as text
+                fields["adapters"] = _json_object("adapters", fields["adapters"])
             settings = ImageSettings.model_validate(fields, strict=False)
             data = await image.read()
-        pil = await anyio.to_thread.run_sync(functools.partial(decode_image, data, argument="image",
-                                                               max_pixels=config.max_image_pixels))
-        return await generate(request, settings.to_params(image=pil), settings.stream)
+            mask_data = await mask.read() if mask is not None else None
+
+        def decode() -> tuple[Any, Any]:
+            pil = decode_image(data, argument="image", max_pixels=config.max_image_pixels)
+            if mask_data is None:
+                return pil, None
+            mask_pil = decode_mask(mask_data, argument="mask", max_pixels=config.max_image_pixels)
+            if mask_pil.size != pil.size:
+                raise InvalidArgumentError("mask", "{}x{}".format(*mask_pil.size),
+                                           reason="the mask must have the image's size ({}x{})".format(*pil.size))
+            return pil, mask_pil
+
+        pil, mask_pil = await anyio.to_thread.run_sync(decode)
+        return await generate(request, settings.to_params(image=pil, mask=mask_pil), settings.stream)
 
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
@@ -267,6 +282,13 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse({"object": "list", "data": data})
+
+
+def _json_object(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidArgumentError(name, text[:40], 'a JSON object, e.g. {"style": 0.8}') from None
 
 
 @contextlib.asynccontextmanager

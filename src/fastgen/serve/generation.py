@@ -21,7 +21,8 @@ from fastgen.pipelines.config import GenerateConfig
 from fastgen.runtime.requests import RequestFuture
 
 #: Names of the generation settings a request may set (GenerateConfig fields).
-CONFIG_FIELDS = ("steps", "guidance_scale", "scheduler", "strength", "negative_prompt", "eta")
+CONFIG_FIELDS = ("steps", "guidance_scale", "scheduler", "strength", "negative_prompt", "eta", "mask_blur",
+                 "padding_mask_crop")
 #: A callback for streamed events: (event name, JSON-able body), called on the event loop.
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -42,6 +43,10 @@ class GenerationParams:
     deadline_s: float | None = None
     image: Any = None
     """Image-to-image: the decoded RGB PIL input image."""
+    mask: Any = None
+    """Inpainting of ``image``: the mask, an ``L`` PIL image of its size (white: regenerate)."""
+    adapters: dict[str, float] | None = None
+    """LoRA adapters of the server's to run with (name -> scale); None: the server's active ones."""
     settings: dict[str, Any] = field(default_factory=dict)
     """GenerateConfig fields given (``CONFIG_FIELDS``)."""
 

@@ -22,8 +22,8 @@ def image_too_large(argument: str, width: int, height: int, limit: int) -> APIEr
                     code="too_large", param=argument)
 
 
-def decode_image(data: bytes, *, argument: str, max_pixels: int) -> Any:
-    """Encoded image bytes (PNG, JPEG, WebP, ...) -> an RGB PIL image, decoded as image files are
+def _read(data: bytes, argument: str, max_pixels: int) -> Any:
+    """Encoded image bytes -> the PIL image as stored, read as image files are read
     (:func:`fastgen.pipelines.classifier_images.read_image`: unsafe formats never opened, EXIF, 16-bit);
     413 above ``max_pixels`` (read from the header), one-line 400 naming ``argument`` for the rest."""
     from fastgen.pipelines.classifier_images import check_pixels, read_image
@@ -36,7 +36,24 @@ def decode_image(data: bytes, *, argument: str, max_pixels: int) -> Any:
             raise image_too_large(argument, width, height, max_pixels)
         check_pixels(width, height, argument, name)
 
-    return read_image(io.BytesIO(data), argument, "the uploaded data", check).convert("RGB")
+    return read_image(io.BytesIO(data), argument, "the uploaded data", check)
+
+
+def decode_image(data: bytes, *, argument: str, max_pixels: int) -> Any:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) -> an RGB PIL image (see :func:`_read`)."""
+    return _read(data, argument, max_pixels).convert("RGB")
+
+
+def decode_mask(data: bytes, *, argument: str, max_pixels: int) -> Any:
+    """An uploaded inpainting mask -> an ``L`` PIL image, white where the image is regenerated. With an
+    alpha channel it is read as OpenAI's edits API reads it: transparent pixels are edited (an
+    opaque mask edits nothing); without one, as diffusers reads masks: white is regenerated."""
+    from PIL import ImageOps
+
+    image = _read(data, argument, max_pixels)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        return ImageOps.invert(image.convert("RGBA").getchannel("A"))
+    return image.convert("L")
 
 
 def decode_base64_image(text: Any, *, argument: str, max_pixels: int) -> Any:
@@ -59,4 +76,4 @@ def png_base64(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-__all__ = ["decode_base64_image", "decode_image", "image_too_large", "png_base64"]
+__all__ = ["decode_base64_image", "decode_image", "decode_mask", "image_too_large", "png_base64"]

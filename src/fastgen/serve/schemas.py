@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.serve.generation import GenerationParams
+from fastgen.serve.generation import CONFIG_FIELDS, GenerationParams
 
 #: ``response_format`` values served: images come back inline, never as URLs to fetch later.
 RESPONSE_FORMATS = ("b64_json",)
@@ -52,6 +52,11 @@ class ImageSettings(_Body):
     negative_prompt: str | None = None
     strength: float | None = None
     eta: float | None = None
+    mask_blur: float | None = None
+    padding_mask_crop: int | None = None
+    adapters: dict[str, float] | None = None
+    """LoRA adapters the server loaded (``--lora``) to run with, name -> scale; ``{}``: none; absent:
+    the server's (all of them, at their scales)."""
     candidates: int | None = None
     keep: int | None = None
     rank_by: str | None = None
@@ -59,16 +64,16 @@ class ImageSettings(_Body):
     """Seconds after submission by which the images must be done; later: 504."""
     stream: bool = False
 
-    def to_params(self, image: Any = None) -> GenerationParams:
+    def to_params(self, image: Any = None, mask: Any = None) -> GenerationParams:
         if self.response_format not in RESPONSE_FORMATS:
             raise InvalidArgumentError("response_format", self.response_format, RESPONSE_FORMATS,
                                        reason="images are returned inline as base64 PNG")
         width, height = parse_size(self.size)
-        settings = {name: getattr(self, name) for name in ("steps", "guidance_scale", "scheduler", "strength",
-                                                           "negative_prompt", "eta")}
+        settings = {name: getattr(self, name) for name in CONFIG_FIELDS}
         return GenerationParams(prompt=self.prompt, n=self.n, width=width, height=height, seed=self.seed,
                                 candidates=self.candidates, keep=self.keep, rank_by=self.rank_by, model=self.model,
-                                deadline_s=self.deadline_s, image=image, settings=settings)
+                                deadline_s=self.deadline_s, image=image, mask=mask, adapters=self.adapters,
+                                settings=settings)
 
 
 class GenerationBody(ImageSettings):

@@ -97,7 +97,7 @@ def run(config: ServeConfig, *, app: Any = None, sock: socket.socket | None = No
     app.state.on_load_failure = on_load_failure
     app.state.on_ready = on_ready
     uconfig = uvicorn.Config(app, lifespan="on", log_level=log_level, timeout_graceful_shutdown=config.drain_timeout_s,
-                             proxy_headers=False, server_header=False)
+                             proxy_headers=False, server_header=False, access_log=config.access_log)
     server = Server(uconfig)
     server_box.append(server)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):

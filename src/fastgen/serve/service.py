@@ -19,6 +19,7 @@ deployment), ranked by one label's probability (highest first; ties keep seed or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -27,10 +28,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.lora.config import parse_lora_arg
 from fastgen.pipelines.config import GenerateConfig, check_seed
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.requests import GenerateRequest, RequestFuture, ScoreRequest
-from fastgen.serve.config import ServeConfig, model_label
+from fastgen.serve.config import ServeConfig, lora_name, model_label
 from fastgen.serve.generation import CONFIG_FIELDS, GenerationJob, GenerationParams, ProgressRelay, score_body
 
 logger = logging.getLogger(__name__)
@@ -127,19 +129,31 @@ class Service:
 
         return EngineCache(self.config.cache_dir)
 
+    def _execution(self) -> Any:
+        from fastgen.engines.config import ExecutionOptions
+
+        return ExecutionOptions(intra_op_threads=self.config.intra_op_threads)
+
     def _load_generator(self) -> Any:
+        from fastgen.engines.config import BuildConfig
         from fastgen.pipelines.generator import Generator
 
         cfg = self.config
-        return Generator.from_pretrained(cfg.model, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
-                                         cache=self._cache(), profile=cfg.profile, quantization=cfg.quantization)
+        generator = Generator.from_pretrained(cfg.model, backend=cfg.backend, device=cfg.device,
+                                              precision=cfg.precision, cache=self._cache(), profile=cfg.profile,
+                                              quantization=cfg.quantization,
+                                              build_config=BuildConfig(execution=self._execution()))
+        for text in cfg.loras:
+            path, scale = parse_lora_arg(text)
+            generator.load_lora(path, name=lora_name(path), weight=scale)
+        return generator
 
     def _load_scorer(self, model: str, component: str | None) -> Any:
         from fastgen.pipelines.scorer import Scorer
 
         cfg = self.config
         return Scorer.from_pretrained(model, component, backend=cfg.backend, device=cfg.device,
-                                      precision=cfg.precision, cache=self._cache())
+                                      precision=cfg.precision, cache=self._cache(), execution=self._execution())
 
     def _make_runtime(self) -> Any:
         from fastgen.runtime.runtime import Runtime
@@ -200,8 +214,11 @@ class Service:
         """What ``/v1/models`` lists: the generator, then the classifiers."""
         out = []
         if self.config.model is not None:
-            out.append({"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastgen",
-                        "kind": "generator", "ready": self.ready})
+            entry = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastgen",
+                     "kind": "generator", "ready": self.ready}
+            if self.generator is not None and self.config.loras:
+                entry["adapters"] = self.generator.active_adapters  # what requests may name, at their scales
+            out.append(entry)
         for model, component in self.config.scorer_specs():
             name = f"{model_label(model)}:{component or 'classifier'}"
             kind = "text" if component == "text-classifier" else "image"
@@ -272,7 +289,7 @@ class Service:
         try:
             for i in range(count):
                 request = GenerateRequest(params.prompt, config.replace(seed=base + i), deadline_s=params.deadline_s,
-                                          image=params.image)
+                                          image=params.image, mask_image=params.mask, adapters=params.adapters)
                 try:
                     futures.append(self.runtime.submit(request, progress=None if relay is None else relay.for_image(i)))
                 except InvalidArgumentError as exc:
@@ -340,11 +357,36 @@ def submit_all(runtime: Any, requests: list[Any]) -> list[RequestFuture]:
     return futures
 
 
+def _awaitable(future: RequestFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    """An asyncio future completed from ``future`` by a handoff callback: the device's thread posts the
+    outcome straight into the loop (``asyncio.wrap_future`` would go through the runtime's callback
+    threads first, one more thread switch per request)."""
+    waiter = loop.create_future()
+
+    def settle(done: RequestFuture) -> None:
+        if waiter.done():  # the awaiting task was cancelled meanwhile
+            return
+        if done.cancelled():
+            waiter.cancel()
+        elif done.exception() is not None:
+            waiter.set_exception(done.exception())
+        else:
+            waiter.set_result(done.result())
+
+    def handoff(done: RequestFuture) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits any more
+            loop.call_soon_threadsafe(settle, done)
+
+    future.add_handoff_callback(handoff)
+    return waiter
+
+
 async def _gather(futures: list[RequestFuture]) -> list[Any]:
     """The results of runtime futures, awaited without blocking the loop; cancelled if the awaiting
-    task is (``asyncio.wrap_future`` forwards a cancel to the request)."""
+    task is (the ``finally`` cancels every request not done: a no-op for the others)."""
+    loop = asyncio.get_running_loop()
     try:
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        return list(await asyncio.gather(*(_awaitable(f, loop) for f in futures)))
     finally:
         for future in futures:
             future.cancel()
