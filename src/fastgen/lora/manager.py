@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from fastgen.core import cpus
 from fastgen.engines.torch_backend import intra_op_threads
 from fastgen.errors import InvalidArgumentError, UnsupportedError
 from fastgen.lora.config import AdapterSelection
@@ -35,6 +36,16 @@ from fastgen.lora.formats import COMPONENTS, LoraAdapter, read_lora
 from fastgen.lora.targets import Target, fused_terms, resolve_keys
 
 logger = logging.getLogger(__name__)
+
+def fuse_threads() -> int:
+    """Threads for fusing: the usable CPUs no other runnable thread holds right now, at least one.
+    Fusing a rank-64 LoRA into sd15's attention weights is compute-bound (its up @ down products), so
+    idle CPUs halve it; but torch's OpenMP threads collapse when another process holds a CPU
+    (measured on 2 CPUs with a busy neighbour: sd15's weights in 0.15 s on one thread, 2.2 s on two;
+    see fastgen.engines.torch_backend), so a busy machine gets one."""
+    others = cpus.others_running()
+    return max(1, cpus.usable_cpus() - (others if others is not None else cpus.usable_cpus()))
+
 
 def target_for(engine: Any, base: Any = None) -> Target:
     """The LoRA target of one engine, by backend; ``base`` (TensorRT only): what the engine was built from."""
@@ -173,10 +184,7 @@ class AdapterManager:
     def _apply(self, component: str, want: AdapterSelection) -> None:
         """Fuse ``want`` (an effective selection of ``component``) into its engine (lock held)."""
         adapters = [self.adapters[n] for n in want.names]
-        # One thread: fusing is memory-bound, and torch's OpenMP threads collapse when another process
-        # holds a CPU (measured on 2 CPUs with a busy neighbour: sd15's 128 attention weights in 0.15 s
-        # on one thread, 2.2 s on two; see fastgen.engines.torch_backend).
-        with intra_op_threads(1):
+        with intra_op_threads(fuse_threads()):
             self.target(component).apply(fused_terms(adapters, want.weights, component, self._shapes(component)))
         self.current[component] = want
         self._stale.discard(component)
@@ -208,6 +216,10 @@ class AdapterManager:
             self.set_adapters(keep, [self.selection.scale_of(n) for n in keep])
             for n in ([name] if name is not None else list(self.adapters)):
                 del self.adapters[n]
+            if not self.adapters:
+                for target in self._targets.values():
+                    if hasattr(target, "release"):
+                        target.release()
 
     def close(self) -> None:
         for target in self._targets.values():

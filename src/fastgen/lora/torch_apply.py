@@ -58,9 +58,14 @@ class TorchTarget:
                 # Summed in float32, rounded once to the weight's dtype: what fusing at fp16 can give.
                 weight.copy_(fuse(base.float(), terms[name]))
         self._applied = set(terms)
-        if not terms:
-            self._base.clear()  # all restored: the copies are not needed until the next LoRA
+        # The base copies stay while adapters are loaded (also when none is applied): a swap back from
+        # the base weights would otherwise copy every adapted weight again first.
         logger.debug("torch LoRA: %d weights fused", len(terms))
+
+    def release(self) -> None:
+        """Drop the base copies once nothing is applied (the manager: no adapter loaded any more)."""
+        if not self._applied:
+            self._base.clear()
 
 
 __all__ = ["ADAPTABLE", "TorchTarget"]

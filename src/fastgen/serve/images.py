@@ -69,10 +69,15 @@ def decode_base64_image(text: Any, *, argument: str, max_pixels: int) -> Any:
     return decode_image(data, argument=argument, max_pixels=max_pixels)
 
 
+#: zlib level of the PNGs served: 1 encodes twice as fast as PIL's default 6 (1.3 ms against 2.5 ms for
+#: a 128 x 128 generated image here; ~80 ms saved per 1024 x 1024 image) for files ~15% larger.
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_base64(image: Any) -> str:
     """A PIL image as base64 PNG text."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
