@@ -1,4 +1,4 @@
-"""``ServeConfig.intra_op_threads`` (``fastgen serve --intra-op-threads``) reaches every engine it loads."""
+"""``ServeConfig.intra_op_threads`` reaches every engine it loads; the server freezes its loaded heap."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_every_engine_gets_the_thread_count(tmp_path):
         assert [e.execution.intra_op_threads for e in engines] == [1] * len(engines)
     finally:
         service.close(5)
+
+
+def test_freeze_heap_hides_the_loaded_objects_from_the_collector():
+    import gc
+
+    from fastgen.serve.server import freeze_heap
+
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

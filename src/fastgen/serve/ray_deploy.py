@@ -73,7 +73,10 @@ def build_replica_app(config: dict[str, Any], *, app_name: str, scorer_deploymen
         from ray import serve
 
         image_scorer = RayImageScorer(serve.get_deployment_handle(scorer_deployment, app_name=app_name))
+    from fastgen.serve.server import freeze_heap
+
     app = create_app(ServeConfig.from_dict(config), image_scorer=image_scorer)
+    app.state.on_ready = freeze_heap  # the replica's process is ours: its loaded heap out of the collector's sight
     app.add_middleware(ReplicaHeader, replica=_replica_id())
     return app
 
@@ -126,10 +129,12 @@ class FastgenScorer:
 
     async def __init__(self, config: dict[str, Any]) -> None:
         from fastgen.serve.config import ServeConfig
+        from fastgen.serve.server import freeze_heap
         from fastgen.serve.service import Service
 
         self.service = Service(ServeConfig.from_dict(config))
         await asyncio.to_thread(self.service.load)
+        freeze_heap()
 
     def labels(self) -> list[str]:
         """The classifier's labels, in logit order."""

@@ -9,6 +9,7 @@ signal after its shutdown, so the process would die of it (exit -15): :class:`Se
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -75,6 +76,16 @@ def address(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def freeze_heap() -> None:
+    """Collect once, then move every object alive (the models, the engines, the libraries: millions of
+    objects) out of the cyclic collector's sight (``gc.freeze``): a full collection that scans them
+    takes a server's event loop away for 100 ms and more at random moments, which showed as p99
+    spikes of 150 to 200 ms under load. Done by the server process only, once its engines are warm."""
+    gc.collect()
+    gc.freeze()
+    logger.info("server heap frozen: %d objects out of the cyclic collector's sight", gc.get_freeze_count())
+
+
 def run(config: ServeConfig, *, app: Any = None, sock: socket.socket | None = None,
         log_level: str = "info", on_listening: Callable[[str], None] | None = None,
         on_ready: Callable[[], None] | None = None) -> None:
@@ -94,8 +105,13 @@ def run(config: ServeConfig, *, app: Any = None, sock: socket.socket | None = No
         if server_box:
             server_box[0].should_exit = True
 
+    def ready() -> None:
+        freeze_heap()
+        if on_ready is not None:
+            on_ready()
+
     app.state.on_load_failure = on_load_failure
-    app.state.on_ready = on_ready
+    app.state.on_ready = ready
     uconfig = uvicorn.Config(app, lifespan="on", log_level=log_level, timeout_graceful_shutdown=config.drain_timeout_s,
                              proxy_headers=False, server_header=False, access_log=config.access_log)
     server = Server(uconfig)
