@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fastgen.errors import InvalidArgumentError
-from fastgen.pipelines.vae_images import RESAMPLE, load_image, round_down
+from fastgen.pipelines.vae_images import RESAMPLE, load_image, read_input, round_down
 
 logger = logging.getLogger(__name__)
 
@@ -173,21 +171,7 @@ MAP_KINDS = "a PIL image, a path to an image file, or a uint8 (height, width) or
 def load_map(item: Any):
     """One condition map as a PIL image in L, RGB or RGBA (upright, 16-bit scaled by its range), not yet RGB:
     diffusers resizes before converting, which differs for RGBA (PIL resizes with premultiplied alpha)."""
-    from PIL import Image
-
-    from fastgen.pipelines.classifier_images import open_image, standard_mode
-
-    if isinstance(item, (str, os.PathLike)):
-        return open_image(Path(item).expanduser(), "control-image")
-    if isinstance(item, Image.Image):
-        return standard_mode(item, "control-image")
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] != 3) \
-                or 0 in item.shape:
-            raise InvalidArgumentError("control-image", f"array of shape {item.shape} and dtype {item.dtype}",
-                                       MAP_KINDS)
-        return Image.fromarray(np.ascontiguousarray(item), "L" if item.ndim == 2 else "RGB")
-    raise InvalidArgumentError("control-image", type(item).__name__, MAP_KINDS)
+    return read_input(item, "control-image", MAP_KINDS, channels=(None, 3))
 
 
 def control_pixels(images: Any, height: int, width: int, *, multiple: int = 8) -> torch.Tensor:

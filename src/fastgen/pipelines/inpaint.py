@@ -24,7 +24,6 @@ sample of the masked image's latents; a regular UNet does not use the latter, wh
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,25 +85,7 @@ def check_options(config: GenerateConfig) -> None:
 
 def load_mask(item: Any):
     """A mask as a grayscale ("L") PIL image: colour images by their luminance, as diffusers reads them."""
-    from PIL import Image
-
-    from fastgen.pipelines.classifier_images import open_image, standard_mode
-
-    if isinstance(item, (str, os.PathLike)):
-        from pathlib import Path
-
-        return open_image(Path(item).expanduser(), "mask_image").convert("L")
-    if isinstance(item, Image.Image):
-        return standard_mode(item, "mask_image").convert("L")
-    if isinstance(item, np.ndarray):
-        ok = item.dtype == np.uint8 and 0 not in item.shape and (
-            item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4)))
-        if not ok:
-            raise InvalidArgumentError("mask_image", f"array of shape {item.shape} and dtype {item.dtype}", MASK_KINDS)
-        array = np.ascontiguousarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
-        mode = "L" if array.ndim == 2 else ("RGB" if array.shape[2] == 3 else "RGBA")
-        return Image.fromarray(array, mode).convert("L")
-    raise InvalidArgumentError("mask_image", type(item).__name__, MASK_KINDS)
+    return vae_images.read_input(item, "mask_image", MASK_KINDS, channels=(None, 1, 3, 4)).convert("L")
 
 
 def crop_region(mask: Any, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
@@ -235,14 +216,7 @@ def prepare_source(image: Any, mask: Any, height: int, width: int, config: Gener
 
 def load_masks(mask_image: Any, num_prompts: int) -> list:
     """One mask for every prompt, or one per prompt, as grayscale PIL images (all read before any work)."""
-    if isinstance(mask_image, (list, tuple)):
-        if len(mask_image) not in (1, num_prompts):
-            raise InvalidArgumentError("mask_image", f"{len(mask_image)} masks",
-                                       f"1 mask or one per prompt ({num_prompts})")
-        masks = [load_mask(m) for m in mask_image]
-    else:
-        masks = [load_mask(mask_image)]
-    return masks * num_prompts if len(masks) == 1 else masks
+    return vae_images.per_prompt(mask_image, num_prompts, "mask_image", "mask", load_mask)
 
 
 def prepare_sources(images: list, masks: list, height: int, width: int, cfg: GenerateConfig) -> list:

@@ -14,7 +14,7 @@ decoder output with a NaN or an infinity is a :class:`~fastgen.errors.NumericalE
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,38 +29,52 @@ IMAGE_KINDS = "a PIL image, a path to an image file, or a uint8 (height, width, 
 RESAMPLE = "LANCZOS"
 
 
-def _open(path: str | os.PathLike):
-    from fastgen.pipelines.classifier_images import open_image
+#: PIL mode of a uint8 array by its channels (None: a 2-D array).
+_ARRAY_MODES = {None: "L", 1: "L", 3: "RGB", 4: "RGBA"}
 
-    return open_image(Path(path).expanduser(), "image").convert("RGB")
+
+def read_input(item: Any, argument: str, kinds: str, channels: Sequence[int | None] = (3,)):
+    """One input image (a path, a PIL image, or a uint8 array of one of ``channels``: None for 2-D)
+    as a PIL image in its stored mode, read as the classifier reads images
+    (:func:`~fastgen.pipelines.classifier_images.open_image` / ``standard_mode``); callers convert.
+    Anything else: a one-line error naming ``argument``, allowed ``kinds``."""
+    from PIL import Image
+
+    from fastgen.pipelines.classifier_images import open_image, standard_mode
+
+    if isinstance(item, (str, os.PathLike)):
+        return open_image(Path(item).expanduser(), argument)
+    if isinstance(item, Image.Image):
+        return standard_mode(item, argument)
+    if isinstance(item, np.ndarray):
+        shape = None if item.ndim == 2 else item.shape[2] if item.ndim == 3 else -1
+        if item.dtype != np.uint8 or shape not in channels or 0 in item.shape:
+            raise InvalidArgumentError(argument, f"array of shape {item.shape} and dtype {item.dtype}", kinds)
+        array = np.ascontiguousarray(item[..., 0] if shape == 1 else item)
+        return Image.fromarray(array, _ARRAY_MODES[shape])
+    raise InvalidArgumentError(argument, type(item).__name__, kinds)
+
+
+def per_prompt(value: Any, num_prompts: int, argument: str, noun: str, load: Callable[[Any], Any]) -> list:
+    """``value``: one item for every prompt, or a list of one (or one per prompt), each read by
+    ``load`` before any work; one per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) not in (1, num_prompts):
+            raise InvalidArgumentError(argument, f"{len(value)} {noun}s", f"1 {noun} or one per prompt ({num_prompts})")
+        items = [load(v) for v in value]
+    else:
+        items = [load(value)]
+    return items * num_prompts if len(items) == 1 else items
 
 
 def load_image(item: Any):
     """One input image as an RGB PIL image."""
-    from PIL import Image
-
-    from fastgen.pipelines.classifier_images import standard_mode
-
-    if isinstance(item, (str, os.PathLike)):
-        return _open(item)
-    if isinstance(item, Image.Image):
-        return standard_mode(item, "image").convert("RGB")
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
-            raise InvalidArgumentError("image", f"array of shape {item.shape} and dtype {item.dtype}", IMAGE_KINDS)
-        return Image.fromarray(np.ascontiguousarray(item), "RGB")
-    raise InvalidArgumentError("image", type(item).__name__, IMAGE_KINDS)
+    return read_input(item, "image", IMAGE_KINDS).convert("RGB")
 
 
 def load_images(image: Any, num_prompts: int) -> list:
     """One image for every prompt, or one per prompt, as RGB PIL images (all read before any work)."""
-    if isinstance(image, (list, tuple)):
-        if len(image) not in (1, num_prompts):
-            raise InvalidArgumentError("image", f"{len(image)} images", f"1 image or one per prompt ({num_prompts})")
-        images = [load_image(i) for i in image]
-    else:
-        images = [load_image(image)]
-    return images * num_prompts if len(images) == 1 else images
+    return per_prompt(image, num_prompts, "image", "image", load_image)
 
 
 def round_down(size: int, multiple: int) -> int:
