@@ -57,6 +57,18 @@ from fastgen.runtime.requests import GenerateRequest, RequestStatus, adapter_pai
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
+def _read(argument: str, noun: str, load: Callable[[Any], Any], item: Any) -> Any:
+    """``load(item)``, read at submission: a PIL image whose lazy decode fails is a one-line error
+    naming ``argument`` too."""
+    try:
+        return load(item)
+    except InvalidArgumentError:
+        raise
+    except (OSError, ValueError, TypeError, SyntaxError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidArgumentError(argument, type(item).__name__, reason=f"cannot read {noun}: {detail}") from None
+
+
 class GenerationExecutor:
     """Runs generation steps for a :class:`~fastgen.Generator`; ``clock`` is the scheduler's."""
 
@@ -105,35 +117,16 @@ class GenerationExecutor:
             if self.generator.vae_encoder is None:
                 raise InvalidArgumentError("image", type(item).__name__,
                                            reason="this generator has no vae-encoder engine (image-to-image needs one)")
-        try:
-            return imaging.load_image(item)
-        except InvalidArgumentError:
-            raise
-        except (OSError, ValueError, TypeError, SyntaxError) as exc:  # a PIL image whose lazy decode fails
-            detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise InvalidArgumentError("image", type(item).__name__, reason=f"cannot read image: {detail}") from None
+        return _read("image", "image", imaging.load_image, item)
 
     def _control(self, item: Any) -> list[Any]:
         """A ControlNet request's condition images, one per net; a one-line error naming ``control_image``."""
-        try:
-            return controlnet.request_images(self.generator, item)
-        except InvalidArgumentError:
-            raise
-        except (OSError, ValueError, TypeError, SyntaxError) as exc:  # a PIL image whose lazy decode fails
-            detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise InvalidArgumentError("control_image", type(item).__name__,
-                                       reason=f"cannot read image: {detail}") from None
+        return _read("control_image", "image", lambda i: controlnet.request_images(self.generator, i), item)
 
     @staticmethod
     def _mask(item: Any) -> Any:
         """An inpainting request's mask as a grayscale PIL image; a one-line error naming ``mask_image``."""
-        try:
-            return inpaint.load_mask(item)
-        except InvalidArgumentError:
-            raise
-        except (OSError, ValueError, TypeError, SyntaxError) as exc:  # a PIL image whose lazy decode fails
-            detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise InvalidArgumentError("mask_image", type(item).__name__, reason=f"cannot read mask: {detail}") from None
+        return _read("mask_image", "mask", inpaint.load_mask, item)
 
     @staticmethod
     def work(state: stepping.SampleState) -> float:
