@@ -7,6 +7,10 @@ fastgen's ``(batch, seq, heads, head_dim)`` layout, with no transposes or copies
 additive ``-10000`` bias diffusers builds from ``encoder_attention_mask``, or a boolean mask) becomes a
 key-padding mask when it is one exactly; any other mask runs the original processor (SDPA) for that call.
 
+Diffusion transformers' processors (SD3's ``JointAttnProcessor2_0``, FLUX's ``FluxAttnProcessor`` on
+``FluxAttention``, which dispatches through ``dispatch_attention_fn``) get their own fastgen processors
+(:mod:`fastgen.ops.attention_dit`); classification and install / restore for all of them live here.
+
 The original processor object is kept on the new one (``.original``), so restoring puts the very same
 object back; while tracing for export, the original processor runs, so the exported graph is unchanged.
 """
@@ -19,9 +23,10 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from fastgen.ops.attention_dit import DIT_PROCESSORS, classify_dit, replacement_for
 from fastgen.ops.optimize import AttentionPolicy, is_exporting, key_padding_from_mask
 
-__all__ = ["REPLACEABLE", "FastgenAttnProcessor", "apply", "classify", "notes"]
+__all__ = ["FASTGEN_PROCESSORS", "REPLACEABLE", "FastgenAttnProcessor", "apply", "classify", "notes"]
 
 #: Processor classes whose math :class:`FastgenAttnProcessor` reproduces (exact types, not subclasses).
 REPLACEABLE = (AttnProcessor2_0, AttnProcessor)
@@ -108,18 +113,25 @@ class FastgenAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+#: Every fastgen processor class (each keeps the processor it replaced as ``.original``).
+FASTGEN_PROCESSORS = (FastgenAttnProcessor, *DIT_PROCESSORS)
+
+
 def _base_processor(module: nn.Module) -> Any:
     processor = getattr(module, "processor", None)
-    return processor.original if isinstance(processor, FastgenAttnProcessor) else processor
+    return processor.original if isinstance(processor, FASTGEN_PROCESSORS) else processor
 
 
 def classify(module: nn.Module) -> str | None:
     """``"ok"`` for an attention layer this processor serves, a reason for one it does not, None otherwise."""
     if isinstance(module, Attention):
         base = _base_processor(module)
+        dit = classify_dit(module, base)  # SD3's JointAttnProcessor2_0
+        if dit is not None:
+            return dit
         if type(base) not in REPLACEABLE:
             return (f"processor {type(base).__name__} is kept (fastgen replaces "
-                    f"{' and '.join(c.__name__ for c in REPLACEABLE)})")
+                    f"{', '.join(c.__name__ for c in REPLACEABLE)} and JointAttnProcessor2_0)")
         if getattr(module, "to_k", None) is None or getattr(module, "to_q", None) is None:
             return "no separate q/k/v projections"
         if getattr(module, "inner_kv_dim", module.inner_dim) != module.inner_dim:
@@ -128,7 +140,12 @@ def classify(module: nn.Module) -> str | None:
             return "no output projection (pre_only attention)"
         return "ok"
     if hasattr(module, "processor") and hasattr(module, "set_processor"):  # AttentionModuleMixin models (Flux...)
-        return f"{type(module).__name__} with {type(module.processor).__name__} is not supported"
+        base = _base_processor(module)
+        dit = classify_dit(module, base)  # FLUX's FluxAttnProcessor
+        if dit is not None:
+            return dit
+        return (f"{type(module).__name__} with {type(base).__name__} is not supported (fastgen replaces "
+                "FluxAttnProcessor on these)")
     return None
 
 
@@ -153,10 +170,12 @@ def apply(entries: list[tuple[str, nn.Module, str | None]], backend: str | None,
     for name, module, reason in entries:
         current = getattr(module, "processor", None)
         if backend is not None and reason is None:
-            _set(module, FastgenAttnProcessor(_base_processor(module), AttentionPolicy(name, backend, strict)))
+            base = _base_processor(module)
+            cls = replacement_for(base) or FastgenAttnProcessor
+            _set(module, cls(base, AttentionPolicy(name, backend, strict)))
             layers[name] = backend
             continue
-        if isinstance(current, FastgenAttnProcessor):
+        if isinstance(current, FASTGEN_PROCESSORS):
             _set(module, current.original)
             restored.append(name)
         if backend is not None and reason is not None:

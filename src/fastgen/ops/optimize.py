@@ -6,6 +6,9 @@ place, reversibly:
 - diffusers ``Attention`` modules (UNet self/cross attention, the VAE mid-block, DiT / PixArt transformer
   blocks) whose processor is the standard ``AttnProcessor2_0`` or ``AttnProcessor`` get a
   :class:`~fastgen.ops.attention_diffusers.FastgenAttnProcessor` (which keeps the original processor);
+- diffusion transformers: SD3 / SD3.5's ``JointAttnProcessor2_0`` (joint and dual attention) and FLUX's
+  ``FluxAttnProcessor`` (``FluxAttention``, double- and single-stream blocks) get the processors of
+  :mod:`fastgen.ops.attention_dit`, kept and restored the same way;
 - transformers attention modules that dispatch through ``AttentionInterface`` (CLIP, BERT, ViT... on
   ``sdpa`` or ``eager``) have their config switched to the ``"fastgen"`` implementation, and each layer
   carries its own backend in a ``_fastgen_attention`` attribute (see :mod:`fastgen.ops.attention_transformers`).
@@ -379,8 +382,8 @@ def optimize(model: Any, attention: str | None = "triton", *, exclude: str | Ite
              filter_fn: Callable[[str, nn.Module], bool] | None = None, strict: bool = False) -> OptimizeReport:
     """Route the attention layers of ``model`` through :func:`fastgen.ops.attention` with backend ``attention``.
 
-    ``model``: an ``nn.Module`` (diffusers UNet / VAE / DiT / PixArt, transformers CLIP / BERT / ViT...), a
-    diffusers pipeline (its ``components``), a fastgen ``Component``, any object with a public
+    ``model``: an ``nn.Module`` (diffusers UNet / VAE / DiT / PixArt / SD3 / FLUX, transformers CLIP / BERT /
+    ViT...), a diffusers pipeline (its ``components``), a fastgen ``Component``, any object with a public
     ``torch_modules() -> dict[str, nn.Module]`` (a torch-backend ``Engine``, a ``Generator``, a ``Scorer``:
     each module is named by its key), or a list of those. ``attention``: ``"triton"``, ``"triton-int8"``,
     ``"sdpa"``, ``"reference"``, or None to restore the original attention of every layer. ``exclude``:
