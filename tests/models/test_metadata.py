@@ -120,7 +120,7 @@ def test_readers_tolerate_newer_writers():
 
 
 @pytest.mark.parametrize(("cls", "fields", "match"), [
-    (UNetMetadata, {"pipeline": "sd3"}, "pipeline"),
+    (UNetMetadata, {"pipeline": "sd4"}, "pipeline"),  # sd3 / flux / pixart are the DiT families
     (UNetMetadata, {"scheduler": "PNDM"}, "scheduler"),
     (UNetMetadata, {"force_zeros_for_empty_prompt": "yes"}, "force_zeros_for_empty_prompt"),
     (VaeMetadata, {"scaling_factor": 0}, "scaling_factor"),

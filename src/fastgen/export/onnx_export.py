@@ -41,6 +41,36 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def _rms_norm_symbolic(opset: int):
+    """``aten::rms_norm`` (``torch.nn.RMSNorm``, FLUX's q/k norms) for the TorchScript exporter, which has no
+    symbolic for it below opset 23: ``x / sqrt(mean(x**2) + eps) * weight`` over the normalised dims, as a
+    ``Pow -> ReduceMean -> Add -> Sqrt`` chain, the form the fp16 conversion keeps in fp32."""
+    from torch.onnx import symbolic_helper as sh
+
+    def symbolic(g, x, normalized_shape, weight, eps):
+        dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+        axes = list(range(-len(dims), 0))
+        value = None if eps.node().mustBeNone() else sh._maybe_get_const(eps, "f")
+        # torch's default eps is that of the input dtype; exported graphs are traced in float32.
+        value = torch.finfo(torch.float32).eps if value is None else float(value)
+        square = g.op("Pow", x, g.op("Constant", value_t=torch.tensor(2.0)))
+        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+            mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64)),
+                        keepdims_i=1)
+        else:
+            mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+        rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(value))))
+        out = g.op("Div", x, rms)
+        return out if weight.node().mustBeNone() else g.op("Mul", out, weight)
+
+    return symbolic
+
+
+def _register_symbolics(opset: int) -> None:
+    """Symbolics fastgen adds to the TorchScript exporter (registering again replaces the same function)."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic(opset), opset)
+
+
 def _trace(component: Component, args: tuple, path: Path, config: ExportConfig) -> None:
     if config.exporter == "dynamo":
         try:
@@ -50,6 +80,7 @@ def _trace(component: Component, args: tuple, path: Path, config: ExportConfig) 
         extra = {"dynamo": True, "external_data": True, "optimize": True, "verbose": False}
     else:
         extra = {"dynamo": False, "do_constant_folding": True}
+        _register_symbolics(config.resolved_opset)
     spec = component.spec
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The tracer warns about every Python branch on a shape; the verification step is what
@@ -102,12 +133,18 @@ def cleanup(model: onnx.ModelProto, config: ExportConfig) -> onnx.ModelProto:
     return slimmed
 
 
+def wants_external_data(weight_bytes: int, config: ExportConfig) -> bool:
+    """Whether weights of this size are stored beside the graph: always, never, or (auto) when they would
+    bring the serialised graph near protobuf's 2 GB limit (64 MiB are left for the graph itself)."""
+    too_big = weight_bytes > PROTOBUF_LIMIT - 64 * 2**20
+    if config.external_data == "never" and too_big:
+        raise FastgenError("external-data 'never' is impossible: the weights exceed protobuf's 2 GB limit")
+    return config.external_data == "always" or (config.external_data == "auto" and too_big)
+
+
 def save(model: onnx.ModelProto, directory: Path, config: ExportConfig) -> bool:
     """Write ``model.onnx`` (and ``model.onnx.data`` when external); returns whether external."""
-    external = config.external_data == "always" or (
-        config.external_data == "auto" and initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20)
-    if config.external_data == "never" and initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
-        raise FastgenError("external-data 'never' is impossible: the weights exceed protobuf's 2 GB limit")
+    external = wants_external_data(initializer_bytes(model), config)
     path = directory / ONNX_FILE
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 #: Every component name fastgen knows, in pipeline order.
 COMPONENT_NAMES = ("unet", "vae-decoder", "vae-encoder", "text-encoder", "text-encoder-2",
-                   "classifier", "text-classifier", "controlnet", "unet-controlled")
+                   "classifier", "text-classifier", "controlnet", "unet-controlled", "transformer", "text-encoder-3")
 
 # Builder: (model, component or None, latent_factor, image_size) -> (name, wrapper, spec)
 Builder = Callable[[nn.Module, str | None, int, int | None], tuple[str, nn.Module, ExportSpec]]

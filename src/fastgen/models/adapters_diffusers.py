@@ -227,5 +227,11 @@ def builder_for(model: nn.Module) -> Builder:
         from fastgen.models.adapters_controlnet import adapt_controlnet
 
         return adapt_controlnet
+    from fastgen.models.adapters_dit import DIT_BUILDERS
+
+    for cls_name, builder in DIT_BUILDERS.items():  # SD3 / FLUX / PixArt transformers
+        if isinstance(model, getattr(diffusers, cls_name)):
+            return builder
     raise UnsupportedError(f"no fastgen adapter for diffusers {type(model).__name__} "
-                           "(supported: UNet2DConditionModel, UNet2DModel, AutoencoderKL, ControlNetModel)")
+                           "(supported: UNet2DConditionModel, UNet2DModel, AutoencoderKL, ControlNetModel, "
+                           f"{', '.join(DIT_BUILDERS)})")

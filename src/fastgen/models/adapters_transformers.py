@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # Attention implementations that trace to ONNX with dynamic batch and sequence (both verified on
 # CLIP and BERT with transformers 5: the causal / padding masks are built from traced shapes).
 TRACEABLE_ATTENTION = ("eager", "sdpa", "fastgen")  # fastgen: see ops/attention_transformers.py
-TEXT_ENCODER_NAMES = ("text-encoder", "text-encoder-2")
+TEXT_ENCODER_NAMES = ("text-encoder", "text-encoder-2", "text-encoder-3")  # -3: SD3's T5
 
 
 class CLIPTextWrapper(nn.Module):

@@ -4,7 +4,8 @@
 see :mod:`fastgen.models.metadata`):
 
 - ``unet``: :class:`UNetMetadata` (scheduler config, ``sd`` or ``sdxl``, SDXL's empty-prompt zeros);
-- ``vae-decoder`` / ``vae-encoder``: :class:`VaeMetadata` (scaling factor, latent factor);
+- ``transformer``: :class:`UNetMetadata` (scheduler config, ``sd3`` / ``flux`` / ``pixart``);
+- ``vae-decoder`` / ``vae-encoder``: :class:`VaeMetadata` (scaling factor, latent factor, shift factor);
 - ``classifier``: :class:`ImageClassifierMetadata` (labels in index order, image size, mean, std, resample);
 - ``text-classifier``: :class:`TextClassifierMetadata` (labels, max length).
 
@@ -51,7 +52,7 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "prediction_type": "epsilon", "sample_max_value": 1.0, "steps_offset": 1, "timestep_spacing": "leading",
     "use_karras_sigmas": False, "set_alpha_to_one": False, "skip_prk_steps": True, "clip_sample": False,
 }
-TOKENIZER_FOLDERS = {"text-encoder": "tokenizer", "text-encoder-2": "tokenizer_2"}
+TOKENIZER_FOLDERS = {"text-encoder": "tokenizer", "text-encoder-2": "tokenizer_2", "text-encoder-3": "tokenizer_3"}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -83,7 +84,8 @@ def _folder_of(model: Any, comp: Component) -> tuple[Path | None, Path | None]:
         path = path.parent
     if (path / "model_index.json").exists():
         sub = {"unet": "unet", "unet-controlled": "unet", "controlnet": "controlnet", "vae-decoder": "vae",
-               "vae-encoder": "vae", "text-encoder": "text_encoder", "text-encoder-2": "text_encoder_2"}.get(comp.name)
+               "vae-encoder": "vae", "text-encoder": "text_encoder", "text-encoder-2": "text_encoder_2",
+               "text-encoder-3": "text_encoder_3", "transformer": "transformer"}.get(comp.name)
         return path, (path / sub if sub else None)
     return None, path
 
@@ -92,6 +94,12 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
               ) -> ComponentMetadata:
     """The component's typed metadata, from its config and, for local checkpoints, the files beside it."""
     dims = comp.spec.profile.dims
+    if comp.name == "transformer":  # a diffusion transformer: family and scheduler from its class
+        from fastgen.models.presets_dit import DIT_FAMILIES
+
+        family, default_scheduler = DIT_FAMILIES.get(comp.spec.model_type, (None, {}))
+        scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
+        return UNetMetadata(scheduler=scheduler or dict(default_scheduler), pipeline=family)  # type: ignore[arg-type]
     if comp.name in ("unet", "unet-controlled"):
         sdxl = config.get("addition_embed_type") == "text_time"
         scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
@@ -103,7 +111,8 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
                             pipeline="sdxl" if sdxl else "sd", force_zeros_for_empty_prompt=zeros)
     if comp.name in ("vae-decoder", "vae-encoder"):
         return VaeMetadata(scaling_factor=float(config.get("scaling_factor", DEFAULT_SCALING_FACTOR)),
-                           latent_factor=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1))
+                           latent_factor=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1),
+                           shift_factor=config.get("shift_factor"))
     if comp.name == "classifier":
         processor = _read(folder / "preprocessor_config.json") if folder else {}
         size = processor.get("size", {})
@@ -132,10 +141,10 @@ def attach_assets(comp: Component, model: Any) -> Component:
     root, folder = _folder_of(model, comp)
     comp.metadata = _metadata(comp, config, root, folder)
 
-    if comp.name in ("text-encoder", "text-encoder-2", "text-classifier"):
+    if comp.name in ("text-encoder", "text-encoder-2", "text-encoder-3", "text-classifier"):
         try:
             if is_preset:
-                comp.tokenizer = tokenizers.preset_tokenizer(config, comp.source.get("class", ""))
+                comp.tokenizer = tokenizers.preset_tokenizer(config, comp.source.get("class", ""), comp.name)
             elif root is not None and (root / TOKENIZER_FOLDERS.get(comp.name, "tokenizer")).exists():
                 comp.tokenizer = tokenizers.load_tokenizer(root / TOKENIZER_FOLDERS.get(comp.name, "tokenizer"))
             elif folder is not None and any((folder / f).exists() for f in

@@ -2,8 +2,8 @@
 
 A model is a preset name (``tiny``, ``sd15``, ``sdxl``), an ``nn.Module``, or a local path:
 
-- a diffusers pipeline folder (``model_index.json``; ``unet/``, ``vae/``, ``text_encoder/``,
-  ``text_encoder_2/`` subfolders);
+- a diffusers pipeline folder (``model_index.json``; ``unet/`` or ``transformer/`` (SD3, FLUX, PixArt),
+  ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``text_encoder_3/`` subfolders);
 - a diffusers model folder (``config.json`` with ``_class_name``) or a transformers model folder
   (``config.json`` with ``architectures`` / ``model_type``);
 - a ``.safetensors`` file: the folder around it when a ``config.json`` sits beside it, otherwise
@@ -42,9 +42,11 @@ logger = logging.getLogger(__name__)
 # Pipeline subfolder -> the components it provides.
 PIPELINE_FOLDERS = {
     "unet": ("unet",),
+    "transformer": ("transformer",),
     "vae": ("vae-decoder", "vae-encoder"),
     "text_encoder": ("text-encoder",),
     "text_encoder_2": ("text-encoder-2",),
+    "text_encoder_3": ("text-encoder-3",),
     "controlnet": ("controlnet",),
 }
 DIFFUSERS_COMPONENTS = {
@@ -52,6 +54,9 @@ DIFFUSERS_COMPONENTS = {
     "UNet2DModel": ("unet",),
     "AutoencoderKL": ("vae-decoder", "vae-encoder"),
     "ControlNetModel": ("controlnet",),
+    "SD3Transformer2DModel": ("transformer",),
+    "FluxTransformer2DModel": ("transformer",),
+    "PixArtTransformer2DModel": ("transformer",),
 }
 
 
@@ -226,6 +231,8 @@ def _transformers_class(config: dict[str, Any]) -> tuple[str, str]:
         return "text-encoder", arch
     if config.get("model_type") == "clip":  # a full CLIP checkpoint: take its text tower
         return "text-encoder", "CLIPTextModel"
+    if arch == "T5EncoderModel":  # AutoModel would build the whole encoder-decoder
+        return "text-encoder", arch
     if arch.endswith("ForSequenceClassification"):
         return "text-classifier", arch
     if arch.endswith("ForImageClassification"):
@@ -256,7 +263,9 @@ def _model_folder(plan: _Plan, folder: Path, names: tuple[str, ...] | None = Non
 def _pipeline_plan(root: Path) -> _Plan:
     plan = _Plan(origin=str(root))
     vae_cfg = _read_json(root / "vae" / "config.json") if (root / "vae" / "config.json").exists() else None
-    unet_cfg = _read_json(root / "unet" / "config.json") if (root / "unet" / "config.json").exists() else None
+    # The denoiser's config gives the nominal size: a UNet's, else a diffusion transformer's.
+    den = next((root / sub for sub in ("unet", "transformer") if (root / sub / "config.json").exists()), None)
+    unet_cfg = _read_json(den / "config.json") if den is not None else None
     factor = vae_latent_factor(vae_cfg) if vae_cfg and vae_cfg.get("block_out_channels") else 8
     image_size = None
     if unet_cfg is not None and unet_cfg.get("sample_size"):

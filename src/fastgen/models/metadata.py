@@ -54,7 +54,9 @@ DEFAULT_SCALING_FACTOR = 0.18215
 #: Token limit of a text classifier whose export spec has no ``seq`` range.
 DEFAULT_MAX_LENGTH = 512
 
-Pipeline = Literal["sd", "sdxl"]
+Pipeline = Literal["sd", "sdxl", "sd3", "flux", "pixart"]
+#: The values of :data:`Pipeline`, for validation.
+PIPELINES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux", "pixart")
 
 
 def _fail(kind: str, name: str, value: Any, expected: str) -> InvalidArgumentError:
@@ -139,14 +141,16 @@ class GenericMetadata(ComponentMetadata):
 
 @dataclass(frozen=True)
 class UNetMetadata(ComponentMetadata):
-    """A diffusion UNet: how to schedule it and which conditioning family it belongs to."""
+    """A diffusion UNet or transformer (component ``transformer``): how to schedule it and which conditioning
+    family it belongs to."""
 
     kind: ClassVar[str] = "unet"
 
     scheduler: dict[str, Any] | None = None
     """The diffusers scheduler config (``scheduler_config.json``) the UNet is sampled with; None: not recorded."""
     pipeline: Pipeline | None = None
-    """``sd`` (SD 1.x / 2.x text conditioning) or ``sdxl`` (added ``text_time`` conditioning); None: not
+    """``sd`` (SD 1.x / 2.x text conditioning), ``sdxl`` (added ``text_time`` conditioning), or a diffusion
+    transformer's family: ``sd3`` (SD3/3.5 MMDiT), ``flux`` (FLUX.1), ``pixart`` (PixArt-Sigma); None: not
     recorded (the generator infers it from the UNet's inputs)."""
     force_zeros_for_empty_prompt: bool | None = None
     """SDXL: an empty negative prompt conditions on zeros rather than on the encoded empty string; None:
@@ -157,8 +161,8 @@ class UNetMetadata(ComponentMetadata):
             if not isinstance(self.scheduler, Mapping):
                 raise _fail(self.kind, "scheduler", self.scheduler, "a diffusers scheduler config dict")
             object.__setattr__(self, "scheduler", copy.deepcopy(dict(self.scheduler)))
-        if self.pipeline is not None and self.pipeline not in ("sd", "sdxl"):
-            raise InvalidArgumentError(f"{self.kind} metadata pipeline", self.pipeline, ("sd", "sdxl"))
+        if self.pipeline is not None and self.pipeline not in PIPELINES:
+            raise InvalidArgumentError(f"{self.kind} metadata pipeline", self.pipeline, PIPELINES)
         if self.force_zeros_for_empty_prompt is not None and not isinstance(self.force_zeros_for_empty_prompt, bool):
             raise _fail(self.kind, "force_zeros_for_empty_prompt", self.force_zeros_for_empty_prompt, "true or false")
 
@@ -180,8 +184,16 @@ class VaeMetadata(ComponentMetadata):
     recorded (the generator then needs it as an argument)."""
     latent_factor: int | None = None
     """Spatial downsampling from pixels to latents (8 for four-block VAEs); None: not recorded."""
+    shift_factor: float | None = None
+    """Latents are ``scaling_factor * (posterior - shift_factor)`` and decoded from ``latents / scaling_factor +
+    shift_factor`` (SD3: 0.0609, FLUX: 0.1159); None: no shift (0), as SD 1.x / SDXL VAEs."""
 
     def __post_init__(self) -> None:
+        if self.shift_factor is not None:
+            if (isinstance(self.shift_factor, bool) or not isinstance(self.shift_factor, (int, float))
+                    or not math.isfinite(self.shift_factor)):
+                raise _fail(self.kind, "shift_factor", self.shift_factor, "a finite number")
+            object.__setattr__(self, "shift_factor", float(self.shift_factor))
         if self.scaling_factor is not None:
             if (isinstance(self.scaling_factor, bool) or not isinstance(self.scaling_factor, (int, float))
                     or not math.isfinite(self.scaling_factor) or self.scaling_factor <= 0):
@@ -195,7 +207,7 @@ class VaeMetadata(ComponentMetadata):
 
 @dataclass(frozen=True)
 class TextEncoderMetadata(ComponentMetadata):
-    """A text encoder (``text-encoder``, ``text-encoder-2``): nothing beyond its tokenizer, which travels
+    """A text encoder (``text-encoder``, ``text-encoder-2``, ``text-encoder-3``): nothing beyond its tokenizer, which travels
     beside the engine (``tokenizer/``), so no fields yet."""
 
     kind: ClassVar[str] = "text-encoder"
@@ -280,6 +292,8 @@ COMPONENT_METADATA: dict[str, type[ComponentMetadata]] = {
     "vae-encoder": VaeMetadata,
     "text-encoder": TextEncoderMetadata,
     "text-encoder-2": TextEncoderMetadata,
+    "text-encoder-3": TextEncoderMetadata,
+    "transformer": UNetMetadata,
     "classifier": ImageClassifierMetadata,
     "text-classifier": TextClassifierMetadata,
 }
@@ -319,7 +333,7 @@ def metadata_from_manifest(component: str, entry: Mapping[str, Any] | None) -> C
 
 
 __all__ = [
-    "COMPONENT_METADATA", "DEFAULT_CENTER_CROP", "DEFAULT_IMAGE_SIZE", "DEFAULT_MAX_LENGTH", "DEFAULT_RESAMPLE",
+    "COMPONENT_METADATA", "PIPELINES", "DEFAULT_CENTER_CROP", "DEFAULT_IMAGE_SIZE", "DEFAULT_MAX_LENGTH", "DEFAULT_RESAMPLE",
     "DEFAULT_SCALING_FACTOR", "IMAGENET_MEAN", "IMAGENET_STD", "METADATA_VERSION", "NEUTRAL_MEAN", "NEUTRAL_STD",
     "RESAMPLE_FILTERS", "ComponentMetadata", "GenericMetadata", "ImageClassifierMetadata", "TextClassifierMetadata",
     "TextEncoderMetadata", "UNetMetadata", "VaeMetadata", "metadata_class", "metadata_from_dict",

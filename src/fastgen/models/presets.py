@@ -4,7 +4,9 @@ A preset names a set of components (``unet``, ``vae-decoder``...) whose architec
 config dicts (:func:`preset_config`), so a preset needs no download: ``tiny`` is a few-kilobyte
 stand-in for tests and demos (``tiny-sdxl`` the same for SDXL's architecture; ``tiny-controlnet`` /
 ``tiny-sdxl-controlnet`` add a ``controlnet`` and the ``unet-controlled`` that takes its residuals), ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
-SDXL base 1.0 architectures (for benchmarking engines; the weights are random, not trained).
+SDXL base 1.0 architectures (for benchmarking engines; the weights are random, not trained);
+``tiny-sd3`` / ``tiny-flux`` / ``tiny-pixart`` and ``sd35-medium`` / ``flux-dev`` / ``pixart-sigma`` the
+diffusion transformers (:mod:`fastgen.models.presets_dit`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.models.presets_dit import DIT_IMAGE_SIZES, dit_presets
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +309,10 @@ PRESET_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny-inpaint": (32, 64, 128),
     "tiny-sdxl-inpaint": (32, 64, 128),
 }
+
+# Diffusion transformers (SD3.5, FLUX.1, PixArt-Sigma and their tiny stand-ins): see presets_dit.
+_PRESETS.update(dit_presets(_TINY_VAE, _TINY_CLIP, _TINY_CLIP_2, _CLIP_L, _CLIP_BIGG, _SDXL_VAE))
+PRESET_IMAGE_SIZES.update(DIT_IMAGE_SIZES)
 
 #: Latent factor of every preset (its VAE has four blocks).
 PRESET_LATENT_FACTOR = 8

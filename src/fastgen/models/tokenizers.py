@@ -3,7 +3,8 @@
 The presets have random weights and no hub, so their tokenizers are generated deterministically:
 a byte-level BPE with CLIP's layout (bytes, bytes + ``</w>``, merges, then ``<|startoftext|>`` and
 ``<|endoftext|>`` as the two highest ids, so CLIP's argmax pooling finds the end token) and a
-WordPiece vocabulary for the BERT-style text classifier. The merges and words are learnt from a
+WordPiece vocabulary for the BERT-style text classifier, and a Unigram model with T5's layout for the
+T5 encoders of the diffusion transformers. The merges and words are learnt from a
 small embedded corpus of ad-style text, then padded to the model's vocabulary size.
 """
 
@@ -169,14 +170,69 @@ def bert_tokenizer(vocab_size: int = 1000, model_max_length: int = 128):
         return BertTokenizer(vocab=str(path), model_max_length=model_max_length)
 
 
-def preset_tokenizer(config: dict[str, Any], class_name: str):
-    """The generated tokenizer that fits a preset's text model config."""
+T5_PAD, T5_EOS, T5_UNK, T5_SPACE = "<pad>", "</s>", "<unk>", "\u2581"
+#: T5's sentencepiece model has 32000 pieces plus 100 sentinel ids (the model's table has 32128 rows).
+T5_PIECES, T5_EXTRA_IDS = 32000, 100
+
+
+@functools.cache
+def t5_vocab(size: int) -> tuple[tuple[str, float], ...]:
+    """(piece, log-probability) of a T5-layout Unigram model with exactly ``size`` pieces.
+
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 as in T5; then the corpus words (most frequent first, scored
+    so a known word is always one piece), single characters as fallback, and letter strings as filler.
+    """
+    words = [w for w, _ in Counter(w.lower().strip(string.punctuation) for w in CORPUS).most_common() if w]
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (T5_SPACE, -2.0)]
+    pieces += [(T5_SPACE + w, -3.0 - i / 1000) for i, w in enumerate(words)]
+    pieces += [(c, -10.0) for c in chars] + [(T5_SPACE + c, -10.0) for c in chars]
+    known = {p for p, _ in pieces}
+    filler = ("".join(p) for n in itertools.count(2) for p in itertools.product(string.ascii_lowercase, repeat=n))
+    while len(pieces) < size:
+        piece = next(filler)
+        if piece not in known:
+            pieces.append((piece, -12.0 - len(pieces) / 1e5))
+    return tuple(pieces[:size])
+
+
+def t5_tokenizer(vocab_size: int = 32128, model_max_length: int = 512):
+    """A generated T5TokenizerFast for a T5 encoder's vocabulary: a Unigram model built with ``tokenizers``,
+    ``</s>`` appended to every text, padding with ``<pad>`` (id 0). Models with T5's vocabulary get its 32000
+    pieces and 100 sentinel ids; smaller (tiny) ones one piece per row and no sentinels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    extra = T5_EXTRA_IDS if vocab_size >= T5_PIECES + T5_EXTRA_IDS else 0
+    pieces = list(t5_vocab(min(vocab_size - extra, T5_PIECES)))
+    # Sentinels last, in reverse order (<extra_id_0> has the highest id), as T5's tokenizer numbers them.
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(extra - 1, -1, -1)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=T5_SPACE, prepend_scheme="always", split=True)])
+    tok.decoder = decoders.Metaspace(replacement=T5_SPACE, prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(single=["$A", T5_EOS], pair=["$A", T5_EOS, "$B", T5_EOS],
+                                                       special_tokens=[(T5_EOS, 1)])
+    # A tokenizer.json file: the constructor form transformers 4.x and 5.x share.
+    with tempfile.TemporaryDirectory(prefix="fastgen-vocab-") as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        tok.save(str(path))
+        return T5TokenizerFast(tokenizer_file=str(path), extra_ids=extra, model_max_length=model_max_length,
+                               pad_token=T5_PAD, eos_token=T5_EOS, unk_token=T5_UNK)
+
+
+def preset_tokenizer(config: dict[str, Any], class_name: str, component: str | None = None):
+    """The generated tokenizer that fits a preset's text model config (``component``: its name in the preset)."""
     vocab = int(config["vocab_size"])
     max_len = int(config.get("max_position_embeddings", 77))
+    if class_name.startswith("T5"):
+        return t5_tokenizer(vocab)
     if class_name.startswith("CLIP"):
-        # SDXL's second tokenizer pads with "!" (id 0); the projection model is that encoder.
-        pad = "!" if class_name == "CLIPTextModelWithProjection" else CLIP_END
-        return clip_tokenizer(vocab, min(max_len, 77), pad_token=pad)
+        # SDXL's and SD3's second tokenizer (CLIP-G) pads with "!" (id 0), their first with <|endoftext|>
+        # (SD3's first is a projection model too, so the component decides when known).
+        second = component == "text-encoder-2" if component else class_name == "CLIPTextModelWithProjection"
+        return clip_tokenizer(vocab, min(max_len, 77), pad_token="!" if second else CLIP_END)
     return bert_tokenizer(vocab, max_len)
 
 
