@@ -23,6 +23,8 @@ MAX_TEXT_CHARS = 100_000
 #: Most denoising steps: diffusers' schedulers train on 1000 timesteps and refuse more; a typo such as
 #: ``steps=10**9`` must fail at once rather than allocate a billion-entry schedule.
 MAX_STEPS = 1000
+#: diffusers' default guidance_scale of each pipeline family (FLUX: the distilled guidance).
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5, "pixart": 4.5}
 #: Largest mask blur radius in pixels: PIL's Gaussian blur takes time in the radius, and a blur wider
 #: than any image only makes the mask uniform.
 MAX_MASK_BLUR = 1000.0
@@ -85,8 +87,10 @@ class GenerateConfig(ConfigMixin):
 
     steps: int = 20
     """Denoising steps asked of the scheduler (image-to-image runs the last strength * steps of them)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance weight; 1 or less skips the unconditional pass, as diffusers does."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance weight; 1 or less skips the unconditional pass, as diffusers does (FLUX:
+    the distilled guidance fed to the transformer); none: the pipeline's diffusers default (SD/SDXL 7.5,
+    SD3 7, FLUX 3.5, PixArt 4.5)."""
     scheduler: SchedulerName | None = None
     """Sampler (a diffusers scheduler built from the model's scheduler config); none: the model's own."""
     height: int | None = None
@@ -124,13 +128,19 @@ class GenerateConfig(ConfigMixin):
     guess_mode: bool = False
     """ControlNet: the nets see the conditional half of guidance only, their residuals weighted from 0.1
     (first) to 1 (mid block), as diffusers' guess mode."""
+    true_cfg_scale: float = 1.0
+    """FLUX: true classifier-free guidance weight, on when above 1 and a negative prompt is given (an extra
+    unconditional row per image, as FluxPipeline's true_cfg_scale); other pipelines ignore it."""
+    max_sequence_length: int | None = None
+    """SD3/FLUX/PixArt: T5 tokens per prompt (1 to 512); none: the pipeline's default (SD3 256, FLUX 512,
+    PixArt 300). Requests of different lengths never share a transformer call."""
 
     def __post_init__(self) -> None:
         self.validate_literals()
         # Numbers are stored as plain ints and floats: numpy scalars are accepted, and the config (and
         # every result's to_dict) stays JSON-serialisable.
         normal = {"steps": _check_int("steps", self.steps, 1, MAX_STEPS),
-                  "guidance_scale": _check_float("guidance_scale", self.guidance_scale, 0.0),
+                  "true_cfg_scale": _check_float("true_cfg_scale", self.true_cfg_scale, 0.0),
                   "strength": _check_float("strength", self.strength, 0.0, 1.0),
                   "eta": _check_float("eta", self.eta, 0.0),
                   "num_images_per_prompt": _check_int("num_images_per_prompt", self.num_images_per_prompt, 1)}
@@ -138,6 +148,10 @@ class GenerateConfig(ConfigMixin):
             if getattr(self, name) is not None:
                 normal[name] = _check_int(name, getattr(self, name), 1)
         normal["mask_blur"] = _check_float("mask_blur", self.mask_blur, 0.0, MAX_MASK_BLUR)
+        if self.guidance_scale is not None:
+            normal["guidance_scale"] = _check_float("guidance_scale", self.guidance_scale, 0.0)
+        if self.max_sequence_length is not None:
+            normal["max_sequence_length"] = _check_int("max_sequence_length", self.max_sequence_length, 1, 512)
         if self.padding_mask_crop is not None:
             normal["padding_mask_crop"] = _check_int("padding_mask_crop", self.padding_mask_crop, 0)
         normal.update(_check_control(self))
@@ -147,6 +161,13 @@ class GenerateConfig(ConfigMixin):
             check_text("negative-prompt", self.negative_prompt, "a string")
         for name, value in normal.items():
             object.__setattr__(self, name, value)
+
+    def resolved(self, pipeline: str | None) -> GenerateConfig:
+        """This config with ``guidance_scale`` set to ``pipeline``'s default when it is none (what a
+        result reports)."""
+        if self.guidance_scale is not None:
+            return self
+        return dataclasses.replace(self, guidance_scale=DEFAULT_GUIDANCE.get(pipeline or "sd", 7.5))
 
 
 

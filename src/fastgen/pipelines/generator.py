@@ -32,8 +32,8 @@ from fastgen.models.metadata import UNetMetadata, VaeMetadata
 from fastgen.models.spec import parse_dim
 from fastgen.pipelines import best_of as ranking
 from fastgen.pipelines import controlnet as control
+from fastgen.pipelines import dit_sampling, stepping
 from fastgen.pipelines import inpaint as inpainting
-from fastgen.pipelines import stepping
 from fastgen.pipelines import vae_images as imaging
 from fastgen.pipelines.adapters import AdapterMethods
 from fastgen.pipelines.conditioning import PromptEncoder
@@ -45,13 +45,14 @@ from fastgen.pipelines.config import (
     check_seed,
     check_text,
 )
+from fastgen.pipelines.dit_conditioning import DIT_PIPELINES, DitPromptEncoder
 from fastgen.pipelines.sampling import make_scheduler, set_timesteps
 
 logger = logging.getLogger(__name__)
 
 #: Engine directory names of a generator folder (``fastgen build ... --out DIR/<name>``).
-COMPONENTS = ("text-encoder", "text-encoder-2", "unet", "vae-decoder", "vae-encoder")
-PIPELINES = ("sd", "sdxl")
+COMPONENTS = ("text-encoder", "text-encoder-2", "text-encoder-3", "unet", "transformer", "vae-decoder", "vae-encoder")
+PIPELINES = ("sd", "sdxl", *DIT_PIPELINES)
 
 _M = TypeVar("_M", UNetMetadata, VaeMetadata)
 
@@ -61,7 +62,11 @@ def _ms(start: float) -> float:
 
 
 class Generator(AdapterMethods):
-    """Stable Diffusion (1.x/2.x) or SDXL generation from component engines.
+    """Stable Diffusion (1.x/2.x), SDXL, SD3/3.5, FLUX.1 or PixArt-Sigma generation from component engines.
+
+    SD3/FLUX/PixArt (:mod:`fastgen.pipelines.dit_conditioning`, :mod:`fastgen.pipelines.dit_sampling`):
+    the denoiser is a ``transformer`` engine (also reachable as ``unet``, which the step machinery
+    uses); SD3 takes a third text encoder (T5, optional), FLUX CLIP + T5, PixArt T5 alone.
 
     ``unet``, ``vae_decoder``, ``text_encoder`` (and ``text_encoder_2`` for SDXL, ``vae_encoder``
     for image-to-image) are engines: anything called with a dict of named tensors that returns one,
@@ -73,11 +78,16 @@ class Generator(AdapterMethods):
     ``vae_encoder`` may also be a zero-argument callable returning the engine, built on first use.
     """
 
-    def __init__(self, *, unet: Any, vae_decoder: Any, text_encoder: Any = None, text_encoder_2: Any = None,
+    def __init__(self, *, unet: Any = None, vae_decoder: Any, text_encoder: Any = None, text_encoder_2: Any = None,
                  vae_encoder: Any = None, tokenizer: Any = None, tokenizer_2: Any = None,
                  scheduler_config: dict[str, Any] | None = None, scaling_factor: float | None = None,
                  pipeline: str | None = None, force_zeros_for_empty_prompt: bool | None = None,
-                 controlnet: Any = None) -> None:
+                 controlnet: Any = None, transformer: Any = None, text_encoder_3: Any = None,
+                 tokenizer_3: Any = None, shift_factor: float | None = None) -> None:
+        if (unet is None) == (transformer is None):
+            raise InvalidArgumentError("unet", None if unet is None else "a unet and a transformer",
+                                       reason="pass one denoiser engine: unet, or transformer (SD3, FLUX, PixArt)")
+        unet = unet if unet is not None else transformer
         if "encoder_hidden_states" not in unet.spec.input_names:
             raise InvalidArgumentError("unet", unet.spec.model_type or unet.spec.component,
                                        reason="a text-conditioned UNet (UNet2DConditionModel) engine is needed")
@@ -87,8 +97,12 @@ class Generator(AdapterMethods):
         unet_meta, vae_meta = _metadata(unet, UNetMetadata), _metadata(vae_decoder, VaeMetadata)
         self.pipeline = pipeline or unet_meta.pipeline or (
             "sdxl" if "text_embeds" in unet.spec.input_names else "sd")
-        if self.pipeline not in PIPELINES:
-            raise InvalidArgumentError("pipeline", self.pipeline, PIPELINES)
+        # A transformer (SD3/FLUX/PixArt inputs) runs a DiT pipeline, a UNet an SD/SDXL one.
+        dit = unet_meta.pipeline in DIT_PIPELINES or bool(
+            {"pooled_projections", "encoder_attention_mask"} & set(unet.spec.input_names))
+        allowed = DIT_PIPELINES if dit else ("sd", "sdxl")
+        if self.pipeline not in allowed:
+            raise InvalidArgumentError("pipeline", self.pipeline, allowed)
         self.scheduler_config = dict(scheduler_config or copy.deepcopy(unet_meta.scheduler) or {})
         if not self.scheduler_config:
             raise InvalidArgumentError("scheduler_config", None, reason="the unet engine carries none: pass "
@@ -98,16 +112,24 @@ class Generator(AdapterMethods):
             raise InvalidArgumentError("scaling_factor", None, reason="the vae-decoder engine carries none: pass "
                                        "the VAE's scaling_factor (0.18215 for SD 1.x, 0.13025 for SDXL)")
         self.scaling_factor = float(factor)
+        shift = shift_factor if shift_factor is not None else getattr(vae_meta, "shift_factor", None)
+        #: The VAE's latent shift (SD3/FLUX): latents = scaling_factor * (posterior - shift_factor); 0 for SD.
+        self.shift_factor = float(shift or 0.0)
         self.force_zeros_for_empty_prompt = bool(
             force_zeros_for_empty_prompt if force_zeros_for_empty_prompt is not None
             else unet_meta.zeros_for_empty_prompt(self.pipeline))
         encoders = [(e, tok if tok is not None else getattr(e, "tokenizer", None))
-                    for e, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)) if e is not None]
+                    for e, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2),
+                                   (text_encoder_3, tokenizer_3)) if e is not None]
         if self.pipeline == "sd" and text_encoder_2 is not None:
             raise InvalidArgumentError("text_encoder_2", text_encoder_2.spec.component,
                                        reason="an SD 1.x/2.x UNet takes one text encoder")
-        self.prompt_encoder = PromptEncoder(self.pipeline, encoders)
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        if text_encoder_3 is not None and self.pipeline != "sd3":
+            raise InvalidArgumentError("text_encoder_3", text_encoder_3.spec.component,
+                                       reason="only SD3 takes a third text encoder")
+        self.prompt_encoder: Any = (DitPromptEncoder(self.pipeline, encoders, unet) if self.pipeline in DIT_PIPELINES
+                                    else PromptEncoder(self.pipeline, encoders))
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoder, text_encoder_2, text_encoder_3
         sample = unet.spec.inputs[unet.spec.input_names.index("sample")]
         #: The UNet's input channels: the latent channels, or 2 * those + 1 for an inpainting UNet
         #: (latents, mask, masked-image latents); the latents are what it predicts noise for.
@@ -146,7 +168,7 @@ class Generator(AdapterMethods):
         from fastgen.engines.loading import load_engine
 
         path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
-        found = control.engine_folder(path, COMPONENTS) if path is not None and path.is_dir() else None
+        found = _engine_folder(path) if path is not None and path.is_dir() else None
         if found is not None:
             if quantization not in (None, "none"):
                 raise InvalidArgumentError("quantization", str(quantization), ("none",),
@@ -164,12 +186,19 @@ class Generator(AdapterMethods):
             engines, vae_encoder = _build_engines(model, backend=backend, device=device, precision=precision,
                                                   cache=cache, profile=profile, build_config=build_config,
                                                   quantization=quantization, progress=progress, controlnet=controlnet)
+        if "unet" not in engines and "transformer" in engines:  # SD3, FLUX, PixArt
+            engines["unet"] = engines.pop("transformer")
         missing = [n for n in ("unet", "vae-decoder") if n not in engines]
         if missing:
             raise InvalidArgumentError("model", os.fspath(model), reason=f"has no {missing[0]} component")
         return cls(unet=engines["unet"], vae_decoder=engines["vae-decoder"], text_encoder=engines.get("text-encoder"),
-                   text_encoder_2=engines.get("text-encoder-2"), vae_encoder=vae_encoder,
-                   controlnet=control.take_nets(engines))
+                   text_encoder_2=engines.get("text-encoder-2"), text_encoder_3=engines.get("text-encoder-3"),
+                   vae_encoder=vae_encoder, controlnet=control.take_nets(engines))
+
+    @property
+    def transformer(self) -> Any:
+        """The denoiser engine of an SD3, FLUX or PixArt generator (the same engine as ``unet``)."""
+        return self.unet
 
     @property
     def vae_encoder(self) -> Any:
@@ -238,8 +267,10 @@ class Generator(AdapterMethods):
         best_of = ranking.check_best_of(candidates, scorer, keep, rank_by, cfg)
         per_prompt = candidates if best_of else cfg.num_images_per_prompt
         seeds = _prompt_seeds(cfg, seeds, len(prompts), per_prompt)
-        # An unknown scheduler, or a step count it refuses, fails before any work.
-        set_timesteps(make_scheduler(cfg.scheduler, self.scheduler_config), cfg.steps)
+        # An unknown scheduler, or a step count it refuses, fails before any work (DiT: in prepare, whose
+        # schedule depends on the image size).
+        if not dit_sampling.is_dit(self):
+            set_timesteps(make_scheduler(cfg.scheduler, self.scheduler_config), cfg.steps)
         init_images = imaging.load_images(image, len(prompts)) if image is not None else None
         if mask_image is not None and init_images is None:
             raise InvalidArgumentError("mask_image", "a mask", reason="inpainting needs the input image too")
@@ -280,6 +311,7 @@ class Generator(AdapterMethods):
                                 prompt_indices=prompt_indices, latencies=latencies, config=cfg, scores=scores,
                                 rank_values=rank_values,
                                 extras={"height": height, "width": width, "pipeline": self.pipeline,
+                                        "guidance_scale": cfg.resolved(self.pipeline).guidance_scale,
                                         "scheduler": cfg.scheduler or self.scheduler_config.get("_class_name"),
                                         "mode": ("inpaint" if masks is not None else
                                                  "img2img" if init_images is not None else "txt2img")})
@@ -327,7 +359,8 @@ class Generator(AdapterMethods):
         PyTorch module (onnxruntime, TensorRT) contribute nothing; an engine running several modules
         gives ``name.key`` entries."""
         engines = {"unet": self.unet, "vae_decoder": self.vae_decoder, "text_encoder": self.text_encoder,
-                   "text_encoder_2": self.text_encoder_2, "vae_encoder": self._vae_encoder}
+                   "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3,
+                   "vae_encoder": self._vae_encoder}
         out: dict[str, torch.nn.Module | None] = {}
         for name, engine in engines.items():
             if engine is None:
@@ -344,8 +377,8 @@ class Generator(AdapterMethods):
 
     def close(self) -> None:
         """Release the engines' backend resources."""
-        for engine in (self.unet, self.vae_decoder, self.text_encoder, self.text_encoder_2, self._vae_encoder,
-                       *self.controlnets):
+        for engine in (self.unet, self.vae_decoder, self.text_encoder, self.text_encoder_2, self.text_encoder_3,
+                       self._vae_encoder, *self.controlnets):
             if engine is not None and hasattr(engine, "close"):
                 engine.close()
 
@@ -404,6 +437,15 @@ def _check_decoded(decoded: torch.Tensor, states: Sequence[stepping.SampleState]
     raise NumericalError(f"the VAE decoder returned non-finite pixels (NaN or inf) for image(s) {bad}")
 
 
+def _engine_folder(path: Path) -> dict[str, Path] | None:
+    """A ``fastgen build`` folder's engine directories (:func:`control.engine_folder`); with a ``transformer/``
+    instead of a ``unet/`` (SD3, FLUX, PixArt) too. None when it is not such a folder."""
+    found = control.engine_folder(path, COMPONENTS)
+    if found is None and (path / "transformer" / "manifest.json").is_file():
+        found = {name: path / name for name in COMPONENTS if (path / name / "manifest.json").is_file()}
+    return found
+
+
 def _filter_profile(profile: Any, symbols: set[str]):
     """The part of a pipeline-wide profile that concerns one component (None when nothing does)."""
     dims = {k: v for k, v in profile.dims.items() if k in symbols} if profile is not None else {}
@@ -442,7 +484,7 @@ def _build_engines(model: Any, *, backend: str, device: str, precision: str, cac
 
     def build_one(comp) -> Any:
         sub = _filter_profile(profile, comp.spec.symbols)
-        quant = unet_quantization if comp.name in ("unet", "unet-controlled") else "none"
+        quant = unet_quantization if comp.name in ("unet", "unet-controlled", "transformer") else "none"
         return build(comp, config=dataclasses.replace(config, profile=sub, quantization=quant), cache=cache,
                      progress=progress)
 

@@ -18,6 +18,10 @@ over a torch module:
   (:func:`combine_guidance`), then each request's scheduler steps on its slice;
 - :func:`decode`: one VAE-decoder call for the finished requests.
 
+SD3, FLUX and PixArt-Sigma generators take the same steps over their transformer (``generator.unet``);
+their prompt encoding, schedules, guidance and image-to-image noising are in
+:mod:`fastgen.pipelines.dit_conditioning` and :mod:`fastgen.pipelines.dit_sampling`.
+
 Inpainting requests (:mod:`fastgen.pipelines.inpaint`) take the same steps: their initial latents
 come from one VAE-encoder call for their input and masked images, an inpainting UNet gets their
 mask and masked-image latents appended to their rows, and with a regular UNet their latents'
@@ -49,7 +53,7 @@ import torch
 
 from fastgen.core.progress import steps as progress_steps
 from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError
-from fastgen.pipelines import controlnet, inpaint, vae_images
+from fastgen.pipelines import controlnet, dit_sampling, inpaint, vae_images
 from fastgen.pipelines.conditioning import Conditioning, assemble_conditioning
 from fastgen.pipelines.config import GenerateConfig, check_seed, check_text
 from fastgen.pipelines.engine_calls import run_chunked
@@ -149,7 +153,11 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
         raise UnsupportedError(f"step-level image-to-image takes a decoded PIL image, not {type(image).__name__}: "
                                "read it with fastgen.pipelines.vae_images.load_image, or use Generator.generate")
     check_text("prompt", prompt)
-    cfg = config or GenerateConfig()
+    given = config or GenerateConfig()  # what the result reports
+    cfg = given.resolved(getattr(generator, "pipeline", None))  # guidance_scale none: the family's default
+    dit = dit_sampling.is_dit(generator)
+    if dit:
+        dit_sampling.check_request(generator, cfg, mask=mask, control=control)
     if mask is not None and image is None:
         raise InvalidArgumentError("mask_image", "a mask", reason="inpainting needs the input image too")
     count = cfg.num_images_per_prompt if images is None else images
@@ -177,15 +185,21 @@ def prepare(generator: Any, prompt: str, config: GenerateConfig | None = None, *
         inpaint.check_options(cfg)
     controlled = controlnet.prepare(generator, control, cfg, height, width, inpainting=mask is not None)
     scheduler = make_scheduler(cfg.scheduler, generator.scheduler_config)
-    set_timesteps(scheduler, cfg.steps, _device(generator))
-    timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength) if image is not None else scheduler.timesteps
+    if dit:
+        timesteps = dit_sampling.schedule(generator, scheduler, cfg, height, width, img2img=image is not None,
+                                          device=_device(generator))
+    else:
+        set_timesteps(scheduler, cfg.steps, _device(generator))
+        timesteps = img2img_timesteps(scheduler, cfg.steps, cfg.strength) if image is not None else scheduler.timesteps
     seeds = [base + j for j in range(count)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    guided = cfg.guidance_scale > 1.0
+    # FLUX: guided means true CFG (guidance_scale is fed to the transformer instead).
+    guided, weight = dit_sampling.guidance(generator.pipeline, cfg) if dit else (
+        cfg.guidance_scale > 1.0, float(cfg.guidance_scale))  # type: ignore[operator]
     zero_negative = (generator.pipeline == "sdxl" and generator.force_zeros_for_empty_prompt
                      and cfg.negative_prompt is None)
-    guidance = torch.full((len(seeds), 1, 1, 1), float(cfg.guidance_scale), device=_device(generator))
-    return SampleState(prompt=prompt, config=cfg, seeds=seeds, height=height, width=width, scheduler=scheduler,
+    guidance = torch.full((len(seeds), 1, 1, 1), weight, device=_device(generator))
+    return SampleState(prompt=prompt, config=given, seeds=seeds, height=height, width=width, scheduler=scheduler,
                        timesteps=timesteps, generators=generators, guided=guided, guidance=guidance,
                        extra=step_kwargs(scheduler, eta=cfg.eta, generators=generators), zero_negative=zero_negative,
                        image=image, inpaint=inpainting, control=controlled)
@@ -213,6 +227,9 @@ def encode_prompts(generator: Any, states: Sequence[SampleState]) -> float:
     start = time.perf_counter()
     negatives = [_negative(s) for s in states]
     texts = [s.prompt for s in states] + [n for n in negatives if n is not None]
+    if dit_sampling.is_dit(generator):
+        generator.prompt_encoder.encode_states(states, texts, negatives)
+        return _encoded(states, start)
     hidden, pooled = generator.prompt_encoder.encode(texts)  # (texts, seq, dim), (texts, pooled) or None
     sdxl = generator.pipeline == "sdxl"
     next_negative = len(states)
@@ -225,6 +242,10 @@ def encode_prompts(generator: Any, states: Sequence[SampleState]) -> float:
         own_pooled = pooled[index.to(pooled.device)] if pooled is not None else None
         s.cond = assemble_conditioning(hidden[index], own_pooled, [s.images], guided=s.guided,
                                        zero_negative=s.zero_negative, sdxl=sdxl, height=s.height, width=s.width)
+    return _encoded(states, start)
+
+
+def _encoded(states: Sequence[SampleState], start: float) -> float:
     ms = (time.perf_counter() - start) * 1e3
     for s in states:
         s.text_encoding_ms = ms
@@ -241,7 +262,9 @@ def init_latents(generator: Any, states: Sequence[SampleState]) -> None:
     device = _device(generator)
     for s in states:
         if s.image is None:
-            s.latents = per_sample_noise(_latent_shape(generator, s), s.generators, device) * s.scheduler.init_noise_sigma
+            # Flow-matching schedulers have no init_noise_sigma (their pipelines draw plain noise).
+            s.latents = per_sample_noise(_latent_shape(generator, s), s.generators, device) * getattr(
+                s.scheduler, "init_noise_sigma", 1.0)
     from_images = [s for s in states if s.image is not None and s.inpaint is None]
     if from_images:
         _encode_images(generator, from_images, device)
@@ -274,7 +297,9 @@ def _encode_images(generator: Any, states: Sequence[SampleState], device: torch.
         mean = out["latent_mean"][index].to(device)  # (images, C, h, w)
         logvar = out["latent_logvar"][index].to(device)
         noise = per_sample_noise(mean.shape, s.generators, device)
-        s.latents = generator.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise)
+        # SD3/FLUX VAEs shift the posterior before scaling (shift_factor; 0 for SD).
+        shift = getattr(generator, "shift_factor", 0.0)
+        s.latents = generator.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise - shift)
     bad = nonfinite_rows(torch.cat([s.latents for s in states]))  # type: ignore[misc]
     if bad:  # state i is prompt i of Generator.generate; its images are consecutive rows
         ends = torch.tensor([s.images for s in states]).cumsum(0).tolist()
@@ -284,7 +309,7 @@ def _encode_images(generator: Any, states: Sequence[SampleState], device: torch.
     for s in states:
         if len(s.timesteps):  # strength 0 (or too few steps to run one): the encoded image as it is
             noise = per_sample_noise(_latent_shape(generator, s), s.generators, device)
-            s.latents = s.scheduler.add_noise(s.latents, noise, s.timesteps[:1].repeat(s.images))
+            s.latents = dit_sampling.noise_latents(s.scheduler, s.latents, noise, s.timesteps[:1].repeat(s.images))
     ms = (time.perf_counter() - start) * 1e3
     for s in states:
         s.vae_encode_ms = ms
@@ -347,8 +372,10 @@ def unet_step(unet: Any, states: Sequence[SampleState], *, feeds_cache: dict | N
         # Both halves of guidance: scale_model_input on (2 * images, C, h, w), as diffusers does.
         model_input = torch.cat([s.latents, s.latents]) if s.guided else s.latents
         # Inpainting UNet: the mask and masked-image latents join the scaled rows along the channels.
-        inputs.append(inpaint.unet_input(s, s.scheduler.scale_model_input(model_input, t)) if s.inpaint is not None
-                      else s.scheduler.scale_model_input(model_input, t))
+        # Flow-matching schedulers have no scale_model_input: their pipelines feed the latents as they are.
+        scaled = s.scheduler.scale_model_input(model_input, t) if hasattr(s.scheduler, "scale_model_input") \
+            else model_input
+        inputs.append(inpaint.unet_input(s, scaled) if s.inpaint is not None else scaled)
         timesteps.append(t.reshape(1).to(torch.float32).expand(model_input.shape[0]))  # (rows,)
     sample = _arrange(states, inputs)  # (rows, C, h, w)
     timestep = _arrange(states, timesteps)  # (rows,): per-sample timesteps
@@ -448,7 +475,8 @@ def decode(generator: Any, states: Sequence[SampleState]) -> list[torch.Tensor]:
         return []
     start = time.perf_counter()
     latents = torch.cat([s.latents for s in states])  # type: ignore[misc]
-    images = run_chunked(generator.vae_decoder, {"latent": latents / generator.scaling_factor})["image"]
+    latents = latents / generator.scaling_factor + getattr(generator, "shift_factor", 0.0)  # 0 for SD
+    images = run_chunked(generator.vae_decoder, {"latent": latents})["image"]
     ms = (time.perf_counter() - start) * 1e3
     out, offset = [], 0
     for s in states:

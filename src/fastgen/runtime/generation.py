@@ -69,6 +69,17 @@ def _read(argument: str, noun: str, load: Callable[[Any], Any], item: Any) -> An
         raise InvalidArgumentError(argument, type(item).__name__, reason=f"cannot read {noun}: {detail}") from None
 
 
+def _text_key(generator: Any, state: stepping.SampleState) -> tuple:
+    """What else a request's bucket needs beside its image size: a DiT request's T5 length when it is
+    not the family's default (rows of different text lengths cannot share a transformer call)."""
+    requested = state.config.max_sequence_length
+    encoder = getattr(generator, "prompt_encoder", None)
+    if requested is None or not hasattr(encoder, "sequence_length"):
+        return ()
+    length = encoder.sequence_length(requested)
+    return () if length == encoder.sequence_length(None) else (("text_tokens", length),)
+
+
 class GenerationExecutor:
     """Runs generation steps for a :class:`~fastgen.Generator`; ``clock`` is the scheduler's."""
 
@@ -99,17 +110,19 @@ class GenerationExecutor:
         generator's active one for None). Unknown adapter names raise here, at submission."""
         pairs = adapter_pairs(adapters)
         manager = getattr(self.generator, "adapter_manager", None)
+        size, text = (state.height, state.width), _text_key(self.generator, state)
         if manager is None:
             if pairs:
                 raise InvalidArgumentError("adapters", pairs[0][0], "none loaded (Generator.load_lora first)")
             state.adapters = AdapterSelection()  # base weights, also if adapters are loaded before it runs
-            return (state.height, state.width)
+            return size + text
         selection = manager.selection if pairs is None else AdapterSelection(
             tuple(n for n, _ in pairs), tuple(w for _, w in pairs))
         manager.check(selection, "adapters")
         state.adapters = selection
         unet = manager.effective("unet", selection)
-        return (state.height, state.width, unet) if unet.names else (state.height, state.width)
+        # The adapters third (step_policy.weights_of reads them there), a DiT text length last.
+        return (*size, unet, *text) if unet.names else size + text
 
     def _image(self, item: Any) -> Any:
         """An image-to-image request's input as an RGB PIL image; a one-line error naming ``image``."""
@@ -296,6 +309,7 @@ class GenerationExecutor:
         return GenerationResult(
             images=images, prompts=[s.prompt] * n, seeds=list(s.seeds), prompt_indices=[0] * n, latencies=latencies,
             config=cfg, extras={"height": s.height, "width": s.width, "pipeline": self.generator.pipeline,
+                                "guidance_scale": cfg.resolved(self.generator.pipeline).guidance_scale,
                                 "scheduler": cfg.scheduler or self.generator.scheduler_config.get("_class_name"),
                                 "mode": ("inpaint" if s.inpaint is not None else
                                          "txt2img" if s.image is None else "img2img"), "request_id": job.id,
