@@ -88,3 +88,14 @@ def test_requests_joining_at_different_steps_equal_solo_runs(family):
     rows_64 = [rows for rows, h in recording.calls if h == 8]
     assert max(rows_64) > 4 and len(set(rows_64)) > 1
     assert {h for _, h in recording.calls} == {8, 6}
+
+
+def test_text_length_buckets_run_the_base_weights():
+    """A DiT bucket's T5 length is not a weight selection: the swap-hold policy sees base weights."""
+    from fastgen.runtime.step_policy import weights_of
+
+    assert weights_of((64, 64)) is None
+    assert weights_of((64, 64, ("text_tokens", 128))) is None
+    selection = object()
+    assert weights_of((64, 64, selection)) is selection
+    assert weights_of((64, 64, selection, ("text_tokens", 128))) is selection

@@ -68,8 +68,10 @@ def _pixels(bucket: Hashable) -> float:
 
 def weights_of(bucket: Hashable) -> Hashable:
     """The UNet weights a generation bucket's steps run with: its third item (the adapters), None
-    for ``(height, width)`` (the base weights)."""
-    return bucket[2] if isinstance(bucket, tuple) and len(bucket) > 2 else None
+    for ``(height, width)`` (the base weights) and for a DiT text-length bucket ``(height, width,
+    ("text_tokens", n))``, whose weights are the base ones too."""
+    item = bucket[2] if isinstance(bucket, tuple) and len(bucket) > 2 else None
+    return None if isinstance(item, tuple) and item[:1] == ("text_tokens",) else item
 
 
 class StepPolicy:

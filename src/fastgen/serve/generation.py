@@ -22,7 +22,7 @@ from fastgen.runtime.requests import RequestFuture
 
 #: Names of the generation settings a request may set (GenerateConfig fields).
 CONFIG_FIELDS = ("steps", "guidance_scale", "scheduler", "strength", "negative_prompt", "eta", "mask_blur",
-                 "padding_mask_crop")
+                 "padding_mask_crop", "true_cfg_scale", "max_sequence_length")
 #: A callback for streamed events: (event name, JSON-able body), called on the event loop.
 EventSink = Callable[[str, dict[str, Any]], None]
 

@@ -54,6 +54,10 @@ class ImageSettings(_Body):
     eta: float | None = None
     mask_blur: float | None = None
     padding_mask_crop: int | None = None
+    true_cfg_scale: float | None = None
+    """FLUX: true classifier-free guidance with ``negative_prompt`` when above 1."""
+    max_sequence_length: int | None = None
+    """SD3 / FLUX / PixArt: T5 tokens per prompt (default: the model family's)."""
     adapters: dict[str, float] | None = None
     """LoRA adapters the server loaded (``--lora``) to run with, name -> scale; ``{}``: none; absent:
     the server's (all of them, at their scales)."""
