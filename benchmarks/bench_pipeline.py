@@ -54,15 +54,20 @@ class StageTimer:
 
     def __init__(self, device: str, **modules: torch.nn.Module) -> None:
         self.device, self.totals, self._t0 = device, dict.fromkeys(modules, 0.0), {}
+        self.enabled = True  # off while another contender runs the same modules
         for name, module in modules.items():
             module.register_forward_pre_hook(lambda m, a, name=name: self._start(name))
             module.register_forward_hook(lambda m, a, o, name=name: self._stop(name))
 
     def _start(self, name: str) -> None:
+        if not self.enabled:
+            return
         sync(self.device)
         self._t0[name] = time.perf_counter()
 
     def _stop(self, name: str) -> None:
+        if not self.enabled:
+            return
         sync(self.device)
         self.totals[name] += (time.perf_counter() - self._t0[name]) * 1e3
 

@@ -4,6 +4,7 @@
 #   run(command="bash benchmarks/gpu_run.sh kernels", carry=[".whl"], timeout_s=540)     # ~7 min
 #   run(command="bash benchmarks/gpu_run.sh pipelines", carry=[".whl"], timeout_s=360)   # ~5 min
 #   run(command="bash benchmarks/gpu_run.sh tensorrt", carry=[".whl"], timeout_s=600)    # <= 9.5 min (own budget)
+#   run(command="bash benchmarks/gpu_run.sh dit", carry=[".whl"], timeout_s=560)         # ~8 min (own session)
 # Each part fits the device tool's 10-minute limit; kernels + pipelines fit its 15 minutes of device time,
 # tensorrt takes a session of its own (every step below runs under its own timeout, the budgets summed in
 # the comments). `all` runs every part in one call, for a machine without those limits. Results land in $OUT
@@ -42,6 +43,7 @@ MARK="cuda"
 case "$PART" in
   kernels) KEYS="kernels or attention or quant or optimize" ; T=120 ;; pipelines) KEYS="generator or scorer or torch_backend" ; T=60 ;;
   tensorrt) KEYS="tensorrt" ; T=60 ; MARK="cuda or tensorrt" ;;
+  dit) KEYS="dit" ; T=60 ;;
   *) KEYS="" ; T=240 ; MARK="cuda or tensorrt" ;;
 esac
 timeout $T python3 -m pytest -q -m "$MARK" ${KEYS:+-k "$KEYS"} tests 2>&1 | tail -20 | tee "$OUT/cuda_tests_$PART.txt"
@@ -61,6 +63,15 @@ if want pipelines; then
     --steps 50 --height 512 --iters 3 --out "$OUT/pipeline_sd15_cuda.json" 2>&1 | tail -5
   timeout 100 python3 benchmarks/bench_pipeline.py --preset sdxl --device cuda --precision fp16 --backends torch \
     --steps 30 --height 1024 --iters 2 --out "$OUT/pipeline_sdxl_cuda.json" 2>&1 | tail -5
+fi
+# Diffusion transformers (~8 min): SD3.5 medium and FLUX.1-dev at 1024x1024, 28 steps, bf16 (random weights in fp16
+# overflow), fastgen's torch backend (Triton attention) against diffusers on the same modules (bench_pipeline_dit.py:
+# FLUX.1-dev's 17B parameters are made once, on the host, in fp32: about 2 minutes of the budget).
+if want dit; then
+  timeout 170 python3 benchmarks/bench_pipeline_dit.py --preset sd35-medium --device cuda --precision bf16 --steps 28 \
+    --height 1024 --iters 1 --out "$OUT/pipeline_sd35-medium_cuda.json" 2>&1 | tail -4
+  timeout 300 python3 benchmarks/bench_pipeline_dit.py --preset flux-dev --device cuda --precision bf16 --steps 28 \
+    --height 1024 --iters 1 --out "$OUT/pipeline_flux-dev_cuda.json" 2>&1 | tail -4
 fi
 # TensorRT (~8 min after set-up; TRT_BUDGET_S counts from the script's start, or from here under `all`): fp16 vs torch
 # fp16 (each with and without CUDA graphs) and onnxruntime (a CPU build: tiny only), per component, with
