@@ -212,3 +212,13 @@ def test_cli_generate_tiny_flux(tmp_path):
 def test_latents_are_float32_on_the_generator_device(dit):
     out = dit("pixart").generate([A, B], seed=0, output_type="latent", **FAST)
     assert out.images.dtype == torch.float32 and out.images.device.type == "cpu"
+
+
+def test_lora_on_a_dit_is_refused_in_one_line(tmp_path):
+    from fastgen.errors import UnsupportedError
+    from fastgen.pipelines.generator import Generator
+
+    gen = Generator.from_pretrained("tiny-pixart", backend="torch", device="cpu")
+    with pytest.raises(UnsupportedError, match="LoRA adapters on a pixart generator") as err:
+        gen.load_lora(tmp_path / "x.safetensors")
+    assert "\n" not in str(err.value)

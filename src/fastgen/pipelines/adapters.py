@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fastgen.errors import UnsupportedError
+
 
 class AdapterMethods:
     """``load_lora`` / ``set_adapters`` / ``unload_lora`` for a pipeline with ``unet``, ``text_encoder``
@@ -16,6 +18,10 @@ class AdapterMethods:
         from fastgen.lora import AdapterManager
 
         manager = self.__dict__.get("_lora")
+        if manager is None and getattr(self, "pipeline", "sd") not in ("sd", "sdxl"):
+            # LoRA names map onto UNet and CLIP modules; SD3/FLUX/PixArt LoRAs target transformer blocks.
+            raise UnsupportedError(f"LoRA adapters on a {self.pipeline} generator are not supported yet "
+                                   "(SD 1.x/2.x and SDXL: docs/lora.md)")
         if manager is None:
             engines = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
             bases = {c: base for c in engines} if base is not None else None
