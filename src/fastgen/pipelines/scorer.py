@@ -35,12 +35,19 @@ from fastgen.models.metadata import ImageClassifierMetadata, TextClassifierMetad
 from fastgen.models.spec import parse_dim
 from fastgen.pipelines.config import check_text
 from fastgen.pipelines.preprocess import ImagePreprocessor, TextPreprocessor, positive_int
+from fastgen.pipelines.scorer_detect import DetectionMethods
+from fastgen.pipelines.scorer_embed import EmbeddingMethods
+from fastgen.pipelines.scorer_similarity import SimilarityMethods
 from fastgen.pipelines.video import sample_video
 
 logger = logging.getLogger(__name__)
 
 Kind = Literal["image", "text"]
 KINDS = ("image", "text")
+#: What a scorer's engine does: classify (logits), embed (embeddings: :meth:`Scorer.embed`), detect
+#: (boxes: :meth:`Scorer.detect`). Inferred from the engine's outputs unless given.
+Task = Literal["classify", "embed", "detect"]
+TASKS = ("classify", "embed", "detect")
 #: engine component -> default kind
 COMPONENT_KINDS = {"classifier": "image", "text-classifier": "text"}
 
@@ -107,8 +114,11 @@ def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[
         yield lambda: bar.advance(task)
 
 
-class Scorer:
-    """Classify images, texts or video frames with one classifier :class:`~fastgen.Engine`.
+class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
+    """Classify images, texts or video frames with one classifier :class:`~fastgen.Engine`; or embed
+    them (an encoder engine, :meth:`embed`), or detect objects in images (a detector, :meth:`detect`).
+
+    ``task``: ``classify``, ``embed`` or ``detect`` (default: from the engine's outputs).
 
     ``kind``: ``image`` or ``text`` (default: from the engine's component, ``classifier`` or
     ``text-classifier``, else from its inputs). ``labels``: names in logit order (default: the
@@ -126,7 +136,8 @@ class Scorer:
     :meth:`logits` runs one batch of feeds, :meth:`scores` turns logits into :class:`Score` objects.
     """
 
-    def __init__(self, engine: Engine, *, kind: Kind | None = None, labels: Sequence[str] | None = None,
+    def __init__(self, engine: Engine, *, kind: Kind | None = None, task: Task | None = None,
+                 labels: Sequence[str] | None = None,
                  tokenizer: Any = None, image_size: int | Sequence[int] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  resample: int | str | None = None, center_crop: bool | None = None,
@@ -142,15 +153,21 @@ class Scorer:
         self.multi_label = bool(multi_label)
         self.top_k = positive_int("top_k", top_k)
         self.progress = progress
+        self.task: Task = task or self._infer_task()
+        check_choice("task", self.task, TASKS)
         self.output_name = "logits" if "logits" in spec.output_names else spec.output_names[0]
-        out_spec = spec.outputs[spec.output_names.index(self.output_name)]
-        if len(out_spec.shape) != 2:
-            raise UnsupportedError(f"engine output {self.output_name!r} has shape {out_spec.shape}; "
-                                   "a classifier's logits are (batch, num_labels)")
-        self._num_labels = out_spec.shape[1] if isinstance(out_spec.shape[1], int) else None
-        recorded = (metadata.labels if isinstance(metadata, (ImageClassifierMetadata, TextClassifierMetadata))
-                    else None)
-        self._labels = self._check_labels(labels if labels is not None else recorded)
+        if self.task == "classify":
+            out_spec = spec.outputs[spec.output_names.index(self.output_name)]
+            if len(out_spec.shape) != 2:
+                raise UnsupportedError(f"engine output {self.output_name!r} has shape {out_spec.shape}; "
+                                       "a classifier's logits are (batch, num_labels)")
+            self._num_labels = out_spec.shape[1] if isinstance(out_spec.shape[1], int) else None
+            recorded = (metadata.labels if isinstance(metadata, (ImageClassifierMetadata, TextClassifierMetadata))
+                        else None)
+            self._labels = self._check_labels(labels if labels is not None else recorded)
+        else:  # embeddings have no labels; a detector's come from its metadata (its _setup_detect)
+            self._num_labels = None
+            self._labels = list(labels) if labels is not None else None
         self.text_preprocessor: TextPreprocessor | None = None
         """Texts -> engine feeds (a text scorer; None for an image one)."""
         self.image_preprocessor: ImagePreprocessor | None = None
@@ -167,6 +184,9 @@ class Scorer:
                 raise InvalidArgumentError("kind", "text", KINDS, reason=reason)
             self.text_preprocessor = TextPreprocessor(engine, tokenizer=tokenizer, max_length=max_length)
         self._setup_batch(batch_size)
+        setup = getattr(self, f"_setup_{self.task}", None)  # the task's mixin finishes the set-up
+        if setup is not None:
+            setup()
 
     # --- construction --------------------------------------------------------------------------
 
@@ -206,6 +226,15 @@ class Scorer:
                            precision=precision, cache=cache, quantization=quantization,
                            **({} if execution is None else {"execution": execution}))
         return cls(engine, **options)
+
+    def _infer_task(self) -> Task:
+        """``detect`` or ``embed`` when the engine's outputs say so (the task mixins decide), else ``classify``."""
+        spec = self.engine.spec
+        if self._is_detector(spec):
+            return "detect"
+        if self._is_embedder(spec):
+            return "embed"
+        return "classify"
 
     def _infer_kind(self) -> Kind:
         spec = self.engine.spec
@@ -304,7 +333,9 @@ class Scorer:
 
     @property
     def labels(self) -> list[str]:
-        """Label names in logit order."""
+        """Label names in logit order (a detector: in class-score order; an embedder: none)."""
+        if self._labels is None and self.task == "embed":
+            return []
         if self._labels is None:  # a graph whose label dim is symbolic: ask it once
             logits = self.engine(self.engine.spec.sample_inputs("min"))[self.output_name]
             self._num_labels = int(logits.shape[-1])
