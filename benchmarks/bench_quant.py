@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quant.py --accuracy            # CPU, JSON to benchmarks/results/quant_accuracy_cpu.json
     python benchmarks/bench_quant.py --accuracy --quick    # tiny models only (a couple of minutes)
+    python benchmarks/bench_quant.py --accuracy --parts dit   # DiTs, JSON to .../quant_accuracy_dit_cpu.json
     python benchmarks/bench_quant.py --gpu                 # CUDA, JSON to benchmarks/results/quant_latency_cuda.json
 
 ``--accuracy`` (random weights throughout; nothing is downloaded):
@@ -19,6 +20,14 @@
   weight-only = DQ -> MatMulNBits) against the fp32 graph: speed ratio, top-1 agreement, and the int8
   kernels in ORT's optimized graph.
 
+``--parts dit`` (its own JSON file): diffusion transformers, tiny-sd3 / tiny-flux / tiny-pixart at
+64x64 (20 steps, the profile's T5 length) and one larger shape per family (width 384, 6 blocks, 256x256,
+10 steps, 128 T5 tokens; random weights: :data:`LARGER_DITS`): final-latent and one-call SQNR per config
+with ``DEFAULT_SKIP`` and with nothing skipped (``-no-skip``), each family's own loop (SD3 / PixArt
+classifier-free guidance, FLUX distilled guidance, the family's scheduler), and the per-layer
+sensitivity for W8A8 and fp8 summarised per DiT layer role: the evidence for the DiT entries of
+``DEFAULT_SKIP``.
+
 ``--gpu`` (CUDA; prints one line and exits 0 without it): SD1.5 UNet forward latency at 512x512,
 batch 2 (one classifier-free-guided step), fp16 baseline and every config side by side in one run
 (CUDA events, median of ``--iters`` after ``--warmup``), with each config's output SQNR against the
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -84,6 +94,88 @@ ORT_CONFIGS = {k: CLASSIFIER_CONFIGS[k] for k in ("w8a8-dynamic", "w8a8-static",
 SENSITIVITY = {"tiny": ("int8-weight-only", "w8a8-dynamic", "fp8-dynamic"), "sd15": ("w8a8-dynamic", "fp8-dynamic")}
 
 
+def dit_configs() -> dict:
+    """Every DiT config with DEFAULT_SKIP, and the same with nothing skipped (``-no-skip``)."""
+    base = {
+        "int8-weight-only": Int8WeightOnlyConfig(),
+        "w8a8-dynamic": Int8DynamicConfig(),
+        "w8a8-dynamic-smoothquant": Int8DynamicConfig(smoothquant=True),
+        "w8a8-static": Int8StaticConfig(),
+        "w8a8-static-smoothquant": Int8StaticConfig(smoothquant=True),
+        "fp8-dynamic": Fp8DynamicConfig(),
+    }
+    return {**base, **{f"{name}-no-skip": dataclasses.replace(c, skip=()) for name, c in base.items()}}
+
+
+#: One larger shape per DiT family (random weights, seed 0): width 384 and 6 blocks, run at 256x256 px.
+#: Each keeps its family's features (SD3.5's dual attention and RMS q/k norm, FLUX.1-dev's guidance
+#: embedding and 128-wide rotary heads, PixArt-Sigma's learned sigma); text widths are cut to 512
+#: (the random conditioning's width changes nothing but the cost).
+LARGER_DITS = {
+    "sd3": ("SD3Transformer2DModel", {
+        "attention_head_dim": 64, "num_attention_heads": 6, "num_layers": 6, "dual_attention_layers": [0, 1, 2],
+        "caption_projection_dim": 384, "in_channels": 16, "out_channels": 16, "joint_attention_dim": 512,
+        "pooled_projection_dim": 512, "patch_size": 2, "pos_embed_max_size": 64, "qk_norm": "rms_norm",
+        "sample_size": 32}),
+    "flux": ("FluxTransformer2DModel", {
+        "attention_head_dim": 128, "num_attention_heads": 3, "num_layers": 2, "num_single_layers": 4,
+        "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 512,
+        "pooled_projection_dim": 256, "patch_size": 1}),
+    "pixart": ("PixArtTransformer2DModel", {
+        "attention_head_dim": 64, "num_attention_heads": 6, "num_layers": 6, "cross_attention_dim": 384,
+        "caption_channels": 512, "in_channels": 4, "out_channels": 8, "patch_size": 2, "sample_size": 32,
+        "activation_fn": "gelu-approximate", "attention_bias": True, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False, "norm_eps": 1e-6, "num_embeds_ada_norm": 1000,
+        "interpolation_scale": 2, "use_additional_conditions": False}),
+}
+#: (image side, steps, T5 tokens) of the larger shapes.
+LARGER_DIT_RUN = (256, 10, 128)
+
+
+def larger_dit(family: str):
+    """The larger shape of ``family`` as a transformer component with its family's metadata."""
+    import diffusers
+
+    from fastgen.models.metadata import UNetMetadata
+    from fastgen.models.presets_dit import DIT_FAMILIES
+
+    cls_name, config = LARGER_DITS[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(diffusers, cls_name)(**config).eval()
+    comp = fastgen.adapt(model, "transformer", image_size=LARGER_DIT_RUN[0])
+    comp.metadata = UNetMetadata(scheduler=dict(DIT_FAMILIES[cls_name][1]), pipeline=DIT_FAMILIES[cls_name][0])
+    return comp
+
+
+def run_dit(args: argparse.Namespace) -> None:
+    import quant_accuracy as report  # benchmarks/quant_accuracy.py, next to this script
+
+    out_path = Path(args.dit_out or RESULTS / "quant_accuracy_dit_cpu.json")
+    result = {**report.environment(), "floors_db": report.DIT_FLOORS_DB, "dit": {}}
+    t0 = time.perf_counter()
+    models = [(f"tiny-{f}", lambda f=f: fastgen.load_component(f"tiny-{f}", "transformer"), 64, args.steps, None)
+              for f in ("sd3", "flux", "pixart")]
+    if not args.quick:
+        side, steps, seq = LARGER_DIT_RUN
+        models += [(f"{f}-w384-d6", lambda f=f: larger_dit(f), side, steps, seq) for f in LARGER_DITS]
+    for name, make, side, steps, seq in models:
+        comp = make()
+        result["dit"][name] = report.unet_accuracy(
+            comp, dit_configs(), height=side, width=side, steps=steps, seq=seq, sensitivity_batch=2,
+            sensitivity_configs=("w8a8-dynamic-no-skip", "fp8-dynamic-no-skip"), floors=report.DIT_FLOORS_DB,
+            roles=report.DIT_ROLES, progress=args.progress)
+        result["dit"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json_atomic(out_path, result)
+        print(f"{name}: " + ", ".join(f"{k} {v['final_latents_sqnr_db']}" for k, v in
+                                      result["dit"][name]["configs"].items()), flush=True)
+        del comp
+        gc.collect()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out_path, result)
+    print(f"wrote {out_path} ({result['seconds']:.0f} s)")
+
+
 def vit_classifier():
     """A ViT-S/16 (224 px, 12 layers, width 384) with 10 labels and random weights, as a component."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -101,9 +193,14 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
     out_path = Path(args.out or RESULTS / "quant_accuracy_cpu.json")
     parts = set(args.parts.split(","))
-    unknown = parts - {"unet", "classifiers"}
+    unknown = parts - {"unet", "classifiers", "dit"}
     if unknown:
-        raise SystemExit(f"error: invalid --parts {sorted(unknown)[0]!r} (allowed: unet, classifiers)")
+        raise SystemExit(f"error: invalid --parts {sorted(unknown)[0]!r} (allowed: unet, classifiers, dit)")
+    if "dit" in parts:  # its own results file
+        run_dit(args)
+        parts.discard("dit")
+        if not parts:
+            return 0
     result = {**report.environment(), "unet": {}, "classifiers": {}, "onnxruntime_int8": {}}
     if parts != {"unet", "classifiers"} and out_path.exists():
         # Carry the sections this run does not measure over from the last run, saying when they were.
@@ -263,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="CUDA UNet latency per config")
     parser.add_argument("--quick", action="store_true", help="accuracy: tiny models only")
     parser.add_argument("--parts", default="unet,classifiers",
-                        help="accuracy: what to measure (unet, classifiers); the others are carried over from --out")
+                        help="accuracy: what to measure (unet, classifiers, dit); the others of unet and "
+                             "classifiers are carried over from --out (dit has its own file, --dit-out)")
+    parser.add_argument("--dit-out", help="accuracy: JSON path of the dit part "
+                                          "(default benchmarks/results/quant_accuracy_dit_cpu.json)")
     parser.add_argument("--steps", type=int, default=20, help="accuracy: denoising steps")
     parser.add_argument("--inputs", type=int, default=256, help="accuracy: classifier inputs")
     parser.add_argument("--repeats", type=int, default=5, help="accuracy: ORT timing repeats")

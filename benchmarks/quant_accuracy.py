@@ -6,6 +6,9 @@ A benchmark module (``benchmarks/``), not part of the library: it drives the lib
 - UNets: SQNR of one UNet output, and of the final latents after a full classifier-free-guided
   denoising loop with the model's own scheduler, against the fp32 UNet from the same seed and
   prompt embeddings; plus the per-layer sensitivity ranking (``fastgen.quant.sensitivity``).
+- Diffusion transformers (SD3, FLUX, PixArt-Sigma): the same figures from each family's own loop
+  (:func:`fastgen.pipelines.calibration.denoise`: its guidance and schedule), each config with
+  ``DEFAULT_SKIP`` and with nothing skipped, and the sensitivity summarised per DiT layer role.
 - Classifiers: top-1 agreement and the largest softmax-probability difference on a fixed input set.
 - ONNX Runtime: the int8 QDQ classifier graph against the fp32 graph on the CPU (speed ratio,
   top-1 agreement, and which int8 kernels ORT's optimized graph actually runs).
@@ -25,7 +28,8 @@ from typing import Any
 import torch
 
 from fastgen.models.metadata import NEUTRAL_MEAN, NEUTRAL_STD
-from fastgen.pipelines.calibration import denoise, unet_calibration_loop, unet_conditioning
+from fastgen.pipelines.calibration import denoise, loop_family, unet_calibration_loop, unet_conditioning
+from fastgen.pipelines.config import GenerateConfig
 from fastgen.quant.api import quantized_layers
 from fastgen.quant.calibration import calibrate
 from fastgen.quant.components import quantize_component
@@ -36,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 #: Required SQNR (dB) of the final latents after the denoising loop, per config class.
 FLOORS_DB = {"Int8WeightOnlyConfig": 30.0, "Int8DynamicConfig": 25.0, "Fp8DynamicConfig": 25.0}
+#: The same for diffusion transformers with ``DEFAULT_SKIP``, per config name (``-no-skip`` variants have
+#: none): the UNets' floors, static W8A8 (with or without SmoothQuant) held to W8A8's.
+DIT_FLOORS_DB = {"int8-weight-only": 30.0, "w8a8-dynamic": 25.0, "w8a8-dynamic-smoothquant": 25.0,
+                 "w8a8-static": 25.0, "w8a8-static-smoothquant": 25.0, "fp8-dynamic": 25.0}
 
 
 def _db(value: float) -> float | None:
@@ -55,24 +63,32 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 def unet_accuracy(comp: Any, configs: dict[str, QuantConfig], *, height: int, width: int, steps: int = 20,
                   seed: int = 0, sensitivity_configs: tuple[str, ...] = (), sensitivity_layers: Any = None,
-                  sensitivity_batch: int = 1, progress: bool = False) -> dict[str, Any]:
-    """Per config: one-step UNet output SQNR, final-latent SQNR, layer counts, bytes.
+                  sensitivity_batch: int = 1, progress: bool = False, seq: int | None = None,
+                  floors: dict[str, float] = FLOORS_DB, roles: tuple = ()) -> dict[str, Any]:
+    """Per config: one-step UNet (or transformer) output SQNR, final-latent SQNR, layer counts, bytes.
 
     For the configs named in ``sensitivity_configs``, also every layer's sensitivity (``sensitivity``
-    on one input batch of ``sensitivity_batch`` at the same size) and a summary per layer role.
+    on one input batch of ``sensitivity_batch`` at the same size) and a summary per layer role
+    (``roles``; default :data:`ROLES`, a UNet's). ``seq``: a transformer's text tokens (default its
+    profile's opt). ``floors``: the final-latent floor per config name or class.
     """
-    inputs = comp.spec.sample_inputs({"batch": 2, "height": height, "width": width}, seed=seed + 1)
+    family = loop_family(comp)
+    dims = {"batch": 2, "height": height, "width": width, **({"seq": seq} if seq is not None else {})}
+    inputs = comp.spec.sample_inputs(dims, seed=seed + 1)
     args = tuple(inputs.values())
     ref_out = run_module(comp.module, args)
-    ref_latents = denoise(comp.module, comp, height=height, width=width, steps=steps, seed=seed)
-    loop = unet_calibration_loop(comp, height=height, width=width, steps=max(steps // 4, 2))
-    result: dict[str, Any] = {"settings": {"height": height, "width": width, "steps": steps, "guidance": 7.5,
-                                           "scheduler": comp.metadata.scheduler.get("_class_name"), "seed": seed,
-                                           "calibration": "2 denoising loops of steps/4 steps on seeds 101, 102"},
-                              "fp32_weight_bytes": weight_bytes(comp.module), "configs": {}}
+    ref_latents = denoise(comp.module, comp, height=height, width=width, steps=steps, seed=seed, seq=seq)
+    loop = unet_calibration_loop(comp, height=height, width=width, steps=max(steps // 4, 2), seq=seq)
+    settings = {"height": height, "width": width, "steps": steps,
+                "guidance": GenerateConfig().resolved(family).guidance_scale,
+                "scheduler": comp.metadata.scheduler.get("_class_name"), "seed": seed,
+                "calibration": "2 denoising loops of steps/4 steps on seeds 101, 102"}
+    if family != "sd":
+        settings.update(family=family, seq=seq if seq is not None else comp.spec.profile.dims["seq"].opt)
+    result: dict[str, Any] = {"settings": settings, "fp32_weight_bytes": weight_bytes(comp.module), "configs": {}}
     for name, config in configs.items():
         q = quantized_copy(comp, config, loop)
-        latents = denoise(q.module, q, height=height, width=width, steps=steps, seed=seed)
+        latents = denoise(q.module, q, height=height, width=width, steps=steps, seed=seed, seq=seq)
         entry = {
             "config": config.to_dict(),
             "unet_output_sqnr_db": _db(sqnr_db(ref_out, run_module(q.module, args))),
@@ -80,8 +96,10 @@ def unet_accuracy(comp: Any, configs: dict[str, QuantConfig], *, height: int, wi
             "layers_quantized": len(quantized_layers(q.module)),
             "weight_bytes": weight_bytes(q.module),
         }
+        if family != "sd":
+            entry["quantized_weight_share"] = quantized_share(q.model)
         del q
-        floor = FLOORS_DB.get(type(config).__name__)
+        floor = floors.get(name, floors.get(type(config).__name__)) if config.skip is None else None
         if floor is not None:
             entry["floor_db"] = floor
             entry["meets_floor"] = entry["final_latents_sqnr_db"] is not None and entry["final_latents_sqnr_db"] >= floor
@@ -96,8 +114,17 @@ def unet_accuracy(comp: Any, configs: dict[str, QuantConfig], *, height: int, wi
                 calibrate(target.module, loop)
             layers = sensitivity(target.module, small, config, layers=sensitivity_layers, progress=progress)
             entry["sensitivity"] = [r.to_dict() for r in layers]
-            entry["sensitivity_by_role"] = summarize_roles(layers)
+            entry["sensitivity_by_role"] = summarize_roles(layers, roles or ROLES)
     return result
+
+
+def quantized_share(model: torch.nn.Module) -> float:
+    """Share of the eligible layers' weights (~ their multiply-adds per token) that is quantized."""
+    from fastgen.quant.calibration import calibration_layers
+
+    done = sum(layer.in_features * layer.out_features for layer in quantized_layers(model).values())
+    left = sum(m.weight.numel() for _, m in calibration_layers(model))
+    return round(done / max(done + left, 1), 4)
 
 
 #: Layer roles in diffusers UNets (first matching pattern wins), for the sensitivity summary.
@@ -107,19 +134,32 @@ ROLES = (("time_embedding", r"time_embedding\."), ("add_embedding", r"add_embedd
          ("attn_out", r"attn\d\.to_out\.0$"), ("ff_in", r"ff\.net\.0\.proj$"), ("ff_out", r"ff\.net\.2$"))
 
 
-def layer_role(name: str) -> str:
+#: Layer roles in diffusers' SD3 / FLUX / PixArt transformers (names under the component's wrapper,
+#: ``model.`` first; first matching pattern wins).
+DIT_ROLES = (("timestep_embedder", r"timestep_embedder\."), ("guidance_embedder", r"guidance_embedder\."),
+             ("pooled_text_embedder", r"text_embedder\."), ("caption_projection", r"caption_projection\."),
+             ("context_embedder", r"context_embedder$"), ("x_embedder", r"x_embedder$"),
+             ("adaln_single", r"adaln_single\.linear$"), ("adaln_block", r"\.norm1(_context)?\.linear$"),
+             ("adaln_single_block", r"single_transformer_blocks\.\d+\.norm\.linear$"),
+             ("norm_out", r"norm_out\.linear$"), ("final_proj_out", r"(^|model\.)proj_out$"),
+             ("single_proj_out", r"single_transformer_blocks\.\d+\.proj_out$"), ("single_proj_mlp", r"proj_mlp$"),
+             ("attn_qkv", r"attn\d?\.(to_[qkv]|add_[qkv]_proj)$"), ("attn_out", r"attn\d?\.(to_out\.0|to_add_out)$"),
+             ("ff_in", r"ff(_context)?\.net\.0\.proj$"), ("ff_out", r"ff(_context)?\.net\.2$"))
+
+
+def layer_role(name: str, roles: tuple = ROLES) -> str:
     import re
 
-    return next((role for role, pattern in ROLES if re.search(pattern, name)), "other")
+    return next((role for role, pattern in roles if re.search(pattern, name)), "other")
 
 
-def summarize_roles(layers: list) -> dict[str, dict[str, Any]]:
+def summarize_roles(layers: list, roles: tuple = ROLES) -> dict[str, dict[str, Any]]:
     """Per role: layer count, worst / median SQNR (dB), and the worst layer's name."""
     import statistics
 
     groups: dict[str, list] = {}
     for r in layers:
-        groups.setdefault(layer_role(r.name), []).append(r)
+        groups.setdefault(layer_role(r.name, roles), []).append(r)
     out = {}
     for role, rs in groups.items():
         finite = [r.sqnr_db for r in rs if math.isfinite(r.sqnr_db)] or [math.inf]
@@ -306,6 +346,6 @@ def environment() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-__all__ = ["FLOORS_DB", "ROLES", "agreement", "classifier_accuracy", "classifier_inputs", "denoise", "environment",
-           "image_set", "layer_role", "ort_int8_comparison", "quantized_copy", "summarize_roles", "unet_accuracy",
+__all__ = ["DIT_FLOORS_DB", "DIT_ROLES", "FLOORS_DB", "ROLES", "agreement", "classifier_accuracy", "classifier_inputs", "denoise", "environment",
+           "image_set", "layer_role", "ort_int8_comparison", "quantized_copy", "quantized_share", "summarize_roles", "unet_accuracy",
            "unet_calibration_loop", "unet_conditioning", "weight_bytes"]

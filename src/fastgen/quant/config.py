@@ -31,6 +31,24 @@ DEFAULT_SKIP: tuple[str, ...] = (
     # proj_out (W8A8 alone: 57 and 62 dB; fp8: 43 and 45 dB); keeping them (and proj_out, below) in
     # float lifts the whole model from 41.9 to 56.6 dB (W8A8) and from 28.0 to 44.3 dB (fp8).
     "*timestep_embedder.*",
+    # Diffusion transformers, measured with fastgen.quant.sensitivity on tiny-sd3/-flux/-pixart and
+    # on one larger shape per family (width 384, 6 blocks, 256x256 px, random weights; figures from
+    # there, W8A8 / fp8 alone, full ranking in benchmarks/results/quant_accuracy_dit_cpu.json):
+    # - SD3's and FLUX's conditioning MLPs (timestep, pooled-text and FLUX's guidance embedders): 60-70 /
+    #   48-54 dB, the next most sensitive after the layers below; one row per image, nothing to save.
+    "*time_text_embed.*",
+    # - FLUX's x_embedder (packed latents in): 43 / 29 dB, as bad as the final projection; tiny (64 wide).
+    "*x_embedder",
+    # - the final adaLN modulation (norm_out.linear, SD3 and FLUX): 59-61 / 48-49 dB, third; one row
+    #   per image. The blocks' adaLN linears (norm1.linear, norm1_context.linear, FLUX single blocks'
+    #   norm.linear, PixArt's adaln_single.linear) are not sensitive (worst 71 / 58 dB) and hold a
+    #   quarter of FLUX's weights, so they are quantized; so are the context_embedder (84-87 / 72-74 dB),
+    #   PixArt's caption_projection (66 / 55 dB), the attention out projections (70-84 / 56-71 dB) and
+    #   FLUX single blocks' proj_out (69 / 61 dB, like any feed-forward output, and their largest layer).
+    "*norm_out.linear",
+    # With these and the final proj_out in float, the final latents of a denoising loop gain 6 to 34 dB
+    # (W8A8, fp8; int8 weight-only 0.2 to 24 dB) for 2-5% of the larger shapes' weights: see
+    # docs/quantization.md ("Diffusion transformers") for the table per family and config.
     # First and last convolutions (3x3 in every diffusers UNet/VAE, so never eligible anyway; listed
     # so that a model with a 1x1 conv_in/conv_out keeps them in float too).
     "*conv_in",
@@ -41,12 +59,15 @@ DEFAULT_SKIP: tuple[str, ...] = (
     # (256 px, random weights): they are the 46 most sensitive layers of 230 and carry 89% of the
     # output error of W8A8 (predicted 35.6 -> 45.1 dB without them); on tiny, keeping them in float
     # lifts the final latents from 38.9 to 51.0 dB (W8A8) and 28.4 to 40.4 dB (fp8), for about 15% of
-    # the quantizable multiply-adds. ``*proj_out`` also keeps a DiT's final projection in float, its
-    # most sensitive layer (W8A8 alone: 42 dB on the PixArt above). Pass skip=() (or your own list)
-    # to quantize them too.
+    # the quantizable multiply-adds. Pass skip=() (or your own list) to quantize them too.
     "*conv_shortcut",
     "*proj_in",
-    "*proj_out",
+    "*attentions.*.proj_out",
+    # A DiT's final projection (top level of the model, or of its component wrapper): its most sensitive
+    # layer in every family (41-44 dB W8A8, 28-29 dB fp8 alone). Not "*proj_out", which would keep
+    # FLUX's single-block output projections (not sensitive, see above) in float as well.
+    "proj_out",
+    "model.proj_out",
     # Classifier heads: the logits decide top-1 and nothing after the head averages its error out
     # (tiny ResNet W8A8: logits 53.6 -> 40.1 dB with the head quantized); a negligible share of compute.
     "*classifier",
