@@ -39,7 +39,7 @@ def default_calibration(component: Any) -> ForwardLoop:
     source (``fastgen.core.plugins`` group ``calibration``: ``source(component) -> forward loop or
     None``) that knows the component, else :func:`synthetic_calibration`.
 
-    The pipelines register one for SD 1.x UNets (``fastgen.pipelines.calibration``): short denoising
+    The pipelines register one for SD UNets and diffusion transformers (``fastgen.pipelines.calibration``): short denoising
     loops, which reach the activation ranges of real sampling far better than random latents do.
     """
     for name, target in plugins.entries("calibration").items():
@@ -63,8 +63,9 @@ def quantize_component(component: Any, config: QuantConfig, *, calibration: Forw
     seen = None
     if config.needs_calibration:
         if calibration is None:
-            logger.warning("%s: %s calibrates on synthetic inputs; pass calibration= (your own batches or a "
-                           "forward loop) for scales that fit real data", comp.name, config.describe())
+            logger.warning("%s: %s calibrates on its default inputs (denoising loops over random prompt "
+                           "embeddings for UNets and DiTs, random batches otherwise); pass calibration= (your own "
+                           "batches or a forward loop) for scales that fit real data", comp.name, config.describe())
             calibration = default_calibration(comp)
         calibrate(comp.module, calibration)
 
