@@ -32,7 +32,7 @@ PARAMS = {
 def test_list_presets_and_components():
     assert list_presets() == ["tiny", "sd15", "sdxl", "tiny-sdxl", "tiny-inpaint", "tiny-sdxl-inpaint",
                               "tiny-controlnet", "tiny-sdxl-controlnet", "tiny-sd3", "tiny-flux", "tiny-pixart",
-                              "sd35-medium", "flux-dev", "pixart-sigma"]
+                              "sd35-medium", "flux-dev", "pixart-sigma", "tiny-clip", "tiny-siglip", "tiny-embed"]
     assert model_components("tiny") == ["unet", "vae-decoder", "vae-encoder", "text-encoder", "classifier",
                                         "text-classifier"]
     assert model_components("sd15") == ["unet", "vae-decoder", "vae-encoder", "text-encoder"]

@@ -55,8 +55,9 @@ def reference_pixels(images: list[Image.Image], size: int = 64, crop: bool = Fal
     for im in images:
         im = im.convert("RGB")
         if crop:
-            scale = size / min(im.size)
-            rw, rh = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+            # torchvision's Resize(size) / transformers' shortest_edge: the long side is int(size * long / short).
+            short, long = min(im.size), max(im.size)
+            rw, rh = (size, int(size * long / short)) if im.width <= im.height else (int(size * long / short), size)
             im = im.resize((rw, rh), Image.BILINEAR)
             left, top = round((rw - size) / 2), round((rh - size) / 2)
             im = im.crop((left, top, left + size, top + size))

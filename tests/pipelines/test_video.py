@@ -128,11 +128,11 @@ def test_sample_file_counts(videos, k):
         assert [decoded_index(f) for f in s.frames] == s.indices
 
 
-def test_sample_file_without_count_or_duration(videos, monkeypatch):
-    """Neither a frame count nor a duration: a counting pass, then the index rule."""
-    monkeypatch.setattr(video_mod, "_duration", lambda container, stream: (0.0, None, None))
+def test_sample_file_without_packet_index(videos, monkeypatch):
+    """Packets that cannot drive seeking: a counting pass, then the same rule over the decoded frames."""
+    monkeypatch.setattr(video_mod, "_scan", lambda video, path: None)
     s = sample_video(videos["mkv"], 8)
-    assert s.indices == EXPECTED_8 and s.total == N_FRAMES
+    assert s.indices == EXPECTED_8 and s.total == N_FRAMES and s.seeks == 0
     assert [decoded_index(f) for f in s.frames] == EXPECTED_8
 
 

@@ -51,6 +51,21 @@ def _classify_file(path: str) -> str:
     raise InvalidArgumentError("file", printable(path), reason="not a readable image or video")
 
 
+def _print_boxes(console: Any, rows: list[dict[str, Any]]) -> None:
+    """A detector's boxes: one table per image (label, confidence, x1 y1 x2 y2 in the image's pixels)."""
+    from rich.table import Table
+
+    for row in rows:
+        if "detections" not in row:
+            continue
+        table = Table(title=f"{printable(row['input'])}: {len(row['detections'])} boxes")
+        for name in ("label", "confidence", "x1", "y1", "x2", "y2"):
+            table.add_column(name, justify="left" if name == "label" else "right")
+        for d in row["detections"]:
+            table.add_row(d["label"], f"{d['confidence']:.3f}", *(f"{v:.1f}" for v in d["box"]))
+        console.print(table)
+
+
 def _fmt_top(top: list[tuple[str, float]]) -> str:
     return ", ".join(f"{label} {prob:.3f}" for label, prob in top)
 
@@ -69,6 +84,7 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
     for name, vs in videos:
         shown = ", ".join(str(i) for i in vs.indices)
         title = f"{printable(name)}: frames {shown}" + (f" of {vs.total_frames}" if vs.total_frames else "")
+        title += f" (decode {vs.decode_ms:.0f} ms, inference {vs.inference_ms:.0f} ms)"
         detail = Table(title=title, min_width=min(len(title) + 4, 150))
         detail.add_column("label")
         detail.add_column("mean", justify="right")
@@ -78,16 +94,81 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
         console.print(detail)
 
 
+def _embed(model: str, component: str | None, files: tuple[str, ...], kinds: list[str], texts: tuple[str, ...],
+           normalize: bool | None, as_json: bool, *, batch_size: int | None, cache_dir: str | None,
+           **build: Any) -> None:
+    """``score --embed``: one embedding per text (a text encoder) or per image (an image encoder)."""
+    from fastgen.pipelines.scorer import Scorer
+
+    if texts and files:
+        raise InvalidArgumentError("--embed", printable(files[0]), reason="an encoder embeds either texts or images: "
+                                   "pass --text or image FILES, not both")
+    videos = [f for f, k in zip(files, kinds) if k != "image"]
+    if videos:
+        raise InvalidArgumentError("FILES", printable(videos[0]), reason="--embed takes images, not videos")
+    if component is None and not _is_engine_path(model):
+        component = "text-encoder" if texts else "image-encoder"
+    cache: Any = engine_cache(cache_dir) if cache_dir or not _is_engine_path(model) else None
+    scorer = Scorer.from_pretrained(model, component, cache=cache, batch_size=batch_size,
+                                    progress=sys.stderr.isatty(), **build)
+    what = f"{model}'s {scorer.engine.spec.component}"
+    if scorer.task != "embed":
+        raise InvalidArgumentError("--embed", what, reason="is not an encoder (use --component text-encoder or "
+                                   "image-encoder)")
+    if texts and scorer.kind != "text":
+        raise InvalidArgumentError("--text", texts[0], reason=f"{what} is an image encoder; pass image FILES")
+    if files and scorer.kind != "image":
+        raise InvalidArgumentError("FILES", printable(files[0]), reason=f"{what} is a text encoder; pass --text")
+    with scorer:
+        inputs = list(texts) if texts else list(files)
+        vectors = scorer.embed(inputs, normalize=normalize)
+        info = {"model": model, "component": scorer.engine.spec.component, "backend": scorer.engine.backend,
+                "device": str(scorer.engine.device), "precision": scorer.engine.precision,
+                "pooling": scorer.pooling, "normalize": scorer.embedding.normalize if normalize is None else normalize, "dim": int(vectors.shape[1])}
+    kind = "text" if texts else "image"
+    if as_json:
+        rows = [{"input": x, "kind": kind, "embedding": v} for x, v in zip(inputs, vectors.tolist())]
+        click.echo(json.dumps({**info, "results": rows}))
+        return
+    from rich.table import Table
+
+    from fastgen.cli.main import _console
+
+    table = Table(title=f"{printable(model)} {info['component']} ({info['backend']}, {info['device']}): "
+                        f"{info['dim']}-d, " + ("its pooled output" if info["pooling"] == "pooled" else f"{info['pooling']} pooling")
+                  + (", normalized" if info["normalize"] else ""))
+    table.add_column("input", overflow="fold")
+    table.add_column("norm", justify="right")
+    table.add_column("embedding (first values)")
+    for x, v in zip(inputs, vectors):
+        head = ", ".join(f"{a:+.4f}" for a in v[:6].tolist()) + (", ..." if len(v) > 6 else "")
+        table.add_row(printable(x), f"{float(v.norm()):.4f}", f"[{head}]")
+    _console().print(table)
+
+
 @click.command("score")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=True), callback=nonempty)
-@click.option("--model", "-m", required=True, callback=nonempty, help=f"The classifier: {MODEL_HELP}.")
-@click.option("--component", "-c", type=click.Choice(["classifier", "text-classifier"]), default=None,
-              help="Component of MODEL (default: text-classifier when only --text is given, else classifier).")
+@click.option("--model", "-m", default=None, callback=nonempty,
+              help=f"The classifier: {MODEL_HELP} (or a CLIP / SigLIP model: the image-text similarity); "
+              "default: the first argument.")
+@click.option("--image", "-i", "images", multiple=True, type=click.Path(dir_okay=False), callback=nonempty,
+              help="An image file (repeatable), as FILES.")
+@click.option("--component", "-c", type=click.Choice(["classifier", "text-classifier", "text-encoder", "image-encoder",
+                                                         "text-tower", "image-tower"]),
+              default=None, help="Component of MODEL (default: text-classifier when only --text is given, else "
+              "classifier; with --embed: text-encoder or image-encoder).")
 @click.option("--text", "-t", "texts", multiple=True, callback=utf8_text,
               help="A text to classify (repeatable); UTF-8 (text that is not valid UTF-8 is refused).")
-@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, MAX_FRAMES),
-              help=f"Frames sampled uniformly from each video (at most {MAX_FRAMES}: they are decoded into memory).")
+@click.option("--frames", default=None, type=click.IntRange(1, MAX_FRAMES),
+              help=f"Frames sampled uniformly from each video (default 8); with --fps, the most taken (default "
+              f"{MAX_FRAMES}). At most {MAX_FRAMES}: they are decoded into memory.")
+@click.option("--fps", default=None, type=click.FloatRange(0, 1000, min_open=True),
+              help="Sample videos at this many frames per second instead of uniformly (capped by --frames).")
 @click.option("--top", "top_k", default=3, show_default=True, type=click.IntRange(1), help="Labels shown per input.")
+@click.option("--conf", default=0.25, show_default=True, type=click.FloatRange(0, 1),
+              help="A detector: boxes above this confidence are kept.")
+@click.option("--iou", default=0.45, show_default=True, type=click.FloatRange(0, 1),
+              help="A detector: a box overlapping a more confident one of its class above this IoU is dropped.")
 @click.option("--batch-size", type=click.IntRange(1), help="Inputs per engine call (default: the engine's opt batch).")
 @click.option("--multi-label", is_flag=True, help="Independent sigmoid probabilities instead of a softmax.")
 @click.option("--backend", type=click.Choice(list(field_choices(BuildConfig, "backend"))), default="onnxruntime",
@@ -102,20 +183,32 @@ def _print_tables(console: Any, rows: list[dict[str, Any]], videos: list[tuple[s
               help="Quantize the classifier (fastgen.quant preset; its head stays in float).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), callback=nonempty, help="Engine cache root.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def score(files: tuple[str, ...], model: str, component: str | None, texts: tuple[str, ...], frames: int,
+@click.option("--embed", is_flag=True, help="Print embeddings of the --text inputs or image FILES (an encoder "
+              "component: text-encoder, image-encoder) instead of classifying.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="With --embed: L2-normalise the embeddings (default: as the model says).")
+def score(files: tuple[str, ...], model: str | None, images: tuple[str, ...], component: str | None, texts: tuple[str, ...], frames: int | None,
+          fps: float | None,
           top_k: int, batch_size: int | None, multi_label: bool, backend: str, device: str, precision: str,
-          quantization: str, cache_dir: str | None, as_json: bool) -> None:
+          quantization: str, cache_dir: str | None, as_json: bool, embed: bool = False,
+          normalize: bool | None = None, conf: float = 0.25, iou: float = 0.45) -> None:
     """Classify image and video FILES, and --text inputs, with a classifier of MODEL.
 
     Files are images or videos (known video extensions, else whatever PIL or PyAV can open); each
-    video is scored on --frames frames sampled uniformly, reported as the mean and max probability
-    of every label over those frames.
+    video is scored on --frames frames sampled uniformly (or --fps frames per second), reported as the
+    mean and max probability of every label over those frames, with the decode and inference times.
     """
+    from fastgen.cli.score_similarity import model_and_files, print_similarity
     from fastgen.pipelines.scorer import Scorer
 
+    model, files = model_and_files(model, files, images)
     if not files and not texts:
         raise InvalidArgumentError("inputs", None, reason="give image or video FILES, or --text")
     kinds = [_classify_file(f) for f in files]
+    if embed:
+        _embed(model, component, files, kinds, texts, normalize, as_json, batch_size=batch_size, backend=backend,
+               device=device, precision=precision, quantization=quantization, cache_dir=cache_dir)
+        return
     if component is None and texts and not files and not _is_engine_path(model):
         component = "text-classifier"
     # Engine directories and .onnx files are loaded as they are: only a model to build needs the cache.
@@ -123,6 +216,9 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
     scorer = Scorer.from_pretrained(model, component, backend=backend, device=device, precision=precision,
                                     cache=cache, quantization=quantization, top_k=top_k, multi_label=multi_label, batch_size=batch_size,
                                     progress=sys.stderr.isatty())
+    if scorer.task == "similarity":  # a CLIP / SigLIP model: the image-text similarity matrix
+        print_similarity(scorer, model, files, kinds, texts, as_json)
+        return
     what = f"{model}'s {scorer.engine.spec.component}"
     if texts and scorer.kind != "text":
         raise InvalidArgumentError("--text", texts[0], reason=f"{what} is an image classifier; pass image or "
@@ -134,18 +230,26 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
     videos: list[tuple[str, Any]] = []
     with scorer:
         images = [f for f, k in zip(files, kinds) if k == "image"]
-        image_scores = dict(zip(images, scorer.score_images(images))) if images else {}
+        found: dict[str, Any] = {}
+        if scorer.task == "detect" and images:  # boxes, and each label's best confidence as its score
+            scorer.conf, scorer.iou = conf, iou
+            found = dict(zip(images, scorer.detect(images, conf=conf, iou=iou)))
+            image_scores = dict(zip(found, scorer.detection_scores(list(found.values()))))
+        else:
+            image_scores = dict(zip(images, scorer.score_images(images))) if images else {}
         for f, k in zip(files, kinds):
             if k == "image":
-                rows.append({"input": f, "kind": "image", **image_scores[f].to_dict()})
+                rows.append({"input": f, "kind": "image", **image_scores[f].to_dict(),
+                             **(found[f].to_dict() if f in found else {})})
             else:
-                vs = scorer.score_video(f, frames=frames)
+                vs = scorer.score_video(f, frames=frames, fps=fps)
                 videos.append((f, vs))
                 rows.append({"input": f, "kind": "video", **vs.to_dict()})
         for text, s in zip(texts, scorer.score_texts(list(texts)) if texts else []):
             rows.append({"input": text, "kind": "text", **s.to_dict()})
         labels = scorer.labels
-        engine_info = {"model": model, "component": scorer.engine.spec.component, "backend": scorer.engine.backend,
+        engine_info = {"model": model, "task": scorer.task, "component": scorer.engine.spec.component,
+                       "backend": scorer.engine.backend,
                        "device": str(scorer.engine.device), "precision": scorer.engine.precision}
 
     if as_json:
@@ -156,6 +260,7 @@ def score(files: tuple[str, ...], model: str, component: str | None, texts: tupl
 
     _print_tables(_console(), rows, videos, labels,
                   title=f"{printable(model)} {engine_info['component']} ({engine_info['backend']}, {engine_info['device']})")
+    _print_boxes(_console(), rows)
 
 
 __all__ = ["score"]

@@ -14,6 +14,7 @@ from fastgen.engines.cache import MANIFEST, verify_dir
 from fastgen.engines.config import ExecutionOptions, execution_options
 from fastgen.engines.registry import BackendSpec, get_backend
 from fastgen.errors import InvalidArgumentError
+from fastgen.models.metadata import detector_metadata_from_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,13 @@ def _load_onnx_file(path: Path, device: str | None, execution: ExecutionOptions 
     from fastgen.engines.ort_backend import OrtEngine, resolve_ort_device
 
     # onnxruntime reads the weights next: every external data file must be there, whole, inside the folder.
-    spec = spec_from_onnx(load_graph(path, data=True), component=path.stem)
+    proto = load_graph(path, data=True)
+    spec = spec_from_onnx(proto, component=path.stem)
     dev = resolve_ort_device(device)
-    return OrtEngine(path, spec, device=dev, precision=onnx_precision(spec), execution=execution, path=path)
+    engine = OrtEngine(path, spec, device=dev, precision=onnx_precision(spec), execution=execution, path=path)
+    # A detector exported by ultralytics (NudeNet's too) names its classes and input size in the graph.
+    detector = detector_metadata_from_onnx({p.key: p.value for p in proto.metadata_props})
+    return engine if detector is None else engine.attach(metadata=detector)
 
 
 def load_engine(path: str | os.PathLike, *, device: str | None = None, execution: ExecutionOptions | None = None,

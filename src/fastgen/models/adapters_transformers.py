@@ -1,4 +1,4 @@
-"""Adapters for transformers models: CLIP text towers, text encoders, text and image classifiers."""
+"""Adapters for transformers models: CLIP text towers, text and image encoders, text and image classifiers."""
 
 from __future__ import annotations
 
@@ -51,6 +51,20 @@ class TextEncoderWrapper(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state,)
+
+
+class ImageEncoderWrapper(nn.Module):
+    """``pixel_values`` (batch, C, H, W) -> ``(last_hidden_state,)`` (batch, tokens, hidden), plus
+    ``pooler_output`` (batch, hidden) when the model has a pooler (ViT, DINOv2...)."""
+
+    def __init__(self, model: nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.pooled = pooled
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values=pixel_values, return_dict=True)
+        return (out.last_hidden_state, out.pooler_output) if self.pooled else (out.last_hidden_state,)
 
 
 class TextClassifierWrapper(nn.Module):
@@ -160,11 +174,45 @@ def adapt_image_classifier(model: nn.Module, component: str | None, latent_facto
     return name, ImageClassifierWrapper(model, hf=True), spec
 
 
+def adapt_image_encoder(model: nn.Module, component: str | None, latent_factor: int,
+                        image_size: int | None) -> tuple[str, nn.Module, ExportSpec]:
+    """A transformers vision base model (ViT, DINOv2...) -> its last hidden state (and pooled output)."""
+    name = choose(component, ("image-encoder",))
+    cfg = model.config
+    hidden = config_value(cfg, "hidden_size")
+    if not hidden:
+        raise UnsupportedError(f"no fastgen adapter for transformers {type(model).__name__}: "
+                               "an image encoder needs hidden_size in its config")
+    size = config_value(cfg, "image_size") or image_size or 224
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    channels = int(config_value(cfg, "num_channels", 3))
+    # ViT: a pooler when built with one; these always return their pooled output (DINOv2: the CLS after
+    # the final norm; CLIP / SigLIP vision towers: post-layernorm CLS / attention pooling).
+    pooled = getattr(model, "pooler", None) is not None or type(model).__name__.startswith(
+        ("Dinov2", "CLIPVision", "SiglipVision"))
+    outputs = [TensorSpec("last_hidden_state", "float32", ("batch", "tokens", int(hidden)))]
+    if pooled:
+        outputs.append(TensorSpec("pooler_output", "float32", ("batch", int(hidden))))
+    spec = ExportSpec(
+        component=name,
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, "height", "width")),),
+        outputs=tuple(outputs),
+        profile=ShapeProfile({"batch": DimRange(1, 8, 32), "height": DimRange(height, height, height),
+                              "width": DimRange(width, width, width)}),
+        model_type=type(model).__name__,
+    )
+    return name, ImageEncoderWrapper(model, pooled), spec
+
+
 def builder_for(model: nn.Module) -> Builder:
     import transformers
 
     ensure_traceable_attention(model)
     cls_name = type(model).__name__
+    from fastgen.models import adapters_clip
+
+    if adapters_clip.tower_family(model) is not None:  # CLIPModel / SiglipModel: text-tower, image-tower
+        return adapters_clip.adapt_towers
     if isinstance(model, (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection)):
         return adapt_clip_text
     if cls_name.endswith("ForSequenceClassification"):
@@ -173,6 +221,8 @@ def builder_for(model: nn.Module) -> Builder:
         return adapt_image_classifier
     if getattr(model, "main_input_name", None) == "input_ids" and "For" not in cls_name:
         return adapt_text_encoder
+    if getattr(model, "main_input_name", None) == "pixel_values" and "For" not in cls_name:
+        return adapt_image_encoder
     raise UnsupportedError(f"no fastgen adapter for transformers {cls_name} (supported: CLIPTextModel"
-                           "[WithProjection], base text encoders, *ForSequenceClassification, "
+                           "[WithProjection], base text and image encoders, *ForSequenceClassification, "
                            "*ForImageClassification)")

@@ -7,7 +7,10 @@ see :mod:`fastgen.models.metadata`):
 - ``transformer``: :class:`UNetMetadata` (scheduler config, ``sd3`` / ``flux`` / ``pixart``);
 - ``vae-decoder`` / ``vae-encoder``: :class:`VaeMetadata` (scaling factor, latent factor, shift factor);
 - ``classifier``: :class:`ImageClassifierMetadata` (labels in index order, image size, mean, std, resample);
-- ``text-classifier``: :class:`TextClassifierMetadata` (labels, max length).
+- ``text-classifier``: :class:`TextClassifierMetadata` (labels, max length);
+- ``text-encoder`` of a sentence-transformers folder or an embedding preset: :class:`TextEncoderMetadata`
+  (pooling, normalize, max length: :func:`embedding_settings`);
+- ``image-encoder``: :class:`ImageEncoderMetadata` (image size, mean, std, resample, pooling).
 
 Engines built by ``fastgen.build`` keep the metadata in ``manifest.json`` (``metadata``) and the
 tokenizer in a ``tokenizer/`` folder, so a service can run from engine directories alone.
@@ -15,6 +18,7 @@ tokenizer in a ``tokenizer/`` folder, so a service can run from engine directori
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +35,9 @@ from fastgen.models.metadata import (
     IMAGENET_STD,
     ComponentMetadata,
     ImageClassifierMetadata,
+    ImageEncoderMetadata,
     TextClassifierMetadata,
+    TextEncoderMetadata,
     UNetMetadata,
     VaeMetadata,
     metadata_class,
@@ -113,7 +119,7 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
         return VaeMetadata(scaling_factor=float(config.get("scaling_factor", DEFAULT_SCALING_FACTOR)),
                            latent_factor=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1),
                            shift_factor=config.get("shift_factor"))
-    if comp.name == "classifier":
+    if comp.name in ("classifier", "image-encoder"):
         processor = _read(folder / "preprocessor_config.json") if folder else {}
         size = processor.get("size", {})
         image_size = dims["height"].opt if "height" in dims else DEFAULT_IMAGE_SIZE
@@ -122,6 +128,10 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
         elif isinstance(size, int):
             image_size = size
         # Recorded in full (not left to the consumers' defaults), as the processor says or else the defaults.
+        if comp.name == "image-encoder":
+            return ImageEncoderMetadata(image_size=image_size, mean=processor.get("image_mean", IMAGENET_MEAN),
+                                        std=processor.get("image_std", IMAGENET_STD),
+                                        resample=int(processor.get("resample", DEFAULT_RESAMPLE)))
         return ImageClassifierMetadata(labels=_labels(config, _num_outputs(comp)), image_size=image_size,
                                        mean=processor.get("image_mean", IMAGENET_MEAN),
                                        std=processor.get("image_std", IMAGENET_STD),
@@ -132,6 +142,62 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
     return metadata_class(comp.name)()
 
 
+def sentence_transformer_folder(path: Path) -> Path | None:
+    """The transformer's folder of a sentence-transformers model folder (``modules.json``: the root or
+    ``0_Transformer/``); None when ``path`` is not one."""
+    modules = _read(path / "modules.json") if (path / "modules.json").is_file() else None
+    if not isinstance(modules, list):
+        return None
+    for module in modules:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith("Transformer"):
+            return path / str(module.get("path") or "")
+    return None
+
+
+# Pooling's config keys before sentence-transformers 5 (one boolean per mode), as its new mode names.
+_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                   "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                   "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def embedding_settings(path: Path) -> dict[str, Any] | None:
+    """``{"pooling", "normalize", "max_length"}`` of a sentence-transformers folder (None when ``path`` is
+    not one): its Pooling module's mode, whether a Normalize module follows, and ``max_seq_length``.
+    A layout whose embedding fastgen would compute differently (a Dense layer, concatenated or
+    weighted pooling) is refused in one line rather than embedded wrongly."""
+    from fastgen.errors import UnsupportedError
+    from fastgen.models.metadata import POOLING_MODES
+
+    modules = _read(path / "modules.json") if (path / "modules.json").is_file() else None
+    if not isinstance(modules, list):
+        return None
+    pooling, normalize = None, False
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
+        if kind == "Pooling":
+            cfg = _read(path / str(module.get("path") or "") / "config.json")
+            mode = cfg.get("pooling_mode")
+            if mode is None:
+                mode = [name for key, name in _LEGACY_POOLING.items() if cfg.get(key)] or "mean"
+            if isinstance(mode, list):
+                mode = mode[0] if len(mode) == 1 else "+".join(mode)
+            if mode not in POOLING_MODES or mode == "pooled":
+                raise UnsupportedError(f"{path}: sentence-transformers pooling {mode!r} (supported: "
+                                       f"{', '.join(m for m in POOLING_MODES if m != 'pooled')})")
+            pooling = mode
+        elif kind == "Normalize":
+            normalize = True
+        elif kind not in ("Transformer", ""):
+            raise UnsupportedError(f"{path}: sentence-transformers module {kind} (supported: Transformer, "
+                                   "Pooling, Normalize)")
+    inner = sentence_transformer_folder(path)
+    st_config = {**_read(path / "sentence_bert_config.json"),
+                 **(_read(inner / "sentence_bert_config.json") if inner is not None else {})}
+    max_length = st_config.get("max_seq_length")
+    return {"pooling": pooling or "mean", "normalize": normalize,
+            "max_length": int(max_length) if isinstance(max_length, int) and max_length > 0 else None}
+
+
 def attach_assets(comp: Component, model: Any) -> Component:
     """Fill ``comp.tokenizer`` and ``comp.metadata`` for a component loaded from ``model``."""
     from fastgen.models import presets, tokenizers
@@ -139,7 +205,22 @@ def attach_assets(comp: Component, model: Any) -> Component:
     config = dict(comp.source.get("config") or {})
     is_preset = isinstance(model, str) and model in presets.list_presets()
     root, folder = _folder_of(model, comp)
+    if comp.name in ("text-tower", "image-tower"):  # CLIP / SigLIP: models.adapters_clip
+        from fastgen.models.adapters_clip import tower_assets
+
+        return tower_assets(comp, model, folder, is_preset)
     comp.metadata = _metadata(comp, config, root, folder)
+    st_root = folder if folder is not None and (folder / "modules.json").is_file() else None
+    if comp.name == "text-encoder" and (st_root is not None or is_preset):
+        settings = embedding_settings(st_root) if st_root is not None else presets.preset_embedding(model, comp.name)
+        if settings:
+            comp.metadata = TextEncoderMetadata(**settings)
+        inner = sentence_transformer_folder(st_root) if st_root is not None else None
+        folder = inner if inner is not None else folder  # the tokenizer sits beside the transformer
+    elif comp.name == "image-encoder" and is_preset:
+        settings = presets.preset_embedding(model, comp.name)
+        if settings:
+            comp.metadata = dataclasses.replace(comp.metadata, **settings)
 
     if comp.name in ("text-encoder", "text-encoder-2", "text-encoder-3", "text-classifier"):
         try:

@@ -32,6 +32,7 @@ from torch import nn
 from fastgen.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedError
 from fastgen.models import presets
 from fastgen.models.adapters import adapt
+from fastgen.models.adapters_clip import TOWER_NAMES, folder_class
 from fastgen.models.adapters_diffusers import vae_latent_factor
 from fastgen.models.assets import attach_assets
 from fastgen.models.component import Component
@@ -237,6 +238,8 @@ def _transformers_class(config: dict[str, Any]) -> tuple[str, str]:
         return "text-classifier", arch
     if arch.endswith("ForImageClassification"):
         return "classifier", arch
+    if arch.endswith("Model") and "vocab_size" not in config and "image_size" in config:
+        return "image-encoder", "AutoModel"  # a vision base model (ViT, DINOv2...)
     if arch or config.get("model_type"):  # a base model or another head: its encoder via AutoModel
         return "text-encoder", "AutoModel"
     raise ModelNotFoundError("config.json has neither architectures nor model_type")
@@ -252,6 +255,12 @@ def _model_folder(plan: _Plan, folder: Path, names: tuple[str, ...] | None = Non
                                    f"(supported: {', '.join(DIFFUSERS_COMPONENTS)})")
         plan.add(names or DIFFUSERS_COMPONENTS[cls_name], lambda seed: _load_diffusers(folder, cls_name),
                  **options)
+        return
+    towers = folder_class(config) if names is None else None
+    if towers is not None:  # CLIPModel / SiglipModel: both towers (CLIP's text encoder too, for pipelines)
+        plan.add(TOWER_NAMES, lambda seed: _load_transformers(folder, towers), **options)
+        if towers == "CLIPModel":
+            plan.add(("text-encoder",), lambda seed: _load_transformers(folder, "CLIPTextModel"), **options)
         return
     try:
         component, load_cls = _transformers_class(config)
@@ -369,6 +378,13 @@ def _plan(model: str | os.PathLike) -> _Plan:
     if (path / "config.json").exists():
         plan = _Plan(origin=str(path))
         _model_folder(plan, path)
+        return plan
+    from fastgen.models.assets import sentence_transformer_folder
+
+    inner = sentence_transformer_folder(path)  # a sentence-transformers folder: its 0_Transformer/
+    if inner is not None and (inner / "config.json").exists():
+        plan = _Plan(origin=str(path))
+        _model_folder(plan, inner)
         return plan
     raise ModelNotFoundError(f"{path}: not a model folder (no model_index.json or config.json)")
 

@@ -205,12 +205,38 @@ class VaeMetadata(ComponentMetadata):
         object.__setattr__(self, "latent_factor", factor)
 
 
+#: How token (or patch) states become one embedding (sentence-transformers' Pooling modes, plus
+#: ``pooled``: the engine's own 2-D pooled output, e.g. ``pooler_output``).
+POOLING_MODES: tuple[str, ...] = ("mean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens", "pooled")
+
+
+def _pooling(kind: str, pooling: Any, normalize: Any) -> None:
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise InvalidArgumentError(f"{kind} metadata pooling", pooling, POOLING_MODES)
+    if normalize is not None and not isinstance(normalize, bool):
+        raise _fail(kind, "normalize", normalize, "true or false")
+
+
 @dataclass(frozen=True)
 class TextEncoderMetadata(ComponentMetadata):
-    """A text encoder (``text-encoder``, ``text-encoder-2``, ``text-encoder-3``): nothing beyond its tokenizer, which travels
-    beside the engine (``tokenizer/``), so no fields yet."""
+    """A text encoder (``text-encoder``, ``text-encoder-2``, ``text-encoder-3``); its tokenizer travels beside
+    the engine (``tokenizer/``). The embedding fields are what a sentence-transformers folder says
+    (``modules.json``: ``1_Pooling/config.json``, a ``Normalize`` module, ``max_seq_length``)."""
 
     kind: ClassVar[str] = "text-encoder"
+
+    pooling: str | None = None
+    """How ``Scorer.embed`` pools the last hidden state (:data:`POOLING_MODES`); None: not recorded (mean
+    pooling, or the engine's pooled output when it has one)."""
+    normalize: bool | None = None
+    """L2-normalise embeddings by default (a sentence-transformers ``Normalize`` module); None: not recorded (no)."""
+    max_length: int | None = None
+    """Texts are truncated to this many tokens (sentence-transformers' ``max_seq_length``); None: not recorded
+    (the tokenizer's ``model_max_length``)."""
+
+    def __post_init__(self) -> None:
+        _pooling(self.kind, self.pooling, self.normalize)
+        object.__setattr__(self, "max_length", _positive_int(self.kind, "max_length", self.max_length))
 
 
 @dataclass(frozen=True)
@@ -269,6 +295,24 @@ class ImageClassifierMetadata(ComponentMetadata):
 
 
 @dataclass(frozen=True)
+class ImageEncoderMetadata(ImageClassifierMetadata):
+    """An image encoder (``image-encoder``: ViT, DINOv2...): preprocessing as an image classifier's (no labels),
+    and how its output becomes one embedding."""
+
+    kind: ClassVar[str] = "image-encoder"
+
+    pooling: str | None = None
+    """``cls`` (the first token), ``mean`` (every token) or ``pooled`` (the engine's pooled output); None:
+    not recorded (the pooled output when the engine has one, else ``cls``)."""
+    normalize: bool | None = None
+    """L2-normalise embeddings by default; None: not recorded (no)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _pooling(self.kind, self.pooling, self.normalize)
+
+
+@dataclass(frozen=True)
 class TextClassifierMetadata(ComponentMetadata):
     """A text classifier: its label names and how many tokens it reads."""
 
@@ -284,6 +328,166 @@ class TextClassifierMetadata(ComponentMetadata):
         object.__setattr__(self, "max_length", _positive_int(self.kind, "max_length", self.max_length))
 
 
+#: The two-tower families (CLIP: ``logit_scale * cosine``, a softmax over texts; SigLIP: a sigmoid of it plus a bias).
+TOWER_FAMILIES: tuple[str, ...] = ("clip", "siglip")
+
+
+def _check_tower(meta: Any) -> None:
+    """The fields :class:`TextTowerMetadata` and :class:`ImageTowerMetadata` share."""
+    k = meta.kind
+    if meta.family is not None and meta.family not in TOWER_FAMILIES:
+        raise InvalidArgumentError(f"{k} metadata family", meta.family, TOWER_FAMILIES)
+    for name in ("logit_scale", "logit_bias"):
+        value = getattr(meta, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                name == "logit_scale" and value <= 0):
+            raise _fail(k, name, value, "a finite number" + (" > 0" if name == "logit_scale" else ""))
+        object.__setattr__(meta, name, float(value))
+
+
+@dataclass(frozen=True)
+class TextTowerMetadata(TextClassifierMetadata):
+    """The text tower of a two-tower image-text model (CLIP, SigLIP): ``text_embeds`` (batch, dim), projected,
+    not normalised; what the two towers' similarity needs travels with both towers."""
+
+    kind: ClassVar[str] = "text-tower"
+
+    family: str | None = None
+    """``clip`` or ``siglip`` (:data:`TOWER_FAMILIES`); None: not recorded."""
+    logit_scale: float | None = None
+    """The multiplier of the cosine similarity: the model's ``logit_scale`` parameter already exponentiated
+    (CLIP's initial value: 14.29, trained: 100); None: not recorded."""
+    logit_bias: float | None = None
+    """SigLIP's bias added to the scaled cosine before the sigmoid; None: none (CLIP)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_tower(self)
+
+
+@dataclass(frozen=True)
+class ImageTowerMetadata(ImageClassifierMetadata):
+    """The image tower of a two-tower image-text model: ``image_embeds`` (batch, dim), projected, not normalised;
+    its preprocessing fields are an image classifier's, plus the similarity's scale and bias."""
+
+    kind: ClassVar[str] = "image-tower"
+
+    family: str | None = None
+    """``clip`` or ``siglip`` (:data:`TOWER_FAMILIES`); None: not recorded."""
+    logit_scale: float | None = None
+    """As :attr:`TextTowerMetadata.logit_scale` (the same value on both towers)."""
+    logit_bias: float | None = None
+    """As :attr:`TextTowerMetadata.logit_bias`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_tower(self)
+
+
+#: The box layouts of YOLO-style detector outputs: ``yolov8`` (ultralytics YOLOv8 / 11, NudeNet v3: one
+#: (batch, 4 + classes, anchors) output, cx cy w h then class scores, no objectness) and ``yolov5`` (one
+#: (batch, anchors, 5 + classes) output: cx cy w h, objectness, class scores).
+DETECTOR_LAYOUTS: tuple[str, ...] = ("yolov8", "yolov5")
+# Longest ONNX metadata value parsed: a real label table (80 COCO names) is about 1 kB.
+_MAX_PROP_CHARS = 1 << 20
+
+
+@dataclass(frozen=True)
+class DetectorMetadata(ImageClassifierMetadata):
+    """A YOLO-style object detector (``detector``): class names, input size and its boxes output's layout.
+
+    Its images are letterboxed (resized keeping their aspect, padded with grey 114 to the input size,
+    centred), never stretched or cropped; pixels are ``x / 255`` (mean 0, std 1) unless recorded."""
+
+    kind: ClassVar[str] = "detector"
+
+    stride: int | None = None
+    """The largest stride of the detection heads (ultralytics' ``stride``, 32); None: not recorded (32)."""
+    layout: str | None = None
+    """:data:`DETECTOR_LAYOUTS`: ``yolov8`` or ``yolov5``; None: inferred from the output's shape."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "stride", _positive_int(self.kind, "stride", self.stride))
+        if self.layout is not None and self.layout not in DETECTOR_LAYOUTS:
+            raise InvalidArgumentError(f"{self.kind} metadata layout", self.layout, DETECTOR_LAYOUTS)
+
+    def with_defaults(self, channels: int = 3) -> DetectorMetadata:
+        """A copy with unrecorded preprocessing set to a detector's: ``x / 255`` (mean 0, std 1), bilinear."""
+        return dataclasses.replace(
+            self, mean=self.mean if self.mean is not None else (0.0,) * channels,
+            std=self.std if self.std is not None else (1.0,) * channels,
+            resample=self.resample if self.resample is not None else DEFAULT_RESAMPLE, center_crop=False)
+
+
+def _literal(key: str, text: str) -> Any:
+    """An ONNX metadata value as data: JSON, else a Python literal that is one dict / list / tuple of
+    constants or a constant (ultralytics writes ``names`` as ``{0: 'person', 1: 'car'}``). Only that
+    form reaches ``ast.literal_eval``, which evaluates nothing; None when it is not that form."""
+    import ast
+    import json
+
+    if len(text) > _MAX_PROP_CHARS:
+        logger.warning("ONNX metadata %r: %d characters, ignored", key, len(text))
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the stack
+        pass
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    children = ([*tree.keys, *tree.values] if isinstance(tree, ast.Dict)
+                else list(tree.elts) if isinstance(tree, (ast.List, ast.Tuple)) else [])
+    if not isinstance(tree, (ast.Dict, ast.List, ast.Tuple, ast.Constant)) or not all(
+            isinstance(c, ast.Constant) for c in children):
+        return None
+    return ast.literal_eval(tree)
+
+
+def _size_value(value: Any) -> int | list[int] | None:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if ok(value) or (isinstance(value, list) and len(value) == 2 and all(ok(v) for v in value)):
+        return value
+    return None
+
+
+def detector_metadata_from_onnx(props: Mapping[str, str]) -> DetectorMetadata | None:
+    """:class:`DetectorMetadata` from an ONNX graph's ``metadata_props`` as ultralytics writes them
+    (``names``: ``{0: 'person', ...}``, ``imgsz``: ``[640, 640]``, ``stride``: ``32``, ``task``:
+    ``detect``); None when they do not describe a detector (no ``names``, or another ``task``: a
+    segmentation or pose model). Values that do not parse are left out, with a warning."""
+    task = props.get("task")
+    if "names" not in props or (task is not None and task != "detect"):
+        return None
+    fields: dict[str, Any] = {}
+    names = _literal("names", props["names"])
+    if isinstance(names, dict) and names and all(str(k).isdigit() for k in names):
+        table = {int(k): str(v) for k, v in names.items()}
+        if sorted(table) == list(range(len(table))):
+            fields["labels"] = tuple(table[i] for i in range(len(table)))
+    elif isinstance(names, list) and names:
+        fields["labels"] = tuple(str(v) for v in names)
+    if "labels" not in fields:
+        logger.warning("ONNX metadata 'names' is not an {index: name} table (%.80r): labels are label_<i>",
+                       props["names"])
+    for key, name in (("imgsz", "image_size"), ("stride", "stride")):
+        if key in props:
+            value = _size_value(_literal(key, props[key]))
+            if key == "stride" and isinstance(value, list):
+                value = max(value)
+            if value is None:
+                logger.warning("ONNX metadata %r %.40r is not a size: ignored", key, props[key])
+            else:
+                fields[name] = value
+    return DetectorMetadata(**fields)
+
+
 #: Metadata class of each component name fastgen knows; any other name gets :class:`GenericMetadata`.
 COMPONENT_METADATA: dict[str, type[ComponentMetadata]] = {
     "unet": UNetMetadata,
@@ -296,6 +500,10 @@ COMPONENT_METADATA: dict[str, type[ComponentMetadata]] = {
     "transformer": UNetMetadata,
     "classifier": ImageClassifierMetadata,
     "text-classifier": TextClassifierMetadata,
+    "text-tower": TextTowerMetadata,
+    "image-tower": ImageTowerMetadata,
+    "image-encoder": ImageEncoderMetadata,
+    "detector": DetectorMetadata,
 }
 _BY_KIND: dict[str, type[ComponentMetadata]] = {
     cls.kind: cls for cls in (GenericMetadata, *COMPONENT_METADATA.values())}
@@ -335,7 +543,8 @@ def metadata_from_manifest(component: str, entry: Mapping[str, Any] | None) -> C
 __all__ = [
     "COMPONENT_METADATA", "PIPELINES", "DEFAULT_CENTER_CROP", "DEFAULT_IMAGE_SIZE", "DEFAULT_MAX_LENGTH", "DEFAULT_RESAMPLE",
     "DEFAULT_SCALING_FACTOR", "IMAGENET_MEAN", "IMAGENET_STD", "METADATA_VERSION", "NEUTRAL_MEAN", "NEUTRAL_STD",
-    "RESAMPLE_FILTERS", "ComponentMetadata", "GenericMetadata", "ImageClassifierMetadata", "TextClassifierMetadata",
-    "TextEncoderMetadata", "UNetMetadata", "VaeMetadata", "metadata_class", "metadata_from_dict",
+    "RESAMPLE_FILTERS", "ComponentMetadata", "DETECTOR_LAYOUTS", "DetectorMetadata", "GenericMetadata", "ImageClassifierMetadata", "ImageEncoderMetadata", "POOLING_MODES", "TextClassifierMetadata",
+    "TextEncoderMetadata", "TextTowerMetadata", "ImageTowerMetadata", "TOWER_FAMILIES", "UNetMetadata", "VaeMetadata", "metadata_class", "metadata_from_dict",
+    "detector_metadata_from_onnx",
     "metadata_from_manifest",
 ]

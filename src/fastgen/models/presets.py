@@ -6,7 +6,8 @@ stand-in for tests and demos (``tiny-sdxl`` the same for SDXL's architecture; ``
 ``tiny-sdxl-controlnet`` add a ``controlnet`` and the ``unet-controlled`` that takes its residuals), ``sd15`` / ``sdxl`` are the exact public Stable Diffusion 1.5 and
 SDXL base 1.0 architectures (for benchmarking engines; the weights are random, not trained);
 ``tiny-sd3`` / ``tiny-flux`` / ``tiny-pixart`` and ``sd35-medium`` / ``flux-dev`` / ``pixart-sigma`` the
-diffusion transformers (:mod:`fastgen.models.presets_dit`).
+diffusion transformers (:mod:`fastgen.models.presets_dit`); ``tiny-clip`` / ``tiny-siglip`` two-tower
+image-text models (:mod:`fastgen.models.presets_clip`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from fastgen.errors import InvalidArgumentError
+from fastgen.models.presets_clip import TWO_TOWER_IMAGE_SIZES, TWO_TOWER_PRESETS, init_two_tower
 from fastgen.models.presets_dit import DIT_IMAGE_SIZES, dit_presets
 
 logger = logging.getLogger(__name__)
@@ -298,8 +300,38 @@ _PRESETS["tiny-sdxl-controlnet"] = {
     "controlnet": ("diffusers", "ControlNetModel", _TINY_SDXL_CONTROLNET),
 }
 
+# --- tiny-embed: encoders for Scorer.embed (a BERT-style sentence embedder and a ViT) ------------
+
+# 512 positions so that tests can embed texts of a few hundred tokens.
+_TINY_EMBED_TEXT: dict[str, Any] = {**_TINY_TEXT_CLASSIFIER, "max_position_embeddings": 512}
+for _key in ("id2label", "label2id"):
+    _TINY_EMBED_TEXT.pop(_key)
+_TINY_VIT: dict[str, Any] = {
+    "hidden_size": 32,
+    "image_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+}
+#: What a preset's encoders' sentence-transformers config would say: TextEncoderMetadata /
+#: ImageEncoderMetadata fields (pooling, normalize), by preset and component.
+_PRESET_EMBEDDING: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny-embed": {"text-encoder": {"pooling": "mean", "normalize": True, "max_length": 512},
+                   "image-encoder": {"pooling": "cls", "normalize": False}},
+}
+
+
+def preset_embedding(name: Any, component: str) -> dict[str, Any] | None:
+    """The embedding settings (pooling, normalize...) of a preset's encoder; None for other components."""
+    settings = _PRESET_EMBEDDING.get(name, {}).get(component) if isinstance(name, str) else None
+    return dict(settings) if settings else None
+
+
 #: Nominal image size (pixels, min/opt/max) of each preset: the UNet and VAE height/width profile.
 PRESET_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny-embed": (32, 32, 32),
     "tiny": (32, 64, 128),
     "sd15": (256, 512, 1024),
     "tiny-controlnet": (32, 64, 128),
@@ -313,6 +345,14 @@ PRESET_IMAGE_SIZES: dict[str, tuple[int, int, int]] = {
 # Diffusion transformers (SD3.5, FLUX.1, PixArt-Sigma and their tiny stand-ins): see presets_dit.
 _PRESETS.update(dit_presets(_TINY_VAE, _TINY_CLIP, _TINY_CLIP_2, _CLIP_L, _CLIP_BIGG, _SDXL_VAE))
 PRESET_IMAGE_SIZES.update(DIT_IMAGE_SIZES)
+# Two-tower image-text models (CLIP, SigLIP): see presets_clip.
+_PRESETS.update(TWO_TOWER_PRESETS)
+PRESET_IMAGE_SIZES.update(TWO_TOWER_IMAGE_SIZES)
+# The embedding encoders (registered after the families above: the dict's order is the presets' listing order).
+_PRESETS["tiny-embed"] = {
+    "text-encoder": ("transformers", "BertModel", _TINY_EMBED_TEXT),
+    "image-encoder": ("transformers", "ViTModel", _TINY_VIT),
+}
 
 #: Latent factor of every preset (its VAE has four blocks).
 PRESET_LATENT_FACTOR = 8
@@ -396,6 +436,7 @@ def build_preset_model(name: str, component: str, *, seed: int = 0, device: str 
         model = instantiate(library, cls_name, config)
         if cls_name == "ControlNetModel":
             _unzero_control_convs(model)
+        init_two_tower(model)
     logger.debug("built preset %s/%s (%s) with seed %d", name, component, cls_name, seed)
     return model
 

@@ -261,8 +261,12 @@ def _resize(im: Image.Image, size: tuple[int, int], resample: int, center_crop: 
     if not center_crop:
         return im.resize((w, h), resample=resample)
     # Shorter side scaled to cover the target, then the centre cut out (torchvision's CenterCrop offsets).
-    scale = max(h / im.height, w / im.width)
-    rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    # The other side is floored, as torchvision's Resize and transformers' image processors compute it
+    # (int(size * long / short)): rounding would be a column off theirs on e.g. a 37x53 image.
+    if h * im.width >= w * im.height:  # the height binds
+        rw, rh = max(w, int(h * im.width / im.height)), h
+    else:
+        rw, rh = w, max(h, int(w * im.height / im.width))
     left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
     if rw * rh > max(16 * w * h, EXACT_CROP_PIXELS):
         # The same window, resampled straight from the source (the filter scaled alike): an elongated

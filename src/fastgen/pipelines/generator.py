@@ -10,7 +10,8 @@ per prompt, all of them in every UNet call), the same steps the batched runtime 
 
 Best-of-N: ``generate(..., candidates=N, scorer=S, keep=k)`` makes N variants per prompt (seeds
 ``seed .. seed + N - 1``), scores them with ``S.score_images(list of PIL images) -> list[Score]``
-(``Score.probs``: label -> probability) and keeps the k best per prompt.
+(``Score.probs``: label -> probability) and keeps the k best per prompt; a two-tower CLIP / SigLIP scorer
+scores each candidate against its own prompt instead (:mod:`fastgen.pipelines.best_of`).
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ class Generator(AdapterMethods):
         row_sources = inpainting.row_sources(states)  # padding_mask_crop pastes each row back into its image
         if best_of:
             t0 = time.perf_counter()
-            chosen, scores, rank_values = ranking.best_of(decoded, prompt_indices, per_prompt, scorer, keep, rank_by)
+            chosen, scores, rank_values = ranking.best_of(decoded, prompt_indices, per_prompt, scorer, keep, rank_by,
+                                                          prompts=prompts)
             timings["scoring_ms"] = _ms(t0)
             decoded = decoded[chosen]
             row_sources = [row_sources[i] for i in chosen]

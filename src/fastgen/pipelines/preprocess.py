@@ -32,7 +32,12 @@ import torch
 
 from fastgen.engines.base import Engine
 from fastgen.errors import InvalidArgumentError, UnsupportedError
-from fastgen.models.metadata import DEFAULT_MAX_LENGTH, ImageClassifierMetadata, TextClassifierMetadata
+from fastgen.models.metadata import (
+    DEFAULT_MAX_LENGTH,
+    ImageClassifierMetadata,
+    TextClassifierMetadata,
+    TextEncoderMetadata,
+)
 from fastgen.models.spec import parse_dim
 from fastgen.pipelines import classifier_images
 from fastgen.pipelines.config import check_text
@@ -92,7 +97,7 @@ class TextPreprocessor:
         """The shortest sequence the engine's profile takes (a strict engine refuses shorter ones)."""
         seq_max = dim_size(engine, seq_entry, "max")
         metadata = engine.metadata
-        recorded = metadata.max_length if isinstance(metadata, TextClassifierMetadata) else None
+        recorded = metadata.max_length if isinstance(metadata, (TextClassifierMetadata, TextEncoderMetadata)) else None
         limit = max_length if max_length is not None else recorded
         if limit is None:
             model_max = getattr(self.tokenizer, "model_max_length", None)

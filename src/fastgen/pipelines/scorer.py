@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +38,7 @@ from fastgen.pipelines.preprocess import ImagePreprocessor, TextPreprocessor, po
 from fastgen.pipelines.scorer_detect import DetectionMethods
 from fastgen.pipelines.scorer_embed import EmbeddingMethods
 from fastgen.pipelines.scorer_similarity import SimilarityMethods
-from fastgen.pipelines.video import sample_video
+from fastgen.pipelines.scorer_video import VideoMethods, VideoScore
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ Kind = Literal["image", "text"]
 KINDS = ("image", "text")
 #: What a scorer's engine does: classify (logits), embed (embeddings: :meth:`Scorer.embed`), detect
 #: (boxes: :meth:`Scorer.detect`). Inferred from the engine's outputs unless given.
-Task = Literal["classify", "embed", "detect"]
-TASKS = ("classify", "embed", "detect")
+Task = Literal["classify", "embed", "detect", "similarity"]
+TASKS = ("classify", "embed", "detect", "similarity")
 #: engine component -> default kind
 COMPONENT_KINDS = {"classifier": "image", "text-classifier": "text"}
 
@@ -73,33 +73,6 @@ class Score:
                 "logits": list(self.logits)}
 
 
-@dataclass
-class VideoScore:
-    """Classification of a video: per-frame scores and their mean and max per label."""
-
-    mean: dict[str, float]
-    """Label to its probability averaged over the sampled frames."""
-    max: dict[str, float]
-    """Label to its largest probability over the sampled frames."""
-    top: list[tuple[str, float]]
-    """The ``top_k`` labels by mean probability, most probable first."""
-    frames: list[Score] = field(default_factory=list)
-    """Score of each sampled frame, in video order."""
-    indices: list[int] = field(default_factory=list)
-    """Frame index (0-based) of each sampled frame."""
-    timestamps: list[float | None] = field(default_factory=list)
-    """Presentation time in seconds of each sampled frame (None for arrays)."""
-    total_frames: int | None = None
-    """Frame count of the video, when known."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": dict(self.mean), "max": dict(self.max),
-                "top": [{"label": k, "prob": p} for k, p in self.top],
-                "frames": [{"index": i, "timestamp": t, **s.to_dict()}
-                           for i, t, s in zip(self.indices, self.timestamps, self.frames)],
-                "total_frames": self.total_frames}
-
-
 @contextlib.contextmanager
 def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[], None]]:
     """A transient rich bar on stderr over ``total`` batches (nothing when disabled or one batch)."""
@@ -114,7 +87,7 @@ def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[
         yield lambda: bar.advance(task)
 
 
-class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
+class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods):
     """Classify images, texts or video frames with one classifier :class:`~fastgen.Engine`; or embed
     them (an encoder engine, :meth:`embed`), or detect objects in images (a detector, :meth:`detect`).
 
@@ -130,6 +103,9 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
     the metadata's ``max_length``, capped by the engine's sequence range. ``batch_size``: default the
     engine profile's opt batch, at most its max. ``multi_label``: sigmoid instead of softmax.
     ``top_k``: how many labels ``Score.top`` lists. ``progress``: a progress bar over batches.
+    ``text_engine``: a CLIP / SigLIP text tower (``engine`` is then the image tower) and/or ``aesthetic``: a
+    head on image embeddings (a module or a safetensors path): the task is ``similarity``
+    (:mod:`fastgen.pipelines.scorer_similarity`).
 
     The steps are public for callers that batch on their own (``fastgen.Runtime``):
     ``scorer.text_preprocessor`` / ``scorer.image_preprocessor`` turn inputs into engine feeds,
@@ -142,10 +118,12 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  resample: int | str | None = None, center_crop: bool | None = None,
                  max_length: int | None = None, batch_size: int | None = None, multi_label: bool = False,
-                 top_k: int = 3, progress: bool = False) -> None:
+                 top_k: int = 3, progress: bool = False, text_engine: Engine | None = None,
+                 aesthetic: Any = None) -> None:
         if not isinstance(engine, Engine):
             raise InvalidArgumentError("engine", type(engine).__name__, "a fastgen Engine (fastgen.build / load_engine)")
         self.engine = engine
+        self._init_similarity(text_engine, aesthetic, tokenizer=tokenizer, max_length=max_length)
         metadata = engine.metadata
         spec = engine.spec
         self.kind: Kind = kind or self._infer_kind()
@@ -168,6 +146,7 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
         else:  # embeddings have no labels; a detector's come from its metadata (its _setup_detect)
             self._num_labels = None
             self._labels = list(labels) if labels is not None else None
+        self._image_options = {"image_size": image_size, "mean": mean, "std": std, "resample": resample}
         self.text_preprocessor: TextPreprocessor | None = None
         """Texts -> engine feeds (a text scorer; None for an image one)."""
         self.image_preprocessor: ImagePreprocessor | None = None
@@ -204,12 +183,19 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
         ``quantization``: a ``fastgen.quant`` preset name or config for the built engine (the
         classifier head stays in float, see ``fastgen.quant.DEFAULT_SKIP``). ``execution``: a
         :class:`~fastgen.ExecutionOptions` for the engine (threads, provider; default: automatic).
-        ``options`` go to :class:`Scorer`.
+        ``options`` go to :class:`Scorer`. A two-tower model (``tiny-clip``, a CLIPModel / SiglipModel folder, a
+        folder of ``text-tower/`` and ``image-tower/`` engines) with no ``component`` gives one scorer over both
+        towers (with the folder's ``aesthetic.safetensors`` head when there is one).
         """
         from fastgen.engines.build import build
         from fastgen.engines.cache import MANIFEST
         from fastgen.engines.loading import load_engine
 
+        towers = cls._tower_engines(model, component, backend=backend, device=device, precision=precision,
+                                    cache=cache, quantization=quantization, execution=execution)
+        if towers is not None:  # a two-tower model (CLIP, SigLIP): one scorer over both engines
+            options.setdefault("aesthetic", towers[2])
+            return cls(towers[0], text_engine=towers[1], **options)
         path = Path(model).expanduser() if isinstance(model, (str, os.PathLike)) else None
         if path is not None and ((path / MANIFEST).is_file() or
                                  (path.is_file() and path.suffix.lower() == ".onnx")):
@@ -230,6 +216,8 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
     def _infer_task(self) -> Task:
         """``detect`` or ``embed`` when the engine's outputs say so (the task mixins decide), else ``classify``."""
         spec = self.engine.spec
+        if self._is_similarity(spec):
+            return "similarity"
         if self._is_detector(spec):
             return "detect"
         if self._is_embedder(spec):
@@ -351,6 +339,8 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
         """One engine call over ready engine inputs (batch first, from this scorer's preprocessor):
         the (n, num_labels) float32 logits on the CPU. A batch under the engine's minimum is padded up
         to it (its last row repeated) and the extra rows dropped."""
+        if self.task == "detect":  # a detector's logits: each label's best confidence (DetectionMethods)
+            return self.detection_logits(feeds)
         n = next(iter(feeds.values())).shape[0]
         if n < self._min_batch:  # repeat the last row; its results are dropped below
             feeds = {k: torch.cat([v, v[-1:].expand(self._min_batch - n, *v.shape[1:])]) for k, v in feeds.items()}
@@ -404,7 +394,9 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
         bad = self._nonfinite(logits)
         if bad:  # a softmax of NaN is NaN, and an argsort of it a made-up "top" label
             raise self._numerical_error([offset + i for i in bad], what)
-        if self.multi_label:
+        if self.task == "detect":  # confidences already (detection_logits), 0 where nothing was found
+            probs = logits
+        elif self.multi_label:
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
             e = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -451,12 +443,18 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
                 advance()
         return scores, (torch.from_numpy(np.concatenate(probs)) if probs else torch.empty(0, len(self.labels)))
 
-    def score_images(self, images: Any, *, batch_size: int | None = None) -> list[Score]:
+    def score_images(self, images: Any, *, texts: Any = None, batch_size: int | None = None) -> list[Score]:
         """One :class:`Score` per image (see :mod:`fastgen.pipelines.classifier_images` for accepted kinds).
 
         A single image, a 4-D batch array / tensor, or a list of images; always returns a list.
-        Unreadable files raise :class:`InvalidArgumentError` naming the file.
+        Unreadable files raise :class:`InvalidArgumentError` naming the file. ``texts``: a two-tower
+        scorer's labels (zero-shot; without them, its aesthetic head scores): see ``scorer_similarity``.
         """
+        if self.task == "similarity":
+            return self._similarity_scores(images, texts, batch_size)
+        if texts is not None:
+            raise InvalidArgumentError("texts", "texts", reason="only a two-tower (CLIP / SigLIP) scorer scores images "
+                                       "against texts")
         self._require("image", "images", images)
         return self._image_probs(self._image().flatten(images), batch_size)[0]
 
@@ -491,25 +489,6 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
                 advance()
         return results  # type: ignore[return-value]
 
-    def score_video(self, video: Any, *, frames: int = 8, batch_size: int | None = None) -> VideoScore:
-        """Score ``frames`` frames sampled uniformly over ``video`` and aggregate them per label.
-
-        ``video``: a file path (decoded with PyAV) or a uint8 (T, H, W, C) array / tensor. See
-        :mod:`fastgen.pipelines.video` for the sampling rule. Unreadable videos raise
-        :class:`InvalidArgumentError`.
-        """
-        self._require("image", "video", os.fspath(video) if isinstance(video, os.PathLike) else video)
-        sampled = sample_video(video, frames)
-        scores, probs = self._image_probs(sampled.frames, batch_size, "frames")  # probs: (K, num_labels) float32
-        labels = self.labels
-        mean = probs.double().mean(dim=0)  # (num_labels,) float64
-        peak = probs.max(dim=0).values.tolist()
-        (order,) = self._top(mean[None].numpy())
-        mean = mean.tolist()
-        top = [(labels[j], mean[j]) for j in order]
-        return VideoScore(dict(zip(labels, mean)), dict(zip(labels, peak)), top, scores, sampled.indices,
-                          sampled.timestamps, sampled.total)
-
     def __call__(self, inputs: Any, *, batch_size: int | None = None) -> list[Score]:
         """``score_images`` or ``score_texts``, by this scorer's kind."""
         if self.kind == "text":
@@ -525,6 +504,8 @@ class Scorer(EmbeddingMethods, SimilarityMethods, DetectionMethods):
 
     def close(self) -> None:
         self.engine.close()
+        if self.text_engine is not None:
+            self.text_engine.close()
 
     def __enter__(self) -> Scorer:
         return self
