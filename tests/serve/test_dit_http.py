@@ -18,13 +18,13 @@ _GENERATORS: dict = {}
 
 @pytest.fixture(scope="module")
 def setup(live_server):
-    from conftest import FAST_BUILD
-
+    from fastgen.engines.config import BuildConfig
+    from fastgen.export.config import ExportConfig
     from fastgen.pipelines.generator import Generator
 
     if "flux" not in _GENERATORS:
         _GENERATORS["flux"] = Generator.from_pretrained("tiny-flux", backend="torch", device="cpu",
-                                                        build_config=FAST_BUILD)
+                                                        build_config=BuildConfig(export=ExportConfig(verify="opt")))
     config = ServeConfig(model="tiny-flux", max_image_pixels=128 * 128, max_images=4)
     service = Service(config, generator=_GENERATORS["flux"])
     server = live_server(create_app(config, service=service)).wait_ready()

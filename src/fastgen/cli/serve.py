@@ -84,8 +84,11 @@ def check_models(config: ServeConfig) -> None:
 @click.command("serve")
 @click.argument("model", required=False, callback=nonempty)
 @click.option("--scorer", "scorers", multiple=True, callback=nonempty,
-              help="A classifier to serve: MODEL or MODEL:COMPONENT (classifier, text-classifier); repeat for "
-                   "an image and a text classifier. The image classifier ranks best-of-N candidates.")
+              help="A scorer to serve: [NAME=]MODEL[:COMPONENT] (component classifier, text-classifier, "
+                   "text-encoder or image-encoder; a two-tower CLIP / SigLIP model or a detector .onnx needs none); "
+                   "repeatable, any number when named (NAME is what requests pass as model / scorer, and the "
+                   "metrics label; unnamed: text or image, one of each). The only image classifier, or the "
+                   "one a request names, ranks best-of-N candidates.")
 @click.option("--lora", "loras", multiple=True, callback=nonempty, help=_DOCS["loras"] + " Repeatable.")
 @click.option("--model-name", callback=nonempty, help=_DOCS["model_name"])
 @click.option("--profile", callback=nonempty, help=_DOCS["profile"])

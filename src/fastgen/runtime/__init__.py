@@ -16,6 +16,8 @@ _LAZY = {
     "RuntimeConfig": "fastgen.runtime.config",
     "GenerateRequest": "fastgen.runtime.requests",
     "ScoreRequest": "fastgen.runtime.requests",
+    "EmbedRequest": "fastgen.runtime.requests",
+    "DetectRequest": "fastgen.runtime.requests",
     "RequestFuture": "fastgen.runtime.requests",
     "RequestStatus": "fastgen.runtime.requests",
     "RequestError": "fastgen.runtime.requests",
@@ -45,6 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastgen.runtime.request_scheduler import RequestScheduler
     from fastgen.runtime.requests import (
         DeadlineExceededError,
+        DetectRequest,
+        EmbedRequest,
         EngineError,
         EngineTimeoutError,
         GenerateRequest,

@@ -10,7 +10,8 @@ only through its methods; the device loops call them under their shared lock. (D
 
 Queues. Each (kind, bucket) has its own queue: ``("text", 32)`` holds texts padded to 32 tokens,
 ``("image", (224, 224))`` images of one model-input size, ``("generate", (64, 64))`` generations of
-one image size. Scoring kinds form one-shot batches; the ``generate`` kind keeps an *active set*
+one image size. A runtime's scoring kinds are its scorers' names (``("moderation", 32)``), each
+batching texts or images (``modalities``). Scoring kinds form one-shot batches; the ``generate`` kind keeps an *active set*
 per bucket that requests join and leave at step boundaries (continuous batching), or, in
 ``request`` mode, that forms anew only once empty (static batching, first come first served).
 
@@ -67,7 +68,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
@@ -86,11 +87,13 @@ class RequestScheduler(StepPolicy):
     :class:`~fastgen.runtime.step_policy.StepPolicy`; the state it works on is set up here."""
 
     def __init__(self, config: RuntimeConfig | None = None, *, clock: Callable[[], float] = time.monotonic,
-                 nested_kinds: tuple[str, ...] = ("text",)) -> None:
+                 nested_kinds: tuple[str, ...] = ("text",), modalities: Mapping[str, str] | None = None) -> None:
         self.config = config or RuntimeConfig()
         self.clock = clock
         self.nested_kinds = nested_kinds
         """Kinds whose buckets are lengths (ints): a batch may take requests of smaller buckets, padded up."""
+        self.modalities = {"text": "text", "image": "image", **(modalities or {})}
+        """Queue kind (a scorer's name) -> ``text`` / ``image``: which budget caps its batches (tokens / pixels)."""
         self._queues: dict[tuple[str, Hashable], BucketQueue] = {}
         self._generate: list[BucketQueue] = []
         self._plain: list[BucketQueue] = []  # scoring queues of kinds that do not nest
@@ -138,7 +141,7 @@ class RequestScheduler(StepPolicy):
             if kind == GENERATE:
                 found = Limits(cfg.max_step_rows, cfg.max_step_pixels or math.inf, 0.0)
             else:
-                cost_field = _SCORE_COST_FIELD.get(kind)
+                cost_field = _SCORE_COST_FIELD.get(self.modalities.get(kind, kind))
                 found = Limits(cfg.max_batch_size, getattr(cfg, cost_field) if cost_field else math.inf,
                                cfg.max_wait_ms / 1e3)
             self._defaults[kind] = found

@@ -3,7 +3,8 @@
 Every accepted request ends in exactly one terminal status, carried by its future:
 
 ========== ====================================================================================
-succeeded  ``future.result()`` is the result (a ``GenerationResult`` or a ``Score``)
+succeeded  ``future.result()`` is the result (a ``GenerationResult``, a ``Score``, an embedding
+           tensor or a ``Detections``)
 failed     ``future.exception()`` is the error of that request alone (a bad input, an engine
            error, :class:`OutOfMemoryError`, :class:`EngineError`, :class:`EngineTimeoutError`
            or :class:`ShutdownError`)
@@ -23,6 +24,7 @@ import concurrent.futures
 import enum
 import logging
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +35,8 @@ from fastgen.runtime.progress import SerialDispatch
 logger = logging.getLogger(__name__)
 
 ScoreKind = Literal["text", "image"]
+#: What a scorer's name may be (see :func:`check_scorer_name`).
+SCORER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: Priorities allowed: wide enough for any policy, small enough that ``priority * priority_aging_s``
 #: stays a float (an int of 400 digits would raise OverflowError in the scheduler).
@@ -196,9 +200,19 @@ class GenerateRequest:
         adapter_pairs(self.adapters)
 
 
+def check_scorer_name(name: Any, argument: str = "scorer") -> None:
+    """A scorer's name (what requests say, metrics label, ``--scorer NAME=MODEL`` gives): a letter or
+    digit, then letters, digits, ``.``, ``_`` or ``-``, at most 64 in all; ``generate`` is taken."""
+    if not isinstance(name, str) or not SCORER_NAME.fullmatch(name) or name == "generate":
+        shown = name if isinstance(name, str) else type(name).__name__
+        raise InvalidArgumentError(argument, shown, "names of letters, digits, '.', '_' and '-' (1 to 64, "
+                                   "starting with a letter or digit; not 'generate')")
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Classification of one text or one image."""
+    """Classification of one text or one image: a classifier's ``Score`` (a detector's: each label's
+    best confidence; a two-tower scorer's: its aesthetic head's)."""
 
     item: Any
     """A text (``str``) or an image (PIL image, uint8 (H, W, C) array, float (C, H, W) tensor, file path)."""
@@ -208,11 +222,87 @@ class ScoreRequest:
     """Higher runs first; waiting raises it."""
     deadline_s: float | None = None
     """Seconds after submission by which it must have finished; None: the runtime's default."""
+    scorer: str | None = None
+    """The runtime's scorer to run, by name (``Runtime(scorers={"moderation": ...})``); none: the only
+    classifier of the item's kind (several: a one-line error naming them)."""
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in ("text", "image"):
             raise InvalidArgumentError("kind", self.kind, ("text", "image"))
+        if self.scorer is not None:
+            check_scorer_name(self.scorer)
         _check_common(self.priority, self.deadline_s)
+
+
+def _fraction(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not 0 <= value <= 1):
+        raise InvalidArgumentError(name, value, "numbers from 0 to 1, or None (the detector's own)")
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """The embedding of one text or one image by an embedding scorer (an encoder: ``Scorer.embed``).
+    Its result is the (dim,) float32 CPU tensor ``Scorer.embed`` gives for the item alone."""
+
+    item: Any
+    """A text (``str``) or an image (as :class:`ScoreRequest` takes)."""
+    scorer: str | None = None
+    """The runtime's scorer, by name; none: the only embedding scorer of the item's kind."""
+    kind: ScoreKind | None = None
+    """``text`` or ``image``; none: text for a ``str`` when an embedding scorer takes texts, else image."""
+    normalize: bool | None = None
+    """L2-normalise the embedding; None: as the model says (``Scorer.embed``'s default)."""
+    priority: int = 0
+    """Higher runs first; waiting raises it."""
+    deadline_s: float | None = None
+    """Seconds after submission by which it must have finished; None: the runtime's default."""
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in ("text", "image"):
+            raise InvalidArgumentError("kind", self.kind, ("text", "image"))
+        if self.scorer is not None:
+            check_scorer_name(self.scorer)
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise InvalidArgumentError("normalize", self.normalize, ("True", "False", "None"))
+        _check_common(self.priority, self.deadline_s)
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    """The objects in one image, by a detector scorer (``Scorer.detect``). Its result is the image's
+    ``Detections`` (boxes in the image's own pixels), as ``Scorer.detect`` gives for it alone."""
+
+    item: Any
+    """An image (PIL image, uint8 (H, W, C) array, float (C, H, W) tensor, file path)."""
+    scorer: str | None = None
+    """The runtime's scorer, by name; none: the only detector."""
+    conf: float | None = None
+    """Confidence threshold (0 to 1); None: ``Scorer.detect``'s default."""
+    iou: float | None = None
+    """IoU threshold of the non-maximum suppression (0 to 1); None: ``Scorer.detect``'s default."""
+    max_det: int | None = None
+    """Most boxes kept; None: ``Scorer.detect``'s default."""
+    priority: int = 0
+    """Higher runs first; waiting raises it."""
+    deadline_s: float | None = None
+    """Seconds after submission by which it must have finished; None: the runtime's default."""
+
+    kind = "image"  # a detector takes images (read like ScoreRequest's field)
+
+    def __post_init__(self) -> None:
+        if self.scorer is not None:
+            check_scorer_name(self.scorer)
+        _fraction("conf", self.conf)
+        _fraction("iou", self.iou)
+        if self.max_det is not None and (isinstance(self.max_det, bool) or not isinstance(self.max_det, numbers.Integral)
+                                         or self.max_det < 1):
+            raise InvalidArgumentError("max_det", self.max_det, "integers >= 1, or None (the detector's own)")
+        _check_common(self.priority, self.deadline_s)
+
+
+#: The request types that go to one of the runtime's scorers (by name, or by the item's kind).
+SCORER_REQUESTS: tuple[type, ...] = (ScoreRequest, EmbedRequest, DetectRequest)
 
 
 # --- futures ------------------------------------------------------------------------------------------
@@ -395,6 +485,7 @@ class RequestFuture(concurrent.futures.Future):
         return f"<RequestFuture {self.request_id} {self.kind} {self.status.value}>"
 
 
-__all__ = ["MAX_PRIORITY", "DeadlineExceededError", "EngineError", "EngineTimeoutError", "GenerateRequest",
+__all__ = ["MAX_PRIORITY", "SCORER_REQUESTS", "DeadlineExceededError", "DetectRequest", "EmbedRequest", "EngineError",
+           "EngineTimeoutError", "GenerateRequest",
            "OutOfMemoryError", "OverloadedError", "RequestError", "RequestFuture", "RequestStatus", "ScoreRequest",
-           "ShutdownError"]
+           "ShutdownError", "check_scorer_name"]

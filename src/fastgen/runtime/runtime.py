@@ -2,18 +2,19 @@
 
 ::
 
-    with fastgen.Runtime(generator=gen, scorer=[text_scorer, image_scorer]) as rt:
+    with fastgen.Runtime(generator=gen, scorers={"moderation": text_clf, "quality": image_clf}) as rt:
         future = rt.submit(fastgen.GenerateRequest("a red car", GenerateConfig(steps=20, seed=1)))
         image = future.result().images[0]
-        score = await rt.score("buy now, fifty percent off")       # from an asyncio loop
+        score = await rt.score("buy now, fifty percent off", scorer="moderation")  # from an asyncio loop
 
 Scoring is batched request by request (dynamic batching in shape buckets under a count and a
 token / pixel budget), generation step by step (continuous batching: requests join and leave a
-shape bucket's UNet batch at every denoising step). Each engine kind (generation, text scoring,
-image scoring) runs on its own device thread, watched by a watchdog (:mod:`fastgen.runtime.worker`);
-the decisions are :mod:`fastgen.runtime.request_scheduler`'s. Every accepted request ends with a
-status (:mod:`fastgen.runtime.requests`); clients' done-callbacks run on the runtime's callback
-threads (:mod:`fastgen.runtime.callbacks`), never on a device thread. ``shutdown`` finishes or fails
+shape bucket's UNet batch at every denoising step). Each engine (the generator's, and each named
+scorer's: :mod:`fastgen.runtime.scorer_names`) runs on its own device thread, watched by a
+watchdog (:mod:`fastgen.runtime.worker`); the decisions are
+:mod:`fastgen.runtime.request_scheduler`'s. Every accepted request ends with a status
+(:mod:`fastgen.runtime.requests`); clients' done-callbacks run on the runtime's callback threads
+(:mod:`fastgen.runtime.callbacks`), never on a device thread. ``shutdown`` finishes or fails
 every request and joins the threads within its timeout; a runtime dropped without it finishes
 what it accepted and stops its threads, and one still running at interpreter exit is aborted.
 """
@@ -37,27 +38,19 @@ from fastgen.runtime.callbacks import CallbackPool
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.metrics import Metrics, MetricsCollector, bucket_label
 from fastgen.runtime.request_scheduler import GENERATE, Job, RequestScheduler
-from fastgen.runtime.requests import GenerateRequest, OverloadedError, RequestFuture, ScoreRequest
+from fastgen.runtime.requests import (
+    SCORER_REQUESTS,
+    DetectRequest,
+    EmbedRequest,
+    GenerateRequest,
+    OverloadedError,
+    RequestFuture,
+    ScoreRequest,
+)
+from fastgen.runtime.scorer_names import REQUEST_TASKS, lane, modalities, named_scorers, resolve
 from fastgen.runtime.worker import Ticket, Worker
 
 logger = logging.getLogger(__name__)
-
-
-def _scorers(scorer: Any) -> dict[str, Any]:
-    """A Scorer, or several (a list, or a dict by kind), as {kind: scorer}: one per kind."""
-    if scorer is None:
-        return {}
-    items = list(scorer.values()) if isinstance(scorer, dict) else (
-        list(scorer) if isinstance(scorer, (list, tuple)) else [scorer])
-    out: dict[str, Any] = {}
-    for s in items:
-        kind = getattr(s, "kind", None)
-        if kind not in ("text", "image") or not hasattr(s, "logits"):
-            raise InvalidArgumentError("scorer", type(s).__name__, "fastgen.Scorer instances")
-        if kind in out:
-            raise InvalidArgumentError("scorer", f"two {kind} scorers", "at most one text and one image scorer")
-        out[kind] = s
-    return out
 
 
 def _gauges(worker: Worker, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -77,29 +70,42 @@ def _release(worker: Worker, callbacks: CallbackPool) -> None:
 
 
 class Runtime:
-    """Batched serving of a :class:`~fastgen.Generator` and/or :class:`~fastgen.Scorer` (one text and
-    one image scorer at most), one device thread per engine kind.
+    """Batched serving of a :class:`~fastgen.Generator` and/or any number of :class:`~fastgen.Scorer`
+    objects, one device thread per engine (the generator's, and each scorer's).
 
-    ``config`` and keyword ``overrides`` (its field names) set queueing and batching
-    (:class:`RuntimeConfig`). ``clock``: seconds, monotonic (tests inject one). ``start``: start the
-    device thread now (else on :meth:`start`).
+    ``scorer`` / ``scorers`` (give one of them): a Scorer, a list of them, or a dict name -> Scorer
+    (:mod:`fastgen.runtime.scorer_names`); a scorer without a name is named by its kind (``text`` /
+    ``image``). Requests pick one by name (``ScoreRequest(item, scorer="moderation")``) or take the
+    only one of their item's kind. ``config`` and keyword ``overrides`` (its field names) set
+    queueing and batching (:class:`RuntimeConfig`). ``clock``: seconds, monotonic (tests inject
+    one). ``start``: start the device threads now (else on :meth:`start`).
     """
 
-    def __init__(self, generator: Any = None, scorer: Any = None, *, config: RuntimeConfig | None = None,
-                 clock: Callable[[], float] | None = None, start: bool = True, **overrides: Any) -> None:
+    def __init__(self, generator: Any = None, scorer: Any = None, *, scorers: Any = None,
+                 config: RuntimeConfig | None = None, clock: Callable[[], float] | None = None, start: bool = True,
+                 **overrides: Any) -> None:
         from fastgen.runtime.generation import GenerationExecutor
-        from fastgen.runtime.scoring import ScoringExecutor
+        from fastgen.runtime.scoring import make_executors
 
         cfg = config or RuntimeConfig()
         self.config = cfg.replace(**overrides) if overrides else cfg
-        scorers = _scorers(scorer)
+        if scorer is not None and scorers is not None:
+            raise InvalidArgumentError("scorers", "scorer and scorers", reason="give one of them")
+        scorers = named_scorers(scorers if scorers is not None else scorer)
         if generator is None and not scorers:
             raise InvalidArgumentError("generator", None, reason="a Runtime needs a Generator and/or a Scorer")
         self.clock = clock or time.monotonic
-        self.scheduler = RequestScheduler(self.config, clock=self.clock)
+        lanes: dict[str, Any] = {}  # the scorers' executors by lane (a scorer's name; a two-tower one's texts too)
+        for name, s in scorers.items():
+            lanes.update(make_executors(name, s, self.config))
+        kinds = modalities(lanes)
+        texts = tuple(key for key, kind in kinds.items() if kind == "text")
+        self.scheduler = RequestScheduler(self.config, clock=self.clock, nested_kinds=texts or ("text",),
+                                          modalities=kinds)
         self.metrics = Metrics()
         self.generator = generator
         self.scorers = scorers
+        """The scorers by name (``{"text": ...}`` for an unnamed text scorer)."""
         executors: dict[str, Any] = {}
         if generator is not None:
             executors[GENERATE] = GenerationExecutor(generator, clock=self.clock)
@@ -108,16 +114,15 @@ class Runtime:
                 logger.warning("steps of up to %d UNet rows run as several calls of at most %d (the UNet engine's "
                                "batch profile): build it with profile batch=1:..:%d for one call per step",
                                self.config.max_step_rows, batch.max, self.config.max_step_rows)
-        for kind, s in scorers.items():
-            executors[kind] = ScoringExecutor(s, kind, self.config)
+        executors.update(lanes)
         self.executors = executors
         self._worker = Worker(self.scheduler, executors, self.metrics)
-        if self.config.text_merge_tokens is not None:
-            self._worker.set_merge_cost("text", self.config.text_merge_tokens)
-        for kind in scorers:
-            cap = executors[kind].max_batch_cap
+        for key, ex in lanes.items():
+            if self.config.text_merge_tokens is not None and key in texts:
+                self._worker.set_merge_cost(key, self.config.text_merge_tokens)
+            cap = ex.max_batch_cap
             if cap is not None and cap < self.config.max_batch_size:
-                self._worker.set_limits(kind, max_batch=cap)
+                self._worker.set_limits(key, max_batch=cap)
         self._callbacks = CallbackPool()
         self.metrics_registry = CollectorRegistry()
         """This runtime's Prometheus metrics (its own registry: runtimes in one process never clash)."""
@@ -139,9 +144,11 @@ class Runtime:
 
     # --- submitting ------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest | ScoreRequest, *,
+    def submit(self, request: GenerateRequest | ScoreRequest | EmbedRequest | DetectRequest, *,
                progress: Callable[[RequestFuture, int, int], Any] | None = None) -> RequestFuture:
-        """Accept one request and return its future (thread-safe; never blocks on the device).
+        """Accept one request and return its future (thread-safe; never blocks on the device). A
+        scorer's request (score, embed, detect) goes to the scorer it names, else to the only one of
+        its item's kind that does what it asks (:func:`fastgen.runtime.scorer_names.resolve`).
 
         Checks run in the caller's thread, so a bad request raises here and is never queued; so does a
         generation request's preparation (its scheduler, its prompt). Texts for a fast tokenizer and
@@ -160,15 +167,15 @@ class Runtime:
         """
         if isinstance(request, GenerateRequest):
             kind = GENERATE
-        elif isinstance(request, ScoreRequest):
-            kind = request.kind or self._score_kind(request.item)
+        elif isinstance(request, SCORER_REQUESTS):
+            name, item_kind = resolve(self.scorers, request)
+            kind = lane(name, self.scorers[name], item_kind)
         else:
-            raise InvalidArgumentError("request", type(request).__name__, ("GenerateRequest", "ScoreRequest"))
+            raise InvalidArgumentError("request", type(request).__name__, ("GenerateRequest", *REQUEST_TASKS))
         executor = self.executors.get(kind)
         if executor is None:
-            have = [k for k in self.executors]
-            raise InvalidArgumentError("request", f"a {kind} request", have,
-                                       reason=f"this runtime has no {'generator' if kind == GENERATE else kind + ' scorer'}")
+            raise InvalidArgumentError("request", "a generation request", list(self.executors),
+                                       reason="this runtime has no generator")
         defers = getattr(executor, "defers", False)
         if defers:  # checked here, prepared in batches by the runtime's preparation thread
             bucket, rows, cost, data = None, 1, 0.0, executor.check(request)
@@ -202,13 +209,6 @@ class Runtime:
         Cancelling the awaiting task cancels the request."""
         return await asyncio.wrap_future(self.submit(request))
 
-    def _score_kind(self, item: Any) -> str:
-        if isinstance(item, str) and "text" in self.scorers:
-            return "text"
-        if "image" in self.scorers:
-            return "image"
-        return "text" if isinstance(item, str) else "image"
-
     async def generate(self, prompt: str, *, config: Any = None, priority: int = 0, deadline_s: float | None = None,
                        image: Any = None, **overrides: Any) -> Any:
         """``await``-able generation of one prompt: a ``GenerationResult``. ``overrides``: GenerateConfig
@@ -222,9 +222,20 @@ class Runtime:
         return await asyncio.wrap_future(self.submit(GenerateRequest(prompt, cfg, priority, deadline_s, image=image)))
 
     async def score(self, item: Any, *, kind: str | None = None, priority: int = 0,
-                    deadline_s: float | None = None) -> Any:
-        """``await``-able scoring of one text or image: a ``Score``."""
-        return await asyncio.wrap_future(self.submit(ScoreRequest(item, kind, priority, deadline_s)))  # type: ignore[arg-type]
+                    deadline_s: float | None = None, scorer: str | None = None) -> Any:
+        """``await``-able scoring of one text or image: a ``Score``. ``scorer``: which, by name."""
+        return await asyncio.wrap_future(self.submit(ScoreRequest(item, kind, priority, deadline_s,  # type: ignore[arg-type]
+                                                                  scorer=scorer)))
+
+    async def embed(self, item: Any, *, scorer: str | None = None, normalize: bool | None = None,
+                    **fields: Any) -> Any:
+        """``await``-able embedding of one text or image (an :class:`EmbedRequest`): a (dim,) float32 tensor."""
+        return await asyncio.wrap_future(self.submit(EmbedRequest(item, scorer, normalize=normalize, **fields)))
+
+    async def detect(self, image: Any, *, scorer: str | None = None, **fields: Any) -> Any:
+        """``await``-able detection in one image (a :class:`DetectRequest`; ``fields``: ``conf``, ``iou``,
+        ``max_det``, ``priority``, ``deadline_s``): its ``Detections``."""
+        return await asyncio.wrap_future(self.submit(DetectRequest(image, scorer, **fields)))
 
     # --- observing -------------------------------------------------------------------------------
 
@@ -273,21 +284,24 @@ class Runtime:
                 else:
                     self._worker.set_limits(kind, bucket, max_batch=choice.batch_size,
                                             max_wait_s=choice.max_wait_ms / 1e3)
-        text = self.executors.get("text")
-        if apply and getattr(text, "call_cost", None) is not None:
+        for name, text in self.executors.items():
+            if not apply or getattr(text, "call_cost", None) is None:
+                continue
             cost = CallCost(cap=float(self.config.max_batch_tokens))
             for engine, label in profile.keys():
-                if engine == "text" and label.isdigit():
+                if engine == name and label.isdigit():
                     for size in profile.sizes(engine, label):
                         cost.samples.append((int(label) * size, profile.quantile(engine, label, size, 50)))
             merge = cost.merge_units()
             if merge is not None:
-                self._worker.set_merge_cost("text", merge)
+                self._worker.set_merge_cost(name, merge)
         return choices
 
     def _bucket_of(self, kind: str, label: str) -> Any:
-        if kind == GENERATE or kind == "image":
-            return tuple(int(x) for x in label.split("x"))
+        """A queue's bucket from its metric label: ``64x64`` -> (64, 64), ``32`` -> 32, ``longest``."""
+        parts = label.split("x")
+        if len(parts) > 1 and all(p.isdigit() for p in parts):
+            return tuple(int(x) for x in parts)
         return int(label) if label.isdigit() else label
 
     def _measure(self, sizes: Sequence[int], iters: int, generation_buckets: Iterable[tuple[int, int]] | None

@@ -49,13 +49,19 @@ _DECODERS = max(1, min(8, os.cpu_count() or 1))
 
 
 class ScoringExecutor:
-    """Batches of one scorer (``kind``: ``text`` or ``image``)."""
+    """Batches of one scorer (``kind``: ``text`` or ``image``; ``name``: the runtime's name for it,
+    its lane's and its metrics' label; default its kind). ``engine``: the engine that runs the
+    batches when it is not ``scorer.engine`` (a two-tower scorer's text tower, whose texts are
+    ``kind`` text on an image scorer)."""
 
-    def __init__(self, scorer: Any, kind: str, config: RuntimeConfig) -> None:
-        if getattr(scorer, "kind", None) != kind:
+    def __init__(self, scorer: Any, kind: str, config: RuntimeConfig, *, name: str | None = None,
+                 engine: Any = None) -> None:
+        if engine is None and getattr(scorer, "kind", None) != kind:
             raise InvalidArgumentError("scorer", repr(scorer), reason=f"expected a {kind} scorer")
         self.scorer = scorer
         self.kind = kind
+        self.name = name or kind
+        self.engine = engine if engine is not None else scorer.engine
         self.max_batch_cap = self._engine_batch_cap()
         self.edges: tuple[int, ...] = ()
         self.text = scorer.text_preprocessor if kind == "text" else None
@@ -72,7 +78,7 @@ class ScoringExecutor:
 
     def _engine_batch_cap(self) -> int | None:
         """Largest batch the engine takes: a fixed batch, or a strict (TensorRT) profile's max."""
-        engine = self.scorer.engine
+        engine = self.engine
         first = engine.spec.inputs[0].shape[0]
         if isinstance(first, int):
             return first
@@ -214,7 +220,7 @@ class ScoringExecutor:
             return values
 
         with torch.inference_mode():
-            results = isolate(call, decision.jobs, what=f"{self.kind} scoring batch", on_oom=oom)
+            results = isolate(call, decision.jobs, what=f"{self.name} scoring batch", on_oom=oom)
         result.ended = [Outcome(job, RequestStatus.FAILED if not ok or isinstance(value, BaseException)
                                 else RequestStatus.SUCCEEDED, value) for job, ok, value in results]
         return result
@@ -227,4 +233,25 @@ class ScoringExecutor:
         return [torch.zeros((h, w, self.image.channels), dtype=torch.uint8)] * size  # type: ignore[union-attr]
 
 
-__all__ = ["LONGEST", "ScoringExecutor"]
+def make_executors(name: str, scorer: Any, config: RuntimeConfig) -> dict[str, Any]:
+    """The executors of one of a runtime's scorers by lane (``name``; a two-tower scorer's texts:
+    ``name:text`` too), by what the scorer does (its ``task``): an encoder's embeds
+    (:class:`~fastgen.runtime.embed_detect.EmbeddingExecutor`), a detector's detects and scores
+    (:class:`~fastgen.runtime.embed_detect.DetectionExecutor`), a two-tower (similarity) scorer's
+    embeds with each tower and scores with its aesthetic head
+    (:class:`~fastgen.runtime.embed_detect.TowerExecutor`), any other's classifies."""
+    from fastgen.runtime.embed_detect import DetectionExecutor, EmbeddingExecutor, TowerExecutor
+    from fastgen.runtime.scorer_names import lane, task_of
+
+    task = task_of(scorer)
+    if task == "similarity":
+        out = {name: TowerExecutor(scorer, "image", config, name=name)}
+        if getattr(scorer, "text_engine", None) is not None:
+            key = lane(name, scorer, "text")
+            out[key] = TowerExecutor(scorer, "text", config, name=key)
+        return out
+    kind = {"embed": EmbeddingExecutor, "detect": DetectionExecutor}.get(task, ScoringExecutor)
+    return {name: kind(scorer, scorer.kind, config, name=name)}
+
+
+__all__ = ["LONGEST", "ScoringExecutor", "make_executors"]

@@ -1,8 +1,8 @@
 """The device side: one thread per engine (executor kind), a supervisor, a preparation thread.
 
-Each kind ("generate", "text", "image") has its own *lane*, a thread that asks the request scheduler
+Each kind ("generate", each scorer's name) has its own *lane*, a thread that asks the request scheduler
 what to run for that kind, runs it and reports back, so an engine call that hangs holds up its own
-engine only. Clients submit from any thread (or asyncio loop) under one lock, which the lanes take
+engine only (several scorers' lanes share the device as threads do: none waits for another's batch). Clients submit from any thread (or asyncio loop) under one lock, which the lanes take
 only to schedule and to record outcomes, never while a batch runs; futures are resolved outside it.
 The lanes are the only ones that change the scheduler once it runs, always under that lock and
 through the scheduler's methods (:meth:`RequestScheduler.schedule` for their own kind): the

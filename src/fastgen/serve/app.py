@@ -5,7 +5,8 @@ Routes: ``GET /`` (the playground), ``/static/...``, ``GET /healthz`` (the proce
 ``GET /readyz`` (503 until the engines are loaded and warm), ``GET /metrics`` (Prometheus),
 ``GET /v1/models``, ``POST /v1/images/generations`` (JSON; ``"stream": true`` for server-sent
 events), ``POST /v1/images/edits`` (multipart: image-to-image, inpainting with a ``mask``), ``POST /v1/score`` (JSON or
-multipart). Errors: :mod:`fastgen.serve.errors`. The event loop never decodes, encodes or waits
+multipart; ``model``: which scorer), ``POST /v1/embeddings`` (OpenAI's), ``POST /v1/detect``
+(:mod:`fastgen.serve.content`). Errors: :mod:`fastgen.serve.errors`. The event loop never decodes, encodes or waits
 on the device: images are decoded and encoded on worker threads, and runtime requests are awaited
 as futures. A client that disconnects cancels its runtime requests at their next step.
 """
@@ -30,12 +31,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastgen.errors import FastgenError, InvalidArgumentError
-from fastgen.serve import sse
+from fastgen.serve import content, sse
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.errors import APIError, from_exception, one_line, validation_error
 from fastgen.serve.images import decode_base64_image, decode_image, decode_mask
 from fastgen.serve.middleware import Guard, HTTPMetrics
-from fastgen.serve.schemas import GenerationBody, ImageSettings, ScoreBody
+from fastgen.serve.schemas import DetectBody, EmbeddingsBody, GenerationBody, ImageSettings, ScoreBody
 from fastgen.serve.service import GenerationParams, ImageScorerClient, Service
 from fastgen.version import __version__
 
@@ -253,7 +254,7 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         service = ready()
         texts: list[str] = []
         raw_images: list[bytes | str] = []
-        deadline_s = None
+        deadline_s = model = None
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             async with _form(request) as form:
                 for name, value in form.multi_items():
@@ -261,27 +262,66 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
                         raw_images.append(await value.read())
                     elif name == "texts" and not isinstance(value, UploadFile):
                         texts.append(value)
+                    elif name == "model" and not isinstance(value, UploadFile) and model is None:
+                        model = value
                     else:
-                        raise InvalidArgumentError(name, "a form field", reason="send files (images) and texts")
+                        raise InvalidArgumentError(name, "a form field", reason="send files (images), texts and "
+                                                   "at most one model")
         else:
             body = ScoreBody.model_validate_json(await request.body())
             texts, raw_images, deadline_s = list(body.texts or []), list(body.images or []), body.deadline_s
+            model = body.model
         if len(texts) + len(raw_images) > config.max_items:
             raise InvalidArgumentError("images" if raw_images else "texts", f"{len(texts) + len(raw_images)} items",
                                        f"at most {config.max_items} texts and images per request (max_items)")
 
+        images = await decode_images(raw_images)
+        try:
+            data = await until_disconnected(request, service.score(texts, images, deadline_s=deadline_s, model=model))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse({"object": "list", "data": data})
+
+    async def decode_images(raw_images: list[bytes | str]) -> list[Any]:
+        """Uploaded or base64 images as PIL images, decoded on a worker thread (never the event loop's)."""
         def decode_all() -> list[Any]:
             return [decode_image(item, argument=f"images[{i}]", max_pixels=config.max_image_pixels)
                     if isinstance(item, bytes) else
                     decode_base64_image(item, argument=f"images[{i}]", max_pixels=config.max_image_pixels)
                     for i, item in enumerate(raw_images)]
 
-        images = await anyio.to_thread.run_sync(decode_all) if raw_images else []
+        return await anyio.to_thread.run_sync(decode_all) if raw_images else []
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsBody, request: Request) -> Response:
+        service = ready()
+        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+        if len(texts) + len(body.images or []) > config.max_items:
+            raise InvalidArgumentError("input" if texts else "images", f"{len(texts) + len(body.images or [])} items",
+                                       f"at most {config.max_items} per request (max_items)")
+        images = await decode_images(list(body.images or []))
         try:
-            data = await until_disconnected(request, service.score(texts, images, deadline_s=deadline_s))
+            out = await until_disconnected(request, content.embeddings(
+                service, texts=texts, images=images, model=body.model, encoding_format=body.encoding_format,
+                deadline_s=body.deadline_s))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(out)
+
+    @app.post("/v1/detect")
+    async def detect(body: DetectBody, request: Request) -> Response:
+        service = ready()
+        if len(body.images) > config.max_items:
+            raise InvalidArgumentError("images", f"{len(body.images)} images",
+                                       f"at most {config.max_items} per request (max_items)")
+        images = await decode_images(list(body.images))
+        try:
+            out = await until_disconnected(request, content.detect(
+                service, images=images, model=body.model, conf=body.conf, iou=body.iou, max_det=body.max_det,
+                deadline_s=body.deadline_s))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(out)
 
 
 def _json_object(name: str, text: str) -> Any:

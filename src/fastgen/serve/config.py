@@ -18,11 +18,13 @@ from fastgen.engines.registry import backend_names, check_backend
 from fastgen.errors import InvalidArgumentError
 from fastgen.lora.config import parse_lora_arg
 from fastgen.runtime.config import RuntimeConfig
+from fastgen.runtime.requests import SCORER_NAME, check_scorer_name
 
 #: The environment variable read when ``api_key`` is not set.
 API_KEY_ENV = "FASTGEN_API_KEY"
-#: Classifier components a ``scorers`` entry may name (``MODEL:COMPONENT``).
-SCORER_COMPONENTS = ("classifier", "text-classifier")
+#: Scorer components a ``scorers`` entry may name (``MODEL:COMPONENT``): classifiers, and encoders
+#: (embeddings: ``/v1/embeddings``).
+SCORER_COMPONENTS = ("classifier", "text-classifier", "text-encoder", "image-encoder")
 
 
 def _quantizations() -> tuple[Any, ...]:
@@ -42,13 +44,22 @@ def lora_name(path: str) -> str:
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
-def split_scorer(spec: str) -> tuple[str, str | None]:
-    """``MODEL[:COMPONENT]`` -> (model, component or None). Only a known component after the last
-    colon splits, so a path with a colon in it stays a path."""
-    model, sep, component = spec.rpartition(":")
+def parse_scorer(spec: str) -> tuple[str | None, str, str | None]:
+    """``[NAME=]MODEL[:COMPONENT]`` -> (name or None, model, component or None). Only a valid name
+    before the first ``=`` names (a path such as ``./a=b`` stays a path), and only a known component
+    after the last colon splits, so a path with a colon in it stays a path."""
+    name, sep, rest = spec.partition("=")
+    if not (sep and rest and SCORER_NAME.fullmatch(name)):
+        name, rest = None, spec  # type: ignore[assignment]
+    model, sep, component = rest.rpartition(":")
     if sep and model and component in SCORER_COMPONENTS:
-        return model, component
-    return spec, None
+        return name, model, component
+    return name, rest, None
+
+
+def split_scorer(spec: str) -> tuple[str, str | None]:
+    """``[NAME=]MODEL[:COMPONENT]`` -> (model, component or None): :func:`parse_scorer` without the name."""
+    return parse_scorer(spec)[1:]  # type: ignore[return-value]
 
 
 def model_label(model: str) -> str:
@@ -70,9 +81,11 @@ class ServeConfig(ConfigMixin):
     folder of engine directories made by `fastgen build --component all --out DIR`; none: no generator
     (a scoring-only server; a server needs a model, a scorer or both)."""
     scorers: tuple[str, ...] = ()
-    """Classifiers to serve, each MODEL or MODEL:COMPONENT (classifier or text-classifier; default
-    classifier), at most one image and one text classifier. The image classifier ranks best-of-N
-    candidates."""
+    """Scorers to serve, each [NAME=]MODEL[:COMPONENT] (component classifier, text-classifier, text-encoder
+    or image-encoder; default classifier; a detector's .onnx file needs none). NAME is what requests pass as `model` (/v1/score) or `scorer` (best-of-N) to pick
+    it and its label in the metrics; without one a scorer is named by its kind (text, image), so
+    there is at most one unnamed text and one unnamed image scorer. The only image classifier (or
+    the one a request names) ranks best-of-N candidates."""
     loras: tuple[str, ...] = ()
     """LoRA adapters loaded into the generator at start, each PATH or PATH:SCALE (a .safetensors file in
     diffusers/PEFT or kohya format, or a diffusers LoRA folder; scale 1 by default), named after the
@@ -137,9 +150,18 @@ class ServeConfig(ConfigMixin):
                 raise InvalidArgumentError(name.replace("_", "-"), "<hidden>" if name == "api_key" else shown,
                                            "a non-empty string, or none")
         scorers = (self.scorers,) if isinstance(self.scorers, str) else tuple(self.scorers)
+        names: list[str] = []
         for spec in scorers:
-            if not isinstance(spec, str) or not spec.strip():
-                raise InvalidArgumentError("scorer", spec, "MODEL or MODEL:COMPONENT (classifier, text-classifier)")
+            if not isinstance(spec, str) or not spec.strip() or spec.startswith("="):
+                raise InvalidArgumentError("scorer", spec, "[NAME=]MODEL[:COMPONENT] (classifier, text-classifier)")
+            name = parse_scorer(spec)[0]
+            if name is not None:
+                check_scorer_name(name, "scorer")
+                if name in names:
+                    raise InvalidArgumentError("scorer", spec, reason=f"two scorers named {name!r}")
+                if self.model is not None and name == (self.model_name or model_label(self.model)):
+                    raise InvalidArgumentError("scorer", spec, reason=f"{name!r} is the generator's name")
+                names.append(name)
         object.__setattr__(self, "scorers", scorers)
         loras = (self.loras,) if isinstance(self.loras, str) else tuple(self.loras)
         names = [lora_name(parse_lora_arg(text)[0]) for text in loras]
@@ -183,6 +205,10 @@ class ServeConfig(ConfigMixin):
         """Each ``scorers`` entry as (model, component or None)."""
         return [split_scorer(s) for s in self.scorers]
 
+    def named_scorer_specs(self) -> list[tuple[str | None, str, str | None]]:
+        """Each ``scorers`` entry as (name or None, model, component or None)."""
+        return [parse_scorer(s) for s in self.scorers]
 
 
-__all__ = ["API_KEY_ENV", "SCORER_COMPONENTS", "ServeConfig", "model_label", "split_scorer"]
+
+__all__ = ["API_KEY_ENV", "SCORER_COMPONENTS", "ServeConfig", "model_label", "parse_scorer", "split_scorer"]

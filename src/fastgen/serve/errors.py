@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -110,12 +111,16 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal error", type="server_error", code="internal_error")
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """A request body (or form) that did not validate: 400 naming the first field at fault."""
     if not errors:
         return APIError(400, "invalid request body", code="invalid_argument")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "form")]
+    # A union's members (``str | list[str]``) name themselves in the location: the field is what the client sent.
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "form") and not _UNION_MEMBER.match(str(p))]
     param = loc[-1] if loc else None
     where = ".".join(loc) if loc else "request body"
     message = first.get("msg", "invalid value")

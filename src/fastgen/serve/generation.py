@@ -39,6 +39,9 @@ class GenerationParams:
     candidates: int | None = None
     keep: int | None = None
     rank_by: str | None = None
+    scorer: str | None = None
+    """Best-of-N: the image classifier that ranks the candidates (a ``/v1/models`` id or a scorer
+    name); None: the only one."""
     model: str | None = None
     deadline_s: float | None = None
     image: Any = None
@@ -107,13 +110,15 @@ class GenerationJob:
 
     def __init__(self, service: Any, futures: list[RequestFuture], *, seeds: list[int], keep: int | None,
                  rank_by: str | None, config: GenerateConfig, started: float | None = None,
-                 relay: ProgressRelay | None = None) -> None:
+                 relay: ProgressRelay | None = None, scorer: str | None = None, prompt: str = "") -> None:
         self.service = service
         self.relay = relay
         self.futures = futures
         self.seeds = seeds
         self.keep = keep
         self.rank_by = rank_by
+        self.scorer = scorer
+        self.prompt = prompt
         self.config = config
         self.started = time.perf_counter() if started is None else started  # perf_counter at submission
         self.request_id = f"gen-{secrets.token_hex(8)}"
@@ -155,7 +160,7 @@ class GenerationJob:
             score = value = None
             if self.best_of:
                 t0 = time.perf_counter()
-                score = (await service.score_images([image]))[0]
+                score = (await service.rank_images([image], [self.prompt], scorer=self.scorer))[0]
                 timings["scoring"] = max(timings["scoring"], _ms(t0))
                 label = self.rank_by or next(iter(score.probs))
                 if label not in score.probs:
@@ -188,6 +193,7 @@ class GenerationJob:
                 "steps": cfg.steps,
                 "candidates": len(self.seeds) if self.best_of else None,
                 "rank_by": self.rank_by if self.best_of else None,
+                "scorer": self.scorer if self.best_of else None,
                 "runtime_request_ids": [f.request_id for f in self.futures],
                 "latency_ms": {"total": _ms(self.started), **{k: round(v, 3) for k, v in timings.items()}},
             },

@@ -165,7 +165,8 @@ class RayOptions(ConfigMixin):
 
 
 def _image_scorer_spec(config: Any) -> str | None:
-    """The ``scorers`` entry of the image classifier (a plain MODEL is one), or None."""
+    """The ``scorers`` entry of the (first) image classifier (a plain [NAME=]MODEL is one), or None;
+    other image classifiers, named, stay in the app."""
     for spec, (_, component) in zip(config.scorers, config.scorer_specs()):
         if component in (None, "classifier"):
             return spec
@@ -260,11 +261,14 @@ def build_application(config: Any, options: RayOptions) -> Any:
         from ray import serve
     except ImportError:
         raise UnsupportedError(INSTALL_HINT) from None
+    from fastgen.serve.config import parse_scorer
     from fastgen.serve.ray_deploy import FastgenIngress, FastgenScorer, make_builder
 
     app_config = replica_config(config, options)
     scorer_name = SCORER_DEPLOYMENT if options.separate_scorer else None
-    builder = make_builder(app_config.to_dict(), app_name=options.app_name, scorer_deployment=scorer_name)
+    apart = _image_scorer_spec(config) if options.separate_scorer else None
+    builder = make_builder(app_config.to_dict(), app_name=options.app_name, scorer_deployment=scorer_name,
+                           scorer_name=None if apart is None else parse_scorer(apart)[0])
     ingress = serve.deployment(**deployment_options(options, drain_timeout_s=config.drain_timeout_s))(
         serve.ingress(builder)(FastgenIngress))
     scorer = None

@@ -62,9 +62,11 @@ def _replica_id() -> str:
         return "local"
 
 
-def build_replica_app(config: dict[str, Any], *, app_name: str, scorer_deployment: str | None) -> Any:
+def build_replica_app(config: dict[str, Any], *, app_name: str, scorer_deployment: str | None,
+                      scorer_name: str | None = None) -> Any:
     """The ASGI app of one replica: ``create_app`` over ``config`` (a ServeConfig as a dict), with a
-    :class:`RayImageScorer` on the scorer deployment when there is one."""
+    :class:`RayImageScorer` on the scorer deployment when there is one (``scorer_name``: the name
+    requests give for it; default ``image``)."""
     from fastgen.serve.app import create_app
     from fastgen.serve.config import ServeConfig
 
@@ -72,7 +74,8 @@ def build_replica_app(config: dict[str, Any], *, app_name: str, scorer_deploymen
     if scorer_deployment is not None:
         from ray import serve
 
-        image_scorer = RayImageScorer(serve.get_deployment_handle(scorer_deployment, app_name=app_name))
+        image_scorer = RayImageScorer(serve.get_deployment_handle(scorer_deployment, app_name=app_name),
+                                      name=scorer_name)
     from fastgen.serve.server import freeze_heap
 
     app = create_app(ServeConfig.from_dict(config), image_scorer=image_scorer)
@@ -81,12 +84,14 @@ def build_replica_app(config: dict[str, Any], *, app_name: str, scorer_deploymen
     return app
 
 
-def make_builder(config: dict[str, Any], *, app_name: str, scorer_deployment: str | None) -> Any:
+def make_builder(config: dict[str, Any], *, app_name: str, scorer_deployment: str | None,
+                 scorer_name: str | None = None) -> Any:
     """The function ``serve.ingress`` calls on each replica to build its app (a plain closure: Ray
     ships it to the replicas by value, with ``config`` in it)."""
 
     def build() -> Any:
-        return build_replica_app(config, app_name=app_name, scorer_deployment=scorer_deployment)
+        return build_replica_app(config, app_name=app_name, scorer_deployment=scorer_deployment,
+                                 scorer_name=scorer_name)
 
     return build
 
@@ -172,9 +177,11 @@ class RayImageScorer:
     on the scorer is re-raised as is, and a scorer replica that died is an EngineError.
     """
 
-    def __init__(self, handle: Any, labels: list[str] | None = None) -> None:
+    def __init__(self, handle: Any, labels: list[str] | None = None, name: str | None = None) -> None:
         self.handle = handle
         self.labels = labels
+        self.name = name
+        """The scorer name requests may give for it (``--scorer NAME=MODEL``); None: ``image``."""
 
     async def fetch_labels(self) -> list[str]:
         """Ask the scorer deployment for its labels (the app checks ``rank_by`` against them)."""

@@ -64,6 +64,9 @@ class ImageSettings(_Body):
     candidates: int | None = None
     keep: int | None = None
     rank_by: str | None = None
+    scorer: str | None = None
+    """Best-of-N: the image classifier that ranks the candidates, by its ``/v1/models`` id or name;
+    absent: the server's only one."""
     deadline_s: float | None = None
     """Seconds after submission by which the images must be done; later: 504."""
     stream: bool = False
@@ -76,6 +79,7 @@ class ImageSettings(_Body):
         settings = {name: getattr(self, name) for name in CONFIG_FIELDS}
         return GenerationParams(prompt=self.prompt, n=self.n, width=width, height=height, seed=self.seed,
                                 candidates=self.candidates, keep=self.keep, rank_by=self.rank_by, model=self.model,
+                                scorer=self.scorer,
                                 deadline_s=self.deadline_s, image=image, mask=mask, adapters=self.adapters,
                                 settings=settings)
 
@@ -89,7 +93,39 @@ class ScoreBody(_Body):
 
     texts: list[str] | None = None
     images: list[str] | None = None
+    model: str | None = None
+    """The scorer, by its ``/v1/models`` id or name; absent: the only text classifier for the texts,
+    the only image classifier for the images."""
     deadline_s: float | None = None
 
 
-__all__ = ["GenerationBody", "ImageSettings", "RESPONSE_FORMATS", "ScoreBody", "parse_size"]
+class EmbeddingsBody(_Body):
+    """``POST /v1/embeddings`` (OpenAI's fields, texts only, plus fastgen's ``images``)."""
+
+    input: str | list[str] | None = None
+    """A text or a list of texts."""
+    model: str | None = None
+    """The embedding model, by its ``/v1/models`` id or name; absent: the only one of the input's kind."""
+    encoding_format: str = "float"
+    """``float`` (lists of numbers) or ``base64`` (float32 little-endian bytes)."""
+    user: str | None = None
+    """Accepted for OpenAI compatibility, and ignored."""
+    images: list[str] | None = None
+    """fastgen's own: images (base64 PNG / JPEG, or ``data:`` URLs) for an image encoder, instead of ``input``."""
+    deadline_s: float | None = None
+
+
+class DetectBody(_Body):
+    """``POST /v1/detect``: images (base64 PNG / JPEG, or ``data:`` URLs) and the detector's thresholds."""
+
+    images: list[str]
+    model: str | None = None
+    """The detector, by its ``/v1/models`` id or name; absent: the only one."""
+    conf: float | None = None
+    iou: float | None = None
+    max_det: int | None = None
+    deadline_s: float | None = None
+
+
+__all__ = ["DetectBody", "EmbeddingsBody", "GenerationBody", "ImageSettings", "RESPONSE_FORMATS", "ScoreBody",
+           "parse_size"]

@@ -10,37 +10,42 @@ soon as it is done and a disconnecting client's images are all cancelled at the 
 ``i`` of a request with seed ``s`` uses seed ``s + i``, as :meth:`fastgen.Generator.generate` does:
 asking for that seed alone, with the same settings, gives the same image.
 
-Best-of-N (``candidates``): that many images are generated, each scored by the image classifier
-(the runtime's, through scoring requests, or the ``image_scorer`` client given, e.g. a Ray
-deployment), ranked by one label's probability (highest first; ties keep seed order), and the
-``keep`` best are returned with their seeds and scores.
+Best-of-N (``candidates``): that many images are generated, each scored by an image classifier
+(the one the request names in ``scorer``, else the only one: the runtime's, through scoring
+requests, or the ``image_scorer`` client given, e.g. a Ray deployment), ranked by one label's
+probability (highest first; ties keep seed order), and the ``keep`` best are returned with their
+seeds and scores. Scorers have names (:mod:`fastgen.serve.scorers`): any number of them, each its
+own runtime executor.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.lora.config import parse_lora_arg
 from fastgen.pipelines.config import GenerateConfig, check_seed
 from fastgen.runtime.config import RuntimeConfig
-from fastgen.runtime.requests import GenerateRequest, RequestFuture, ScoreRequest
+from fastgen.runtime.requests import DetectRequest, EmbedRequest, GenerateRequest, RequestFuture, ScoreRequest
+from fastgen.runtime.scorer_names import takes
+from fastgen.serve.awaiting import gather, submit_all
 from fastgen.serve.config import ServeConfig, lora_name, model_label
+from fastgen.serve.content import detections_body, pair_scores
 from fastgen.serve.generation import CONFIG_FIELDS, GenerationJob, GenerationParams, ProgressRelay, score_body
+from fastgen.serve.scorers import ServedScorer, directory, pick, takes_in
 
 logger = logging.getLogger(__name__)
 
 
 class ImageScorerClient(Protocol):
     """Scores images somewhere else (a Ray deployment, say) for best-of-N and ``/v1/score``.
-    ``labels`` (optional attribute): the label names, checked against ``rank_by`` before any work."""
+    ``labels`` (optional attribute): the label names, checked against ``rank_by`` before any work;
+    ``name`` (optional attribute): the scorer name requests may give for it (default ``image``)."""
 
     async def score_images(self, images: list[Any]) -> list[Any]: ...
 
@@ -49,15 +54,25 @@ class Service:
     """The generator, the classifiers and the runtime behind one server.
 
     ``generator`` / ``scorers``: already built models to serve (tests, embedding); else :meth:`load`
-    builds them from ``config``. ``image_scorer``: an :class:`ImageScorerClient` used to rank
-    best-of-N candidates (and score images) instead of a local image classifier.
+    builds them from ``config``. ``scorers``: a list (each named by its kind, or by the name of its
+    ``config.scorers`` entry, in order) or a dict name -> Scorer. ``image_scorer``: an
+    :class:`ImageScorerClient` used to rank best-of-N candidates (and score images) when there is
+    no local image classifier, or when a request names it.
     """
 
-    def __init__(self, config: ServeConfig, *, generator: Any = None, scorers: Sequence[Any] = (),
+    def __init__(self, config: ServeConfig, *, generator: Any = None, scorers: Sequence[Any] | Mapping[str, Any] = (),
                  image_scorer: ImageScorerClient | None = None) -> None:
         self.config = config
         self.generator = generator
-        self.scorers = list(scorers)
+        if isinstance(scorers, Mapping):
+            self.scorer_names: list[str | None] = list(scorers)
+            self.scorers = list(scorers.values())
+        else:
+            self.scorers = list(scorers)
+            names = [name for name, _, _ in config.named_scorer_specs()]
+            self.scorer_names = names if len(names) == len(self.scorers) else [None] * len(self.scorers)
+        self.served: list[ServedScorer] = []
+        """The scorers as served (names, ids), once the runtime exists."""
         self.image_scorer = image_scorer
         self.runtime: Any = None
         self.state = "loading"
@@ -101,8 +116,11 @@ class Service:
             if self.generator is None and self.config.model is not None:
                 self.generator = self._load_generator()
             if not self.scorers:
-                self.scorers = [self._load_scorer(model, component) for model, component in self.config.scorer_specs()]
+                specs = self.config.named_scorer_specs()
+                self.scorers = [self._load_scorer(model, component) for _, model, component in specs]
+                self.scorer_names = [name for name, _, _ in specs]
             runtime = self._make_runtime()
+            self.served = directory(self.config, runtime.scorers)
             with self._lock:
                 closed = self.state == "closed"
                 if not closed:
@@ -165,20 +183,21 @@ class Service:
         # than split every step in two calls and warn; a size the user chose is kept as given.
         if batch is not None and rt_config.max_step_rows == RuntimeConfig().max_step_rows > batch.max:
             rt_config = rt_config.replace(max_step_rows=batch.max)
-        return Runtime(self.generator, self.scorers or None, config=rt_config)
+        scorers = [s if name is None else (name, s) for name, s in zip(self.scorer_names, self.scorers)]
+        return Runtime(self.generator, scorers=scorers or None, config=rt_config)
 
     def _warmup(self) -> None:
-        """One small request per engine kind, so the first client does not pay for first calls."""
+        """One small request per engine, so the first client does not pay for first calls."""
         from PIL import Image
 
         futures = []
         if self.generator is not None:
             futures.append(self.runtime.submit(GenerateRequest("", GenerateConfig(steps=1, seed=0))))
-        kinds = self.runtime.scorers
-        if "text" in kinds:
-            futures.append(self.runtime.submit(ScoreRequest("warm-up", kind="text")))
-        if "image" in kinds:
-            futures.append(self.runtime.submit(ScoreRequest(Image.new("RGB", (64, 64)), kind="image")))
+        for name, scorer in self.runtime.scorers.items():
+            for kind in ("text", "image"):
+                request = warmup_request("warm-up" if kind == "text" else Image.new("RGB", (64, 64)), name, scorer, kind)
+                if request is not None:
+                    futures.append(self.runtime.submit(request))
         for future in futures:
             future.result()
 
@@ -196,22 +215,30 @@ class Service:
     def model_name(self) -> str | None:
         return self.config.served_name
 
-    def _local_scorer(self, kind: str) -> Any:
-        return self.runtime.scorers.get(kind) if self.runtime is not None else None
+    def _image_classifier(self, name: str | None, argument: str = "scorer", request: str = "ScoreRequest"
+                          ) -> ServedScorer | None:
+        """The local image classifier ``name`` means (or the only one); None: the ``image_scorer``
+        client's (none local, or ``name`` is the client's), if any. A name of none of them raises a
+        one-line error naming the choices."""
+        remote = self.image_scorer
+        if remote is not None and name is not None and name == (getattr(remote, "name", None) or "image") and not any(
+                name in (s.id, s.name) for s in self.served):
+            return None
+        return pick(self.served, name, kind="image", argument=argument, request=request, what="image classifier")
 
-    def image_labels(self) -> list[str] | None:
+    def image_labels(self, scorer: str | None = None) -> list[str] | None:
         """Labels of the image classifier that ranks candidates (None: unknown until it scores)."""
-        local = self._local_scorer("image")
+        local = self._image_classifier(scorer, request="rank")
         if local is not None:
-            return list(local.labels)
+            return list(local.scorer.pair_labels if getattr(local.scorer, "needs_texts", False) else local.scorer.labels)
         labels = getattr(self.image_scorer, "labels", None)
         return list(labels) if labels else None
 
     def has_image_scorer(self) -> bool:
-        return self._local_scorer("image") is not None or self.image_scorer is not None
+        return self.image_scorer is not None or any(takes_in(s.scorer, "rank") for s in self.served)
 
     def models(self) -> list[dict[str, Any]]:
-        """What ``/v1/models`` lists: the generator, then the classifiers."""
+        """What ``/v1/models`` lists: the generator, then the scorers (by id; ``scorer``: the name)."""
         out = []
         if self.config.model is not None:
             entry = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastgen",
@@ -219,17 +246,14 @@ class Service:
             if self.generator is not None and self.config.loras:
                 entry["adapters"] = self.generator.active_adapters  # what requests may name, at their scales
             out.append(entry)
-        for model, component in self.config.scorer_specs():
-            name = f"{model_label(model)}:{component or 'classifier'}"
-            kind = "text" if component == "text-classifier" else "image"
-            scorer = self._local_scorer(kind)
-            if scorer is not None:
-                kind = scorer.kind
-            entry = {"id": name, "object": "model", "created": self.created, "owned_by": "fastgen",
-                     "kind": f"{kind}-classifier", "ready": self.ready}
-            if scorer is not None:
-                entry["labels"] = list(scorer.labels)
-            out.append(entry)
+        if self.served:
+            return out + [s.entry(self.created, self.ready) for s in self.served]
+        for name, model, component in self.config.named_scorer_specs():  # still loading
+            kind = "text" if (component or "").startswith("text") else "image"
+            task = "embedder" if (component or "").endswith("encoder") else "classifier"
+            out.append({"id": name or f"{model_label(model)}:{component or 'classifier'}", "object": "model",
+                        "created": self.created, "owned_by": "fastgen", "kind": f"{kind}-{task}",
+                        "ready": False, "scorer": name or kind})
         return out
 
     def metrics_text(self) -> str:
@@ -265,12 +289,12 @@ class Service:
             if not self.has_image_scorer():
                 raise InvalidArgumentError("candidates", count, reason="best-of-N needs an image classifier: "
                                            "start the server with --scorer MODEL")
-            labels = self.image_labels()
+            labels = self.image_labels(params.scorer)
             label = params.rank_by if params.rank_by is not None else (labels[0] if labels else None)
             if labels is not None and label not in labels:
                 raise InvalidArgumentError("rank_by", params.rank_by, labels)
         else:
-            for name in ("keep", "rank_by"):
+            for name in ("keep", "rank_by", "scorer"):
                 if getattr(params, name) is not None:
                     raise InvalidArgumentError(name, getattr(params, name), reason="only used with candidates")
         if params.width is not None and params.height is not None and params.width * params.height > cfg.max_image_pixels:
@@ -301,17 +325,30 @@ class Service:
                 future.cancel()
             raise
         return GenerationJob(self, futures, seeds=[base + i for i in range(count)], keep=keep if best_of else None,
-                             rank_by=label, config=config, started=started, relay=relay)
+                             rank_by=label, config=config, started=started, relay=relay,
+                             scorer=params.scorer if best_of else None, prompt=params.prompt)
 
     # --- scoring ----------------------------------------------------------------------------------
 
-    async def score_images(self, images: list[Any], *, deadline_s: float | None = None) -> list[Any]:
-        """``Score`` of each PIL image: the runtime's image classifier, else the ``image_scorer`` client."""
+    async def rank_images(self, images: list[Any], prompts: list[str], *, scorer: str | None = None) -> list[Any]:
+        """Best-of-N: each candidate's ``Score`` by the scorer ``scorer`` names (else the only one): a
+        two-tower scorer scores each image against its own prompt (``Scorer.score_pairs``), any other
+        image scorer as :meth:`score_images` does."""
+        ranker = self._image_classifier(scorer, request="rank")
+        if ranker is not None and getattr(ranker.scorer, "needs_texts", False):
+            return await pair_scores(self, ranker, images, prompts)
+        return await self.score_images(images, scorer=scorer)
+
+    async def score_images(self, images: list[Any], *, deadline_s: float | None = None,
+                           scorer: str | None = None, argument: str = "scorer") -> list[Any]:
+        """``Score`` of each PIL image: by the image classifier ``scorer`` names (an id or a name), else
+        the runtime's only one, else the ``image_scorer`` client."""
         if not images:
             return []
-        if self._local_scorer("image") is not None:
-            return await _gather(submit_all(self.runtime, [ScoreRequest(im, kind="image", deadline_s=deadline_s)
-                                                            for im in images]))
+        local = self._image_classifier(scorer, argument)
+        if local is not None:
+            return await gather(submit_all(self.runtime, [ScoreRequest(im, kind="image", deadline_s=deadline_s,
+                                                                        scorer=local.name) for im in images]))
         if self.image_scorer is not None:
             scores = list(await self.image_scorer.score_images(list(images)))
             if len(scores) != len(images):
@@ -319,77 +356,48 @@ class Service:
             return scores
         raise InvalidArgumentError("images", f"{len(images)} images", reason="this server has no image classifier")
 
-    async def score(self, texts: list[str], images: list[Any], *, deadline_s: float | None = None
-                    ) -> list[dict[str, Any]]:
-        """``/v1/score``'s data: one entry per text, then one per image (``index`` within its list)."""
+    async def score(self, texts: list[str], images: list[Any], *, deadline_s: float | None = None,
+                    model: str | None = None) -> list[dict[str, Any]]:
+        """``/v1/score``'s data: one entry per text, then one per image (``index`` within its list).
+        ``model``: the scorer to use (an id or a name from ``/v1/models``); none: the only text
+        classifier for the texts, the only image classifier for the images."""
         total = len(texts) + len(images)
         if total == 0:
             raise InvalidArgumentError("texts", None, reason="give texts, images, or both")
         if total > self.config.max_items:
             raise InvalidArgumentError("texts" if texts else "images", f"{total} items",
                                        f"at most {self.config.max_items} texts and images per request (max_items)")
+        if model is not None and model == self.model_name:
+            raise InvalidArgumentError("model", model, [s.id for s in self.served] or None,
+                                       reason="that is the generator: name a scorer")
         text_futures: list[RequestFuture] = []
         if texts:
-            if self._local_scorer("text") is None:
+            text = pick(self.served, model, kind="text", what="text classifier")
+            if text is None:
                 raise InvalidArgumentError("texts", f"{len(texts)} texts", reason="this server has no text classifier")
-            text_futures = submit_all(self.runtime, [ScoreRequest(t, kind="text", deadline_s=deadline_s) for t in texts])
+            text_futures = submit_all(self.runtime, [ScoreRequest(t, kind="text", deadline_s=deadline_s,
+                                                                  scorer=text.name) for t in texts])
         try:
-            image_scores = await self.score_images(images, deadline_s=deadline_s)
-            text_scores = await _gather(text_futures)
+            detector = self._image_classifier(model, "model") if images else None
+            if detector is not None and detector.task == "detect":  # scores, and the boxes they come from
+                image_data = await detections_body(self, detector, images, deadline_s=deadline_s)
+            else:
+                image_scores = await self.score_images(images, deadline_s=deadline_s, scorer=model, argument="model")
+                image_data = [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)]
+            text_scores = await gather(text_futures)
         finally:
             for future in text_futures:
                 future.cancel()  # no-op once done; a client that went away frees the queue
-        return ([{"index": i, "kind": "text", **score_body(s)} for i, s in enumerate(text_scores)]
-                + [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)])
+        return [{"index": i, "kind": "text", **score_body(s)} for i, s in enumerate(text_scores)] + image_data
 
 
-def submit_all(runtime: Any, requests: list[Any]) -> list[RequestFuture]:
-    """Submit every request, or none: when one is refused (a full queue), those already accepted are
-    cancelled before the error goes on."""
-    futures: list[RequestFuture] = []
-    try:
-        for request in requests:
-            futures.append(runtime.submit(request))
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-    return futures
-
-
-def _awaitable(future: RequestFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-    """An asyncio future completed from ``future`` by a handoff callback: the device's thread posts the
-    outcome straight into the loop (``asyncio.wrap_future`` would go through the runtime's callback
-    threads first, one more thread switch per request)."""
-    waiter = loop.create_future()
-
-    def settle(done: RequestFuture) -> None:
-        if waiter.done():  # the awaiting task was cancelled meanwhile
-            return
-        if done.cancelled():
-            waiter.cancel()
-        elif done.exception() is not None:
-            waiter.set_exception(done.exception())
-        else:
-            waiter.set_result(done.result())
-
-    def handoff(done: RequestFuture) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits any more
-            loop.call_soon_threadsafe(settle, done)
-
-    future.add_handoff_callback(handoff)
-    return waiter
-
-
-async def _gather(futures: list[RequestFuture]) -> list[Any]:
-    """The results of runtime futures, awaited without blocking the loop; cancelled if the awaiting
-    task is (the ``finally`` cancels every request not done: a no-op for the others)."""
-    loop = asyncio.get_running_loop()
-    try:
-        return list(await asyncio.gather(*(_awaitable(f, loop) for f in futures)))
-    finally:
-        for future in futures:
-            future.cancel()
+def warmup_request(item: Any, name: str, scorer: Any, kind: str) -> Any:
+    """A warm-up request of one of the runtime's scorers for ``kind`` items (by what it does), or None
+    when it takes none (each of a two-tower scorer's towers gets one)."""
+    for what, make in (("DetectRequest", DetectRequest), ("ScoreRequest", ScoreRequest), ("EmbedRequest", EmbedRequest)):
+        if kind in takes(scorer, what):
+            return make(item, scorer=name) if what == "DetectRequest" else make(item, kind=kind, scorer=name)
+    return None
 
 
 __all__ = ["GenerationJob", "GenerationParams", "ImageScorerClient", "Service"]

@@ -35,7 +35,7 @@
     if (!response.ok) throw new Error(await httpError(response));
     const models = (await response.json()).data || [];
     const generator = models.find((m) => m.kind === "generator");
-    const image = models.find((m) => m.kind === "image-classifier");
+    const image = models.find((m) => m.kind === "image-classifier" || m.kind === "image-detector");
     scorer = image ? { id: image.id, labels: image.labels || [] } : null;
     const select = $("rank-by");
     select.replaceChildren(...(scorer ? scorer.labels : []).map((label) => new Option(label, label)));
@@ -173,7 +173,7 @@
       body = { prompt, stream: true, response_format: "b64_json" };
       if (scorer === undefined) await loadModels();
       if (scorer) {
-        Object.assign(body, { candidates: count, keep: integer("keep", "keep") || 1 });
+        Object.assign(body, { candidates: count, keep: integer("keep", "keep") || 1, scorer: scorer.id });
         if ($("rank-by").value) body.rank_by = $("rank-by").value;
       } else {
         body.n = count;
