@@ -9,6 +9,11 @@ import pytest
 # Tests never download: make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when a kernel module is first
+# imported, and pytest imports every test module (and whatever they import) before running any: set it
+# here, before collection, so no test module that happens to be collected before tests/kernels and
+# tests/ops (whose conftests set it too) fixes the kernels as compiled ones.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
