@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastgen.models.metadata import DetectorMetadata, detector_metadata_from_onnx, metadata_from_manifest
+from fastgen.models.metadata import DetectorMetadata, metadata_from_manifest
+from fastgen.models.onnx_metadata import detector_metadata_from_onnx
 from fastgen.pipelines import detection
 from fastgen.pipelines.detection import Letterbox, anchor_counts, decode, nms, output_layout, postprocess
 

@@ -14,7 +14,7 @@ from fastgen.engines.cache import MANIFEST, verify_dir
 from fastgen.engines.config import ExecutionOptions, execution_options
 from fastgen.engines.registry import BackendSpec, get_backend
 from fastgen.errors import InvalidArgumentError
-from fastgen.models.metadata import detector_metadata_from_onnx
+from fastgen.models.onnx_metadata import detector_metadata_from_onnx
 
 logger = logging.getLogger(__name__)
 

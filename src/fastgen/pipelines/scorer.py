@@ -18,11 +18,9 @@ or an infinity are a :class:`~fastgen.errors.NumericalError` naming the input, n
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +37,8 @@ from fastgen.pipelines.scorer_detect import DetectionMethods
 from fastgen.pipelines.scorer_embed import EmbeddingMethods
 from fastgen.pipelines.scorer_similarity import SimilarityMethods
 from fastgen.pipelines.scorer_video import VideoMethods, VideoScore
+from fastgen.pipelines.scores import Score
+from fastgen.pipelines.scores import batch_progress as _progress
 
 logger = logging.getLogger(__name__)
 
@@ -50,41 +50,6 @@ Task = Literal["classify", "embed", "detect", "similarity"]
 TASKS = ("classify", "embed", "detect", "similarity")
 #: engine component -> default kind
 COMPONENT_KINDS = {"classifier": "image", "text-classifier": "text"}
-
-
-@dataclass
-class Score:
-    """Classification of one input."""
-
-    probs: dict[str, float]
-    """Label to probability, in the model's label order."""
-    top: list[tuple[str, float]]
-    """The ``top_k`` most probable labels, most probable first."""
-    logits: list[float]
-    """Raw logits, in label order."""
-
-    @property
-    def label(self) -> str:
-        """The most probable label."""
-        return self.top[0][0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"probs": dict(self.probs), "top": [{"label": k, "prob": p} for k, p in self.top],
-                "logits": list(self.logits)}
-
-
-@contextlib.contextmanager
-def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A transient rich bar on stderr over ``total`` batches (nothing when disabled or one batch)."""
-    if not enabled or total <= 1:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
 
 
 class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods):

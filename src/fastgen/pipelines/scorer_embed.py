@@ -162,7 +162,7 @@ class EmbeddingMethods:
         lengths = prep.lengths(items)
         order = sorted(range(len(items)), key=lengths.__getitem__)  # stable
         rows: list[torch.Tensor | None] = [None] * len(items)
-        from fastgen.pipelines.scorer import _progress  # the scorer module imports this one
+        from fastgen.pipelines.scores import batch_progress as _progress
 
         with _progress(-(-len(items) // bs), "embedding texts", self.progress) as advance:
             for start in range(0, len(items), bs):
@@ -182,7 +182,7 @@ class EmbeddingMethods:
         if not items:
             return self._empty()
         parts = []
-        from fastgen.pipelines.scorer import _progress
+        from fastgen.pipelines.scores import batch_progress as _progress
 
         with _progress(-(-len(items) // bs), "embedding images", self.progress) as advance:
             for start in range(0, len(items), bs):
