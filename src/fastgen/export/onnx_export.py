@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from fastgen.errors import FastgenError, UnsupportedError
+from fastgen.export import symbolics
 from fastgen.export.config import ExportConfig
 from fastgen.models.component import Component
 from fastgen.models.spec import ExportSpec, onnx_dim_name
@@ -41,36 +42,6 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def _rms_norm_symbolic(opset: int):
-    """``aten::rms_norm`` (``torch.nn.RMSNorm``, FLUX's q/k norms) for the TorchScript exporter, which has no
-    symbolic for it below opset 23: ``x / sqrt(mean(x**2) + eps) * weight`` over the normalised dims, as a
-    ``Pow -> ReduceMean -> Add -> Sqrt`` chain, the form the fp16 conversion keeps in fp32."""
-    from torch.onnx import symbolic_helper as sh
-
-    def symbolic(g, x, normalized_shape, weight, eps):
-        dims = sh._get_const(normalized_shape, "is", "normalized_shape")
-        axes = list(range(-len(dims), 0))
-        value = None if eps.node().mustBeNone() else sh._maybe_get_const(eps, "f")
-        # torch's default eps is that of the input dtype; exported graphs are traced in float32.
-        value = torch.finfo(torch.float32).eps if value is None else float(value)
-        square = g.op("Pow", x, g.op("Constant", value_t=torch.tensor(2.0)))
-        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
-            mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64)),
-                        keepdims_i=1)
-        else:
-            mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
-        rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(value))))
-        out = g.op("Div", x, rms)
-        return out if weight.node().mustBeNone() else g.op("Mul", out, weight)
-
-    return symbolic
-
-
-def _register_symbolics(opset: int) -> None:
-    """Symbolics fastgen adds to the TorchScript exporter (registering again replaces the same function)."""
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic(opset), opset)
-
-
 def _trace(component: Component, args: tuple, path: Path, config: ExportConfig) -> None:
     if config.exporter == "dynamo":
         try:
@@ -80,7 +51,7 @@ def _trace(component: Component, args: tuple, path: Path, config: ExportConfig) 
         extra = {"dynamo": True, "external_data": True, "optimize": True, "verbose": False}
     else:
         extra = {"dynamo": False, "do_constant_folding": True}
-        _register_symbolics(config.resolved_opset)
+        symbolics.register(config.resolved_opset)
     spec = component.spec
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The tracer warns about every Python branch on a shape; the verification step is what
