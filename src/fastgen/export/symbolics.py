@@ -45,6 +45,11 @@ def _reduce(g, op: str, x, axes: list[int], opset: int):
     return g.op(op, x, axes_i=axes, keepdims_i=1)
 
 
+def _absent(value) -> bool:
+    """An optional argument the trace left out (None, or a ``prim::Constant`` None)."""
+    return value is None or value.node().mustBeNone()
+
+
 def _sdpa_symbolic(opset: int):
     from torch.onnx import symbolic_helper as sh
     from torch.onnx import symbolic_opset14
@@ -54,11 +59,11 @@ def _sdpa_symbolic(opset: int):
 
     def symbolic(g, query, key, value, attn_mask=None, dropout_p=None, is_causal=None, scale=None,
                  enable_gqa=None):
-        flags = [sh._maybe_get_const(v, "b") for v in (is_causal, enable_gqa) if v is not None and not sh._is_none(v)]
-        if (attn_mask is None or sh._is_none(attn_mask) or any(flags)
+        flags = [sh._maybe_get_const(v, "b") for v in (is_causal, enable_gqa) if not _absent(v)]
+        if (_absent(attn_mask) or any(flags)
                 or sh._type_utils.JitScalarType.from_value(attn_mask) != bool_type):
             return torch_sdpa(g, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if scale is None or sh._is_none(scale):  # 1 / sqrt(head_dim), from the shape
+        if _absent(scale):  # 1 / sqrt(head_dim), from the shape
             dim = g.op("Gather", g.op("Shape", query), g.op("Constant", value_t=torch.tensor(-1)), axis_i=0)
             dim = g.op("Cast", dim, to_i=sh._type_utils.JitScalarType.FLOAT.onnx_type())
             scale = g.op("Div", g.op("Constant", value_t=torch.tensor(1.0)), g.op("Sqrt", dim))
