@@ -244,7 +244,9 @@ def plan_build(source: BuildSource, config: BuildConfig, backend: BackendSpec, d
     if backend.consumes_onnx:
         import onnx
 
-        material["exporter"] = {"torch": torch.__version__, "onnx": onnx.__version__}
+        from fastgen.export.onnx_export import GRAPH_REVISION
+
+        material["exporter"] = {"torch": torch.__version__, "onnx": onnx.__version__, "graphs": GRAPH_REVISION}
     return BuildPlan(backend=backend, config=config, device=device, source=source, key=sha256_json(material),
                      material=material, spec_dict=spec_dict, progress=progress)
 

@@ -28,6 +28,10 @@ DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 2**31 - 1
 #: seed of the tracing inputs; verification draws from ExportConfig.seed, so they differ
 TRACE_SEED = 12345
+#: Revision of the graphs fastgen's export writes from the same module (its own symbolics, clean-up):
+#: part of every ONNX engine's cache key, so engines exported before a change are rebuilt, not reused.
+#: 2: SDPA with a boolean mask without torch's NaN guard (export/symbolics.py).
+GRAPH_REVISION = 2
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
