@@ -19,8 +19,8 @@ Modes, one after the other, on the same engines (preset, backend, engine cache, 
   in a subprocess on loopback (the same engine cache and runtime flags; as shipped: no access log,
   /metrics counts the requests). The client: a process of its own per probe (``http_targets.py client``: the probe's
   plan in, each request's completion out; as a client machine would, it never contends for the
-  load generator's GIL), one asyncio loop, keep-alive connections (``aiohttp``, or ``--client
-  httpx``: see CLIENT_NOTE for why not httpx by default); every status is checked (not 200:
+  load generator's GIL), one asyncio loop, keep-alive connections (a minimal HTTP/1.1 client, or
+  ``--client aiohttp`` / ``httpx``: see CLIENT_NOTE); every status is checked (not 200:
   failed, i.e. missed), every generated PNG decoded; image scoring sends base64 PNGs encoded once,
   up front. ``GET /healthz`` timed alone gives the HTTP stack's own latency.
 - ``ray1``, ``ray2``: :func:`fastgen.serve.ray.run` with 1 and 2 replicas on a local Ray instance
@@ -79,10 +79,13 @@ GRACE_S = 6.0  # seconds after a probe's last arrival before a request counts as
 #: First load of each sweep, x the sequential capacity: over HTTP, text saturates 10x lower than in-process.
 START = {"text": 0.1, "mix": 0.4}
 RAY_START = 0.25  # ... and through Ray's proxy 4-10x lower again on 2 shared cores (the sweep goes lower if needed)
-CLIENT_NOTE = ("The client is aiohttp by default: httpx 0.29's AsyncClient costs about 1.8 ms of CPU per request "
-               "with one connection and 18 ms with 64 in one pool (httpcore's pool bookkeeping; measured here on "
-               "GET /healthz), which on 2 cores would make the client the bottleneck; aiohttp costs 0.5 ms at any "
-               "concurrency. --client httpx spreads the connections over AsyncClients of 8 each (2.5 ms at 64).")
+CLIENT_NOTE = ("The client is raw by default (benchmarks/raw_http.py): keep-alive connections over asyncio streams "
+               "and next to no work per request, as wrk or h2load would be, so that the client takes as little as "
+               "possible of the two cores the server is measured on. Client libraries cost more CPU per request: "
+               "aiohttp about 0.5 to 1.4 ms (--client aiohttp; text scoring over HTTP then saturated at 1007 instead "
+               "of 1441 req/s in the same week's runs), httpx 0.29's AsyncClient 1.8 ms with one connection and 18 ms "
+               "with 64 in one pool (httpcore's pool bookkeeping; --client httpx spreads the connections over "
+               "AsyncClients of 8 each, 2.5 ms at 64).")
 RATIOS = {"http/inprocess": ("http", "inprocess"), "ray1/inprocess": ("ray1", "inprocess"), "ray2/ray1": ("ray2", "ray1")}
 NOTE_2CORE = ("2 cores: the load generator, its HTTP client (a process of its own), the server's event loop, Ray's proxy and the engines "
               "share them. In-process the engines have both cores but for the arrival thread; over HTTP the "
@@ -213,8 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loads", default=None, help="fixed loads (x sequential capacity) instead of a sweep")
     ap.add_argument("--low-rps", type=float, default=20.0, help="the text scenario's low-load probe (requests/s)")
     ap.add_argument("--low-duration", type=float, default=None, help="default 10; quick 5; 0: none")
-    ap.add_argument("--client", choices=["aiohttp", "httpx"], default=None,
-                    help="the HTTP client library (default: aiohttp if installed, else httpx)")
+    ap.add_argument("--client", choices=["raw", "aiohttp", "httpx"], default="raw",
+                    help="the HTTP client: raw (default; a wrk-like minimal HTTP/1.1 client, benchmarks/raw_http.py), "
+                         "aiohttp or httpx (client libraries, see CLIENT_NOTE)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -224,8 +228,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, short if args.quick else full)
     if args.threads is None:
         args.threads = 0 if args.device.startswith("cuda") else 1
-    if args.client is None:
-        args.client = "aiohttp" if importlib.util.find_spec("aiohttp") is not None else "httpx"
     bad = sorted(set(args.modes.split(",")) - set(MODES)) + sorted(set(args.scenarios.split(",")) - set(SCENARIOS))
     if bad:
         ap.error(f"unknown mode or scenario {bad[0]!r} (modes: {', '.join(MODES)}; scenarios: {', '.join(SCENARIOS)})")

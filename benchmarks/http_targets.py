@@ -126,8 +126,9 @@ class InProcess(Relay):
 
 
 class HttpClient(Relay):
-    """One asyncio loop on a thread and keep-alive connections: one ``aiohttp.ClientSession``, or
-    ``httpx.AsyncClient``s of at most 8 connections each (see bench_http.CLIENT_NOTE); a future per request."""
+    """One asyncio loop on a thread and keep-alive connections: one ``aiohttp.ClientSession``, one
+    :class:`raw_http.RawClient`, or ``httpx.AsyncClient``s of at most 8 connections each (see
+    bench_http.CLIENT_NOTE); a future per request."""
 
     def __init__(self, url: str, pngs: dict, kind: str) -> None:
         super().__init__()
@@ -137,6 +138,10 @@ class HttpClient(Relay):
         self.thread.start()
 
         async def make() -> list:
+            if kind == "raw":
+                from raw_http import RawClient
+
+                return [RawClient(url, CONNECTIONS)]
             if kind == "aiohttp":
                 import aiohttp
 
@@ -157,6 +162,8 @@ class HttpClient(Relay):
         client = self.clients[next(self.turn) % len(self.clients)]
         data = None if body is None else json.dumps(body).encode()
         headers = {"content-type": "application/json"} if body is not None else {}
+        if self.kind == "raw":
+            return await client.request(method, path, data)
         if self.kind == "aiohttp":
             async with client.request(method, path, data=data, headers=headers) as response:
                 return response.status, await response.read()
@@ -214,7 +221,7 @@ class HttpClient(Relay):
         async def close() -> None:  # let the cancelled requests unwind, then close the connections
             await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}), return_exceptions=True)
             for client in self.clients:
-                await (client.close() if self.kind == "aiohttp" else client.aclose())
+                await (client.aclose() if self.kind == "httpx" else client.close())
 
         try:
             self.call(close(), 60)

@@ -39,7 +39,8 @@ def test_header(run):
     assert run["benchmark"] == "http" and run["preset"] == "tiny" and run["backend"] == "onnxruntime"
     assert run["device"].startswith("CPU: ")
     datetime.date.fromisoformat(run["date"])
-    assert {"fastgen", "torch", "onnxruntime", "fastapi", "uvicorn", "python", run["settings"]["client"]} <= set(run["versions"])
+    assert {"fastgen", "torch", "onnxruntime", "fastapi", "uvicorn", "python"} <= set(run["versions"])
+    assert run["settings"]["client"] == "raw"  # benchmarks/raw_http.py, the default
     assert "--modes inprocess,http" in run["command"] and run["settings"]["threads"] == 1
     assert run["engines"]["unet_intra_op_threads"] == 1  # pinned, as the server's are
     assert run["skipped"] == {} and set(run["modes"]) == {"inprocess", "http"}
