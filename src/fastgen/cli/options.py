@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from fastgen.core.config import field_docs, literal_choices
+from fastgen.core.config import field_docs, literal_choices, type_hints
 from fastgen.errors import InvalidArgumentError
 
 
@@ -37,7 +37,7 @@ def dataclass_options(cls: type, *, exclude: Iterable[str] = (), prefix: str = "
     Options default to None so that only flags the user gave override the dataclass defaults; the
     help text shows the dataclass default.
     """
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     docs = field_docs(cls)
     defaults = cls()
     options = []
