@@ -204,3 +204,15 @@ def test_a_lone_tower_embeds_as_the_two_tower_scorer(preset):
     imgs = images(3)
     assert rel_err(text_only.embed(TEXTS), both.embed(TEXTS)) <= 1e-6
     assert rel_err(image_only.embed(imgs), both.embed(imgs)) <= 1e-6
+
+
+def test_text_batch_size_is_checked_against_the_text_towers_profile(tmp_path):
+    import fastgen
+    from fastgen.errors import InvalidArgumentError
+
+    scorer = fastgen.Scorer.from_pretrained("tiny-clip", backend="torch", device="cpu",
+                                            cache=fastgen.EngineCache(tmp_path / "cache"))
+    top = scorer._text_max_batch
+    assert len(scorer.embed_texts(["a cat", "a dog"], batch_size=1)) == 2
+    with pytest.raises(InvalidArgumentError, match="text tower's batch profile"):
+        scorer.embed_texts(["a cat"], batch_size=top + 1)

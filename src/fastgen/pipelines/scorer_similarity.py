@@ -91,7 +91,7 @@ class SimilarityMethods:
         """``clip`` or ``siglip``: how similarities are read (softmax logits or sigmoid probabilities)."""
         scale = getattr(image_meta, "logit_scale", None)
         bias = getattr(image_meta, "logit_bias", None)
-        self._text_batch = 1
+        self._text_batch = self._text_max_batch = 1
         if self.text_engine is not None:
             text_meta = self.text_engine.metadata
             if isinstance(text_meta, TextTowerMetadata) and isinstance(image_meta, ImageTowerMetadata):
@@ -112,6 +112,7 @@ class SimilarityMethods:
             first = self.text_engine.spec.inputs[0].shape[0]
             rng = self.text_engine.spec.profile.dims.get(first) if isinstance(first, str) else None
             self._text_batch = first if isinstance(first, int) else positive_int("batch", rng.opt if rng else 8)
+            self._text_max_batch = first if isinstance(first, int) else (rng.max if rng is not None else 1 << 30)
             self._text_min_batch = first if isinstance(first, int) else (
                 rng.min if rng is not None and self.text_engine.strict_profile else 1)
         self.logit_scale: float = sim.check_scale(scale if scale is not None else 1.0, "logit_scale")
@@ -241,7 +242,11 @@ class SimilarityMethods:
         prep.check(items)
         if not items:
             return torch.empty(0, int(self.text_engine.spec.outputs[0].shape[-1]))
-        bs = self._text_batch if batch_size is None else self._check_batch(batch_size)  # type: ignore[attr-defined]
+        from fastgen.pipelines.preprocess import positive_int
+
+        bs = self._text_batch if batch_size is None else positive_int("batch_size", batch_size)
+        if bs > self._text_max_batch:  # the text tower's own profile, not the image tower's
+            raise InvalidArgumentError("batch_size", bs, f"1 to {self._text_max_batch} (the text tower's batch profile)")
         if not prep.can_pad:
             bs = 1
         lengths = prep.lengths(items)
@@ -314,7 +319,8 @@ class SimilarityMethods:
         if len(texts) != len(image_embeds):
             raise InvalidArgumentError("texts", f"{len(texts)} texts", f"one per image ({len(image_embeds)})")
         unique = list(dict.fromkeys(texts))
-        column = [unique.index(t) for t in texts]
+        position = {t: i for i, t in enumerate(unique)}
+        column = [position[t] for t in texts]
         matrix = self.similarity_from_embeddings(image_embeds, self.embed_texts(unique, batch_size=batch_size),
                                                  logits=True)  # (n_images, n_unique)
         logits = matrix[torch.arange(len(texts)), torch.tensor(column, dtype=torch.long)]  # (n,)
