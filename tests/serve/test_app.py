@@ -272,12 +272,16 @@ def test_metrics_parse_and_count(client):
     ok = client.post("/v1/images/generations", json={"prompt": "m", "steps": 1, "seed": 0})
     assert ok.status_code == 200
     assert client.post("/v1/images/generations", json={"prompt": "m", "steps": 0}).status_code == 400
+    assert client.post("/v1/score", json={"texts": ["m"]}).status_code == 200  # JSONRoutes' fast path
+    assert client.post("/v1/score", json={"texts": "m"}).status_code == 400
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
 
     def value(family: str, sample: str, **labels) -> float:
         return sum(s.value for s in families[family].samples
                    if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
+    for route in ("/v1/score", "/v1/images/generations"):  # labelled by route on either path
+        assert value("fastgen_http_requests", "fastgen_http_requests_total", route=route, method="POST", code="400") >= 1
     route = "/v1/images/generations"
     assert value("fastgen_http_requests", "fastgen_http_requests_total", route=route, method="POST", code="200") >= 1
     assert value("fastgen_http_requests", "fastgen_http_requests_total", route=route, method="POST", code="400") >= 1

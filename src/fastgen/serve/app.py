@@ -8,7 +8,9 @@ events), ``POST /v1/images/edits`` (multipart: image-to-image, inpainting with a
 multipart; ``model``: which scorer), ``POST /v1/embeddings`` (OpenAI's), ``POST /v1/detect``
 (:mod:`fastgen.serve.content`). Errors: :mod:`fastgen.serve.errors`. The event loop never decodes, encodes or waits
 on the device: images are decoded and encoded on worker threads, and runtime requests are awaited
-as futures. A client that disconnects cancels its runtime requests at their next step.
+as futures. A client that disconnects cancels its runtime requests at their next step. The JSON
+bodies of the scoring routes are answered ahead of FastAPI's routing, by the same handlers
+(:mod:`fastgen.serve.fast_json`: half of the HTTP layer's cost per scoring request).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from fastgen.errors import FastgenError, InvalidArgumentError
 from fastgen.serve import content, sse
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.errors import APIError, from_exception, one_line, validation_error
+from fastgen.serve.fast_json import Handler, JSONRoutes
 from fastgen.serve.images import decode_base64_image, decode_image, decode_mask
 from fastgen.serve.middleware import Guard, HTTPMetrics
 from fastgen.serve.schemas import DetectBody, EmbeddingsBody, GenerationBody, ImageSettings, ScoreBody
@@ -59,30 +62,36 @@ class ClientGone(Exception):
     """The client disconnected while its request was running (its runtime requests are cancelled)."""
 
 
-async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+async def until_disconnected(receive: Any, work: Awaitable[Any]) -> Any:
     """``await work``, unless the client disconnects first: then ``work`` is cancelled (its runtime
-    requests with it) and :class:`ClientGone` raised."""
-    task = asyncio.ensure_future(work)
+    requests with it) and :class:`ClientGone` raised. ``receive``: the request's ASGI receive, its
+    body already read."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         # Once the body is read, an ASGI server's receive() waits until the client disconnects: one
         # pending await per request, where polling is_disconnected() cost a cancel scope each time.
         # A server that answers with more (empty) body messages instead is polled.
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             await asyncio.sleep(DISCONNECT_POLL_S)
+        gone = True
+        current.cancel()
 
+    # The work runs in this task (one task less per request than awaiting both): the watcher cancels
+    # this task when the client goes, and the cancellation runs the work's own clean-up.
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:  # cancelled from outside (the server stops): not the client's doing
+            raise
+        current.uncancel()
+        raise ClientGone() from None
     finally:
-        if not task.done():
-            task.cancel()
         watcher.cancel()
-    if not task.done() or task.cancelled():
-        with contextlib.suppress(BaseException):
-            await task
-        raise ClientGone()
-    return task.result()
 
 
 def create_app(config: ServeConfig, *, service: Service | None = None,
@@ -114,7 +123,9 @@ def create_app(config: ServeConfig, *, service: Service | None = None,
     app.state.on_load_failure = None
     app.state.on_ready = None
     _handlers(app)
-    _routes(app, service, config, metrics)
+    handlers = _routes(app, service, config, metrics)
+    routes = {route.path: route for route in app.routes if getattr(route, "path", None) in handlers}
+    app.add_middleware(JSONRoutes, handlers=handlers, routes=routes)  # inside the Guard (added last: outermost)
     app.add_middleware(Guard, api_key=config.resolved_api_key(), max_body_bytes=config.max_body_bytes, metrics=metrics)
     return app
 
@@ -146,7 +157,8 @@ def _handlers(app: FastAPI) -> None:
         return _json(APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
 
-def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMetrics) -> None:
+def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMetrics) -> dict[str, Handler]:
+    """Adds the routes; returns the handlers of the JSON bodies JSONRoutes serves."""
     def ready() -> Service:
         if service.state == "ready":
             return service
@@ -198,7 +210,7 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         if stream:
             return StreamingResponse(sse.stream(job), media_type="text/event-stream", headers=sse.HEADERS)
         try:
-            body = await until_disconnected(request, job.run())
+            body = await until_disconnected(request.receive, job.run())
         except ClientGone:
             logger.info("client went away: request %s cancelled", job.request_id)
             return Response(status_code=CLIENT_CLOSED)
@@ -249,38 +261,21 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         pil, mask_pil = await anyio.to_thread.run_sync(decode)
         return await generate(request, settings.to_params(image=pil, mask=mask_pil), settings.stream)
 
-    @app.post("/v1/score")
-    async def score(request: Request) -> Response:
+    async def scores(receive: Any, texts: list[str], raw_images: list[bytes | str], deadline_s: float | None,
+                     model: str | None) -> Response:
         service = ready()
-        texts: list[str] = []
-        raw_images: list[bytes | str] = []
-        deadline_s = model = None
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            async with _form(request) as form:
-                for name, value in form.multi_items():
-                    if name == "files" and isinstance(value, UploadFile):
-                        raw_images.append(await value.read())
-                    elif name == "texts" and not isinstance(value, UploadFile):
-                        texts.append(value)
-                    elif name == "model" and not isinstance(value, UploadFile) and model is None:
-                        model = value
-                    else:
-                        raise InvalidArgumentError(name, "a form field", reason="send files (images), texts and "
-                                                   "at most one model")
-        else:
-            body = ScoreBody.model_validate_json(await request.body())
-            texts, raw_images, deadline_s = list(body.texts or []), list(body.images or []), body.deadline_s
-            model = body.model
-        if len(texts) + len(raw_images) > config.max_items:
-            raise InvalidArgumentError("images" if raw_images else "texts", f"{len(texts) + len(raw_images)} items",
-                                       f"at most {config.max_items} texts and images per request (max_items)")
-
+        config.check_items(len(texts) + len(raw_images), "images" if raw_images else "texts")
         images = await decode_images(raw_images)
+        return await answer(receive, service.score(texts, images, deadline_s=deadline_s, model=model),
+                            lambda data: {"object": "list", "data": data})
+
+    async def answer(receive: Any, work: Awaitable[Any], body: Callable[[Any], Any] = lambda out: out) -> Response:
+        """``body(await work)`` as JSON; 499 if the client went away first (``work`` cancelled)."""
         try:
-            data = await until_disconnected(request, service.score(texts, images, deadline_s=deadline_s, model=model))
+            out = await until_disconnected(receive, work)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(body(out))
 
     async def decode_images(raw_images: list[bytes | str]) -> list[Any]:
         """Uploaded or base64 images as PIL images, decoded on a worker thread (never the event loop's)."""
@@ -292,36 +287,61 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
 
         return await anyio.to_thread.run_sync(decode_all) if raw_images else []
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingsBody, request: Request) -> Response:
+    async def embeddings_of(body: EmbeddingsBody, receive: Any) -> Response:
         service = ready()
         texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
-        if len(texts) + len(body.images or []) > config.max_items:
-            raise InvalidArgumentError("input" if texts else "images", f"{len(texts) + len(body.images or [])} items",
-                                       f"at most {config.max_items} per request (max_items)")
+        config.check_items(len(texts) + len(body.images or []), "input" if texts else "images")
         images = await decode_images(list(body.images or []))
-        try:
-            out = await until_disconnected(request, content.embeddings(
-                service, texts=texts, images=images, model=body.model, encoding_format=body.encoding_format,
-                deadline_s=body.deadline_s))
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(out)
+        return await answer(receive, content.embeddings(
+            service, texts=texts, images=images, model=body.model, encoding_format=body.encoding_format,
+            deadline_s=body.deadline_s))
+
+    async def detections_of(body: DetectBody, receive: Any) -> Response:
+        service = ready()
+        config.check_items(len(body.images), "images")
+        images = await decode_images(list(body.images))
+        return await answer(receive, content.detect(
+            service, images=images, model=body.model, conf=body.conf, iou=body.iou, max_det=body.max_det,
+            deadline_s=body.deadline_s))
+
+    # The JSON bodies of these three go through JSONRoutes (fast_json.py); the FastAPI routes below
+    # document them and take /v1/score's multipart forms.
+    async def score_json(data: bytes, receive: Any) -> Response:
+        body = ScoreBody.model_validate_json(data)
+        return await scores(receive, list(body.texts or []), list(body.images or []), body.deadline_s, body.model)
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await score_json(await request.body(), request.receive)
+        ready()
+        texts: list[str] = []
+        raw_images: list[bytes | str] = []
+        model = None
+        async with _form(request) as form:
+            for name, value in form.multi_items():
+                if name == "files" and isinstance(value, UploadFile):
+                    raw_images.append(await value.read())
+                elif name == "texts" and not isinstance(value, UploadFile):
+                    texts.append(value)
+                elif name == "model" and not isinstance(value, UploadFile) and model is None:
+                    model = value
+                else:
+                    raise InvalidArgumentError(name, "a form field", reason="send files (images), texts and "
+                                               "at most one model")
+        return await scores(request.receive, texts, raw_images, None, model)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsBody, request: Request) -> Response:
+        return await embeddings_of(body, request.receive)
 
     @app.post("/v1/detect")
     async def detect(body: DetectBody, request: Request) -> Response:
-        service = ready()
-        if len(body.images) > config.max_items:
-            raise InvalidArgumentError("images", f"{len(body.images)} images",
-                                       f"at most {config.max_items} per request (max_items)")
-        images = await decode_images(list(body.images))
-        try:
-            out = await until_disconnected(request, content.detect(
-                service, images=images, model=body.model, conf=body.conf, iou=body.iou, max_det=body.max_det,
-                deadline_s=body.deadline_s))
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(out)
+        return await detections_of(body, request.receive)
+
+    return {"/v1/score": score_json,
+            "/v1/embeddings": lambda data, receive: embeddings_of(EmbeddingsBody.model_validate_json(data), receive),
+            "/v1/detect": lambda data, receive: detections_of(DetectBody.model_validate_json(data), receive)}
 
 
 def _json_object(name: str, text: str) -> Any:

@@ -120,7 +120,7 @@ class ServeConfig(ConfigMixin):
     max_images: int = 16
     """Images per generation request, at most: n, and best-of-N candidates."""
     max_items: int = 64
-    """Texts and images per /v1/score request, at most."""
+    """Texts and images per scoring request (/v1/score, /v1/embeddings, /v1/detect), at most."""
     access_log: bool = False
     """Log one line per request (uvicorn's access log). Off by default: /metrics counts every request
     by route and status with its latency, and the line costs the event loop about 0.2 ms per request
@@ -189,6 +189,12 @@ class ServeConfig(ConfigMixin):
             raise InvalidArgumentError("runtime", type(self.runtime).__name__, "a fastgen.RuntimeConfig")
 
     # --- derived -----------------------------------------------------------------------------------
+
+    def check_items(self, count: int, argument: str) -> None:
+        """Refuse a scoring request of more than ``max_items`` texts and images (before any is decoded)."""
+        if count > self.max_items:
+            raise InvalidArgumentError(argument, f"{count} items",
+                                       f"at most {self.max_items} texts and images per request (max_items)")
 
     def resolved_api_key(self) -> str | None:
         """``api_key``, else $FASTGEN_API_KEY, else None (no key needed)."""

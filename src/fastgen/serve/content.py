@@ -94,9 +94,7 @@ async def embeddings(service: Any, *, texts: list[str], images: list[Any], model
     items: list[Any] = texts or images
     if not items:
         raise InvalidArgumentError("input", None, reason="give a text or a list of texts (or images)")
-    if len(items) > service.config.max_items:
-        raise InvalidArgumentError("input" if texts else "images", f"{len(items)} items",
-                                   f"at most {service.config.max_items} per request (max_items)")
+    service.config.check_items(len(items), "input" if texts else "images")
     kind = "text" if texts else "image"
     chosen = pick(service.served, model, kind=kind, request="EmbedRequest", what=f"{kind} embedding model")
     if chosen is None:
@@ -123,9 +121,7 @@ async def detect(service: Any, *, images: list[Any], model: str | None, conf: fl
     """The body of a ``/v1/detect`` response: one entry per image."""
     if not images:
         raise InvalidArgumentError("images", None, reason="give one image or more")
-    if len(images) > service.config.max_items:
-        raise InvalidArgumentError("images", f"{len(images)} images",
-                                   f"at most {service.config.max_items} per request (max_items)")
+    service.config.check_items(len(images), "images")
     chosen = pick(service.served, model, kind="image", request="DetectRequest", what="image detector")
     if chosen is None:
         raise InvalidArgumentError("model", model, reason="this server has no detector: start it with "

@@ -364,9 +364,7 @@ class Service:
         total = len(texts) + len(images)
         if total == 0:
             raise InvalidArgumentError("texts", None, reason="give texts, images, or both")
-        if total > self.config.max_items:
-            raise InvalidArgumentError("texts" if texts else "images", f"{total} items",
-                                       f"at most {self.config.max_items} texts and images per request (max_items)")
+        self.config.check_items(total, "texts" if texts else "images")
         if model is not None and model == self.model_name:
             raise InvalidArgumentError("model", model, [s.id for s in self.served] or None,
                                        reason="that is the generator: name a scorer")
