@@ -319,3 +319,19 @@ def test_meta_parameter_patch_acts_only_in_the_building_thread():
         worker.join()
     seen["after"] = nn.Linear(2, 2).weight.device.type
     assert seen == {"builder": "meta", "other": "cpu", "after": "cpu"}
+
+
+def test_read_json_is_strict_for_a_models_config_and_lenient_for_extras(tmp_path):
+    from fastgen.models.assets import read_json
+
+    good, bad, array = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "array.json"
+    good.write_text('{"a": 1}', encoding="utf-8")
+    bad.write_text("{not json", encoding="utf-8")
+    array.write_text("[1, 2]", encoding="utf-8")
+    assert read_json(good) == read_json(good, required=True) == {"a": 1}
+    assert read_json(bad) == read_json(array) == read_json(tmp_path / "missing.json") == {}
+    assert read_json(array, expect=list) == [1, 2] and read_json(good, expect=list) == []
+    with pytest.raises(ModelNotFoundError, match="bad.json: unreadable JSON"):
+        read_json(bad, required=True)
+    with pytest.raises(ModelNotFoundError, match="array.json: expected a JSON object"):
+        read_json(array, required=True)

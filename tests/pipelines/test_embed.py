@@ -21,7 +21,13 @@ from fastgen.models.metadata import (
 from fastgen.models.spec import DimRange, ExportSpec, ShapeProfile, TensorSpec
 from fastgen.pipelines.embeddings import EmbeddingSettings, l2_normalize, pool, resolve_settings
 from fastgen.pipelines.scorer import Scorer
-from fastgen.pipelines.scorer_embed import cosine
+
+
+def cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (n, dim) batches, in float64: (n,)."""
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1), 1e-300)
+
 
 TEXTS = ["buy now", "a photo of a red sports car on a mountain road at sunset, studio lighting, product shot",
          "", "x", "electric bicycle " * 80, "five stars"]

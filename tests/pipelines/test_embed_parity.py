@@ -22,7 +22,6 @@ import fastgen
 from fastgen.models import tokenizers
 from fastgen.pipelines.embeddings import EmbeddingSettings
 from fastgen.pipelines.scorer import Scorer
-from fastgen.pipelines.scorer_embed import cosine
 
 pytest.importorskip("sentence_transformers")
 
@@ -30,6 +29,12 @@ COSINE = 0.9999
 HIDDEN = 32
 MAX_SEQ = 300
 WORDS = [w for w in tokenizers.bert_vocab(1000)[5:] if w.isalpha() and len(w) > 2][:40]
+
+
+def cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (n, dim) batches, in float64: (n,)."""
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1), 1e-300)
 
 
 def words(n: int, offset: int = 0) -> str:

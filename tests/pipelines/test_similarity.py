@@ -216,3 +216,15 @@ def test_text_batch_size_is_checked_against_the_text_towers_profile(tmp_path):
     assert len(scorer.embed_texts(["a cat", "a dog"], batch_size=1)) == 2
     with pytest.raises(InvalidArgumentError, match="text tower's batch profile"):
         scorer.embed_texts(["a cat"], batch_size=top + 1)
+
+
+def test_a_zero_embedding_normalises_to_zeros_not_nan():
+    from fastgen.pipelines import embeddings, similarity
+
+    assert similarity.l2_normalize is embeddings.l2_normalize  # one normaliser for embeddings and towers
+    out = similarity.l2_normalize(torch.zeros(2, 4))
+    assert torch.equal(out, torch.zeros(2, 4)) and not out.isnan().any()
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert torch.equal(similarity.l2_normalize(x)[0], x[0] / x[0].norm())  # transformers' x / ||x|| otherwise
+    logits = similarity.similarity_logits(torch.zeros(1, 4), torch.ones(2, 4), 10.0, -1.0)
+    assert torch.equal(logits, torch.full((1, 2), -1.0))  # a zero image is at cosine 0 from every text, not NaN

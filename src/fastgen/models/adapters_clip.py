@@ -25,6 +25,7 @@ from torch import nn
 
 from fastgen.errors import UnsupportedError
 from fastgen.models.adapters import choose, config_value
+from fastgen.models.assets import read_json
 from fastgen.models.component import Component
 from fastgen.models.metadata import RESAMPLE_FILTERS, ImageTowerMetadata, TextTowerMetadata
 from fastgen.models.spec import DimRange, ExportSpec, ShapeProfile, TensorSpec
@@ -162,16 +163,6 @@ def _scales(model: nn.Module, family: str) -> tuple[float | None, float | None]:
     return value, (float(bias.detach().float().reshape(-1)[0]) if bias is not None else None)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _image_settings(family: str, size: int, processor: dict[str, Any]) -> dict[str, Any]:
     """Image tower preprocessing: the processor config's values where it has them, else the family's."""
     clip = family == "clip"
@@ -214,7 +205,7 @@ def tower_assets(comp: Component, model: Any, folder: Path | None, is_preset: bo
     tower = {"family": family, "logit_scale": scale, "logit_bias": bias}
     if comp.name == "image-tower":
         size = comp.spec.profile.dims["height"].opt
-        processor = _read_json(folder / "preprocessor_config.json") if folder is not None else {}
+        processor = read_json(folder / "preprocessor_config.json") if folder is not None else {}
         comp.metadata = ImageTowerMetadata(**_image_settings(family, size, processor), **tower)
         return comp
     first = comp.spec.inputs[0].shape[1]

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastgen.errors import ModelNotFoundError
 from fastgen.models.component import Component
 from fastgen.models.metadata import (
     DEFAULT_IMAGE_SIZE,
@@ -61,11 +62,22 @@ SDXL_SCHEDULER: dict[str, Any] = {
 TOKENIZER_FOLDERS = {"text-encoder": "tokenizer", "text-encoder-2": "tokenizer_2", "text-encoder-3": "tokenizer_3"}
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_json(path: Path, *, required: bool = False, expect: type = dict) -> Any:
+    """The JSON value in ``path``: an object (``expect=list``: an array, as ``modules.json``). A missing or
+    unreadable file, or one that holds another type, is a :class:`~fastgen.errors.ModelNotFoundError` naming it
+    when ``required`` (a model's own ``config.json``), else an empty ``expect`` (an optional extra, such as a
+    processor or scheduler config: the caller's defaults apply)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if required:
+            raise ModelNotFoundError(f"{path}: unreadable JSON ({exc})") from None
+        return expect()
+    if not isinstance(data, expect):
+        if required:
+            raise ModelNotFoundError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}")
+        return expect()
+    return data
 
 
 def _labels(config: dict[str, Any], num_labels: int) -> list[str]:
@@ -104,14 +116,14 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
         from fastgen.models.presets_dit import DIT_FAMILIES
 
         family, default_scheduler = DIT_FAMILIES.get(comp.spec.model_type, (None, {}))
-        scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json") if root else {}
         return UNetMetadata(scheduler=scheduler or dict(default_scheduler), pipeline=family)  # type: ignore[arg-type]
     if comp.name in ("unet", "unet-controlled"):
         sdxl = config.get("addition_embed_type") == "text_time"
-        scheduler = _read(root / "scheduler" / "scheduler_config.json") if root else {}
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json") if root else {}
         zeros = None
         if sdxl:
-            index = _read(root / "model_index.json") if root else {}
+            index = read_json(root / "model_index.json") if root else {}
             zeros = bool(index.get("force_zeros_for_empty_prompt", True))
         return UNetMetadata(scheduler=scheduler or dict(SDXL_SCHEDULER if sdxl else SD_SCHEDULER),
                             pipeline="sdxl" if sdxl else "sd", force_zeros_for_empty_prompt=zeros)
@@ -120,7 +132,7 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
                            latent_factor=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1),
                            shift_factor=config.get("shift_factor"))
     if comp.name in ("classifier", "image-encoder"):
-        processor = _read(folder / "preprocessor_config.json") if folder else {}
+        processor = read_json(folder / "preprocessor_config.json") if folder else {}
         size = processor.get("size", {})
         image_size = dims["height"].opt if "height" in dims else DEFAULT_IMAGE_SIZE
         if isinstance(size, dict):
@@ -145,8 +157,8 @@ def _metadata(comp: Component, config: dict[str, Any], root: Path | None, folder
 def sentence_transformer_folder(path: Path) -> Path | None:
     """The transformer's folder of a sentence-transformers model folder (``modules.json``: the root or
     ``0_Transformer/``); None when ``path`` is not one."""
-    modules = _read(path / "modules.json") if (path / "modules.json").is_file() else None
-    if not isinstance(modules, list):
+    modules = read_json(path / "modules.json", expect=list) if (path / "modules.json").is_file() else None
+    if not modules:  # no modules.json, or an unreadable one: not a sentence-transformers folder
         return None
     for module in modules:
         if isinstance(module, dict) and str(module.get("type", "")).endswith("Transformer"):
@@ -168,14 +180,14 @@ def embedding_settings(path: Path) -> dict[str, Any] | None:
     from fastgen.errors import UnsupportedError
     from fastgen.models.metadata import POOLING_MODES
 
-    modules = _read(path / "modules.json") if (path / "modules.json").is_file() else None
-    if not isinstance(modules, list):
+    modules = read_json(path / "modules.json", expect=list) if (path / "modules.json").is_file() else None
+    if not modules:  # no modules.json, or an unreadable one: not a sentence-transformers folder
         return None
     pooling, normalize = None, False
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1] if isinstance(module, dict) else ""
         if kind == "Pooling":
-            cfg = _read(path / str(module.get("path") or "") / "config.json")
+            cfg = read_json(path / str(module.get("path") or "") / "config.json")
             mode = cfg.get("pooling_mode")
             if mode is None:
                 mode = [name for key, name in _LEGACY_POOLING.items() if cfg.get(key)] or "mean"
@@ -191,8 +203,8 @@ def embedding_settings(path: Path) -> dict[str, Any] | None:
             raise UnsupportedError(f"{path}: sentence-transformers module {kind} (supported: Transformer, "
                                    "Pooling, Normalize)")
     inner = sentence_transformer_folder(path)
-    st_config = {**_read(path / "sentence_bert_config.json"),
-                 **(_read(inner / "sentence_bert_config.json") if inner is not None else {})}
+    st_config = {**read_json(path / "sentence_bert_config.json"),
+                 **(read_json(inner / "sentence_bert_config.json") if inner is not None else {})}
     max_length = st_config.get("max_seq_length")
     return {"pooling": pooling or "mean", "normalize": normalize,
             "max_length": int(max_length) if isinstance(max_length, int) and max_length > 0 else None}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -34,7 +33,7 @@ from fastgen.models import presets
 from fastgen.models.adapters import adapt
 from fastgen.models.adapters_clip import TOWER_NAMES, folder_class
 from fastgen.models.adapters_diffusers import vae_latent_factor
-from fastgen.models.assets import attach_assets
+from fastgen.models.assets import attach_assets, read_json
 from fastgen.models.component import Component
 from fastgen.models.spec import ShapeProfile
 
@@ -214,16 +213,6 @@ def _load_transformers(folder: Path, cls_name: str) -> nn.Module:
 
 # --- reading local paths -----------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelNotFoundError(f"{path}: expected a JSON object")
-    return data
-
-
 def _transformers_class(config: dict[str, Any]) -> tuple[str, str]:
     """(component, class name to load) of a transformers folder, from its architecture name."""
     archs = config.get("architectures") or []
@@ -247,7 +236,7 @@ def _transformers_class(config: dict[str, Any]) -> tuple[str, str]:
 
 def _model_folder(plan: _Plan, folder: Path, names: tuple[str, ...] | None = None, **options: Any) -> None:
     """Add the component(s) of one diffusers or transformers model folder to ``plan``."""
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json", required=True)
     cls_name = config.get("_class_name")
     if isinstance(cls_name, str):
         if cls_name not in DIFFUSERS_COMPONENTS:
@@ -271,10 +260,10 @@ def _model_folder(plan: _Plan, folder: Path, names: tuple[str, ...] | None = Non
 
 def _pipeline_plan(root: Path) -> _Plan:
     plan = _Plan(origin=str(root))
-    vae_cfg = _read_json(root / "vae" / "config.json") if (root / "vae" / "config.json").exists() else None
+    vae_cfg = read_json(root / "vae" / "config.json", required=True) if (root / "vae" / "config.json").exists() else None
     # The denoiser's config gives the nominal size: a UNet's, else a diffusion transformer's.
     den = next((root / sub for sub in ("unet", "transformer") if (root / sub / "config.json").exists()), None)
-    unet_cfg = _read_json(den / "config.json") if den is not None else None
+    unet_cfg = read_json(den / "config.json", required=True) if den is not None else None
     factor = vae_latent_factor(vae_cfg) if vae_cfg and vae_cfg.get("block_out_channels") else 8
     image_size = None
     if unet_cfg is not None and unet_cfg.get("sample_size"):

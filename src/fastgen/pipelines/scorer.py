@@ -37,7 +37,7 @@ from fastgen.pipelines.scorer_detect import DetectionMethods
 from fastgen.pipelines.scorer_embed import EmbeddingMethods
 from fastgen.pipelines.scorer_similarity import SimilarityMethods
 from fastgen.pipelines.scorer_video import VideoMethods, VideoScore
-from fastgen.pipelines.scores import Score
+from fastgen.pipelines.scores import Score, nonfinite_error, padded_output
 from fastgen.pipelines.scores import batch_progress as _progress
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ Task = Literal["classify", "embed", "detect", "similarity"]
 TASKS = ("classify", "embed", "detect", "similarity")
 #: engine component -> default kind
 COMPONENT_KINDS = {"classifier": "image", "text-classifier": "text"}
+#: task -> (the method that turns one batch of feeds into logits, the one that turns logits into probabilities):
+#: the one place a task changes how ``logits`` / ``scores`` work. A detector's "logits" are each label's best
+#: confidence after NMS (DetectionMethods), probabilities already; every other task's are the engine's.
+TASK_STEPS = {"detect": ("detection_logits", "detection_probabilities")}
+ENGINE_STEPS = ("_engine_logits", "_activation")
 
 
 class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods):
@@ -76,6 +81,8 @@ class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods
     ``scorer.text_preprocessor`` / ``scorer.image_preprocessor`` turn inputs into engine feeds,
     :meth:`logits` runs one batch of feeds, :meth:`scores` turns logits into :class:`Score` objects.
     """
+
+    _logits_step, _probs_step = ENGINE_STEPS  # the task's steps (TASK_STEPS), set by __init__
 
     def __init__(self, engine: Engine, *, kind: Kind | None = None, task: Task | None = None,
                  labels: Sequence[str] | None = None,
@@ -131,6 +138,9 @@ class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods
         setup = getattr(self, f"_setup_{self.task}", None)  # the task's mixin finishes the set-up
         if setup is not None:
             setup()
+        # Method names, not bound methods: a bound method held by its own object is a reference cycle, and
+        # a dropped scorer would keep its engine (and its device memory) until the cyclic collector ran.
+        self._logits_step, self._probs_step = TASK_STEPS.get(self.task, ENGINE_STEPS)
 
     # --- construction --------------------------------------------------------------------------
 
@@ -304,16 +314,20 @@ class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods
         """One engine call over ready engine inputs (batch first, from this scorer's preprocessor):
         the (n, num_labels) float32 logits on the CPU. A batch under the engine's minimum is padded up
         to it (its last row repeated) and the extra rows dropped."""
-        if self.task == "detect":  # a detector's logits: each label's best confidence (DetectionMethods)
-            return self.detection_logits(feeds)
-        n = next(iter(feeds.values())).shape[0]
-        if n < self._min_batch:  # repeat the last row; its results are dropped below
-            feeds = {k: torch.cat([v, v[-1:].expand(self._min_batch - n, *v.shape[1:])]) for k, v in feeds.items()}
-        logits = self.engine(feeds)[self.output_name]
-        if logits.dim() != 2 or logits.shape[0] != max(n, self._min_batch):
-            raise UnsupportedError(f"engine output {self.output_name!r} has shape {tuple(logits.shape)} for a "
-                                   f"batch of {max(n, self._min_batch)}; expected (batch, num_labels)")
-        return logits[:n].float().cpu()
+        return getattr(self, self._logits_step)(feeds)
+
+    def _engine_logits(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A classifier's :meth:`logits`: the engine's own output."""
+        logits = padded_output(self.engine, feeds, self._min_batch, self.output_name, dims=2,
+                               expected="(batch, num_labels)")
+        return logits.float().cpu()
+
+    def _activation(self, logits: np.ndarray) -> np.ndarray:
+        """A classifier's probabilities: the sigmoid of each logit (``multi_label``), else the softmax of each row."""
+        if self.multi_label:
+            return 1.0 / (1.0 + np.exp(-logits))
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
 
     def scores(self, logits: torch.Tensor | np.ndarray) -> list[Score]:
         """One :class:`Score` per row of a (n, num_labels) logits batch (:meth:`logits`); a row with a
@@ -342,9 +356,7 @@ class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods
         return np.flatnonzero(~np.isfinite(logits.reshape(len(logits), -1)).all(axis=1)).tolist()
 
     def _numerical_error(self, rows: Sequence[int], what: str) -> NumericalError:
-        where = ", ".join(f"{what}[{i}]" for i in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-        return NumericalError(f"the {self.engine.spec.component} engine returned non-finite logits (NaN or inf) "
-                              f"for {where}")
+        return nonfinite_error(f"the {self.engine.spec.component} engine", "logits", rows, what)
 
     def _scores(self, logits: torch.Tensor | np.ndarray, offset: int = 0, what: str = "row"
                 ) -> tuple[list[Score], np.ndarray]:
@@ -359,14 +371,7 @@ class Scorer(SimilarityMethods, EmbeddingMethods, DetectionMethods, VideoMethods
         bad = self._nonfinite(logits)
         if bad:  # a softmax of NaN is NaN, and an argsort of it a made-up "top" label
             raise self._numerical_error([offset + i for i in bad], what)
-        if self.task == "detect":  # confidences already (detection_logits), 0 where nothing was found
-            probs = logits
-        elif self.multi_label:
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            probs = e / e.sum(axis=-1, keepdims=True)
-        probs = probs.astype(np.float32)
+        probs = getattr(self, self._probs_step)(logits).astype(np.float32)
         labels = self.labels
         if logits.shape[0] and logits.shape[1] != len(labels):
             raise InvalidArgumentError("labels", f"{len(labels)} labels", f"{logits.shape[1]} (the engine's logits)")

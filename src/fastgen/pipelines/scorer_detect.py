@@ -43,6 +43,7 @@ from fastgen.pipelines.detection import (
     postprocess,
 )
 from fastgen.pipelines.preprocess import ImagePreprocessor, dim_size, positive_int
+from fastgen.pipelines.scores import nonfinite_rows, padded_output
 
 #: ``detect``'s defaults (ultralytics' predict defaults, but ``iou`` 0.45 as YOLOv5's and NudeNet's).
 DEFAULT_CONF = 0.25
@@ -170,14 +171,8 @@ class DetectionMethods:
         output, float32 on the engine's device. A batch under the engine's minimum is padded (its last
         row repeated) and the extra rows dropped."""
         self._require_detector()
-        n = next(iter(feeds.values())).shape[0]
-        if n < self._min_batch:
-            feeds = {k: torch.cat([v, v[-1:].expand(self._min_batch - n, *v.shape[1:])]) for k, v in feeds.items()}
-        raw = self.engine(feeds)[self.engine.spec.output_names[0]]
-        if raw.dim() != 3 or raw.shape[0] != max(n, self._min_batch):
-            raise UnsupportedError(f"detector output has shape {tuple(raw.shape)} for a batch of "
-                                   f"{max(n, self._min_batch)}; expected (batch, a, b)")
-        return raw[:n].float()
+        return padded_output(self.engine, feeds, self._min_batch, self.engine.spec.output_names[0], dims=3,
+                             expected="(batch, a, b)").float()
 
     def detections(self, raw: torch.Tensor, letterboxes: Sequence[Letterbox | None] | None = None, *,
                    conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU, max_det: int = DEFAULT_MAX_DET,
@@ -191,7 +186,7 @@ class DetectionMethods:
         max_det = positive_int("max_det", max_det)
         if letterboxes is not None and len(letterboxes) != raw.shape[0]:
             raise InvalidArgumentError("letterboxes", f"{len(letterboxes)} letterboxes", f"{raw.shape[0]} (the rows)")
-        bad = self._detector_nonfinite(raw)
+        bad = nonfinite_rows(raw)
         if bad:
             raise self._numerical_error([offset + i for i in bad], what)  # type: ignore[attr-defined]
         return postprocess(raw, self.detector_layout, self.labels, conf=conf, iou=iou, max_det=max_det,  # type: ignore[attr-defined]
@@ -202,7 +197,7 @@ class DetectionMethods:
                        ) -> list[Detections | NumericalError]:
         """:meth:`detections`, but a non-finite row gives its :class:`NumericalError` in its place instead
         of failing the batch (what a caller batching many requests fails each request by)."""
-        bad = set(self._detector_nonfinite(raw))
+        bad = set(nonfinite_rows(raw))
         good = [i for i in range(raw.shape[0]) if i not in bad]
         found = iter(self.detections(raw[good], None if letterboxes is None else [letterboxes[i] for i in good],
                                      conf=conf, iou=iou, max_det=max_det) if good else [])
@@ -215,7 +210,7 @@ class DetectionMethods:
         it has none; a row whose output has a NaN or an infinity is all NaN. ``Scorer`` uses them as
         the probabilities of its Scores, as they are (and a NaN row as the NumericalError it is)."""
         raw = self.detector_outputs(feeds)
-        bad = self._detector_nonfinite(raw)
+        bad = nonfinite_rows(raw)
         good = [i for i in range(raw.shape[0]) if i not in bad]
         out = torch.full((raw.shape[0], len(self.labels)), float("nan"))  # type: ignore[attr-defined]
         if good:  # a non-finite row stays NaN: Scorer's scores name it (score_rows fails it alone)
@@ -224,8 +219,10 @@ class DetectionMethods:
         return out
 
     @staticmethod
-    def _detector_nonfinite(raw: torch.Tensor) -> list[int]:
-        return torch.nonzero(~torch.isfinite(raw.reshape(raw.shape[0], -1)).all(dim=1)).flatten().tolist()
+    def detection_probabilities(confidences: Any) -> Any:
+        """A detector's probabilities from its :meth:`detection_logits`: the confidences as they are
+        (``Scorer``'s step for task ``detect``, where a classifier's is a softmax or a sigmoid)."""
+        return confidences
 
     def detection_scores(self, found: Sequence[Detections]) -> list[Any]:
         """One multi-label ``Score`` per image's :class:`Detections`: each label's best confidence, 0

@@ -25,7 +25,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError
@@ -35,6 +34,7 @@ from fastgen.pipelines.embeddings import (
     is_embedding_output,
     resolve_settings,
 )
+from fastgen.pipelines.scores import nonfinite_error, pad_batch, rows_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,8 @@ class EmbeddingMethods:
         engine's minimum is padded up to it and the extra rows dropped."""
         settings = self._embedding()
         norm = self._normalize(normalize)
-        n = next(iter(feeds.values())).shape[0]
-        if n < self._min_batch:  # repeat the last row; its results are dropped below
-            feeds = {k: torch.cat([v, v[-1:].expand(self._min_batch - n, *v.shape[1:])]) for k, v in feeds.items()}
+        # Padded here rather than by padded_output: the pooling reads the padded batch's attention mask.
+        feeds, n = pad_batch(feeds, self._min_batch)
         outputs = self.engine(feeds)
         out = embed_outputs(outputs, settings, feeds.get("attention_mask"), norm)
         if out.shape[0] != max(n, self._min_batch):
@@ -123,9 +122,7 @@ class EmbeddingMethods:
         return [row if ok else self._embedding_error([i], "row") for i, (row, ok) in enumerate(zip(embeddings, finite))]
 
     def _embedding_error(self, rows: Sequence[int], what: str) -> NumericalError:
-        where = ", ".join(f"{what}[{i}]" for i in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-        return NumericalError(f"the {self.engine.spec.component} engine returned non-finite embeddings (NaN or inf) "
-                              f"for {where}")
+        return nonfinite_error(f"the {self.engine.spec.component} engine", "embeddings", rows, what)
 
     # --- many inputs ---------------------------------------------------------------------------
 
@@ -160,46 +157,18 @@ class EmbeddingMethods:
         if not prep.can_pad or ("attention_mask" not in prep.input_names and self.pooling != "pooled"):
             bs = 1  # no pad token, or token pooling with no mask to hide the padding: one text per batch
         lengths = prep.lengths(items)
-        order = sorted(range(len(items)), key=lengths.__getitem__)  # stable
-        rows: list[torch.Tensor | None] = [None] * len(items)
-        from fastgen.pipelines.scores import batch_progress as _progress
-
-        with _progress(-(-len(items) // bs), "embedding texts", self.progress) as advance:
-            for start in range(0, len(items), bs):
-                chunk = order[start:start + bs]
-                out = self.embeddings(prep.feeds([items[i] for i in chunk]), normalize=normalize)
-                bad = (~torch.isfinite(out).all(dim=-1)).nonzero().flatten().tolist()
-                if bad:  # named by the caller's index, not the length-sorted one
-                    raise self._embedding_error(sorted(chunk[i] for i in bad), "texts")
-                for i, row in zip(chunk, out):
-                    rows[i] = row
-                advance()
-        return torch.stack(rows)  # type: ignore[arg-type]
+        return rows_in_batches(items, sorted(range(len(items)), key=lengths.__getitem__), bs,
+                               lambda chunk: self.embeddings(prep.feeds(chunk), normalize=normalize),
+                               lambda rows: self._embedding_error(rows, "texts"), "embedding texts", self.progress)
 
     def _embed_images(self, images: Any, normalize: bool, bs: int) -> torch.Tensor:
         prep = self.image_preprocessor
         items = prep.flatten(images)
         if not items:
             return self._empty()
-        parts = []
-        from fastgen.pipelines.scores import batch_progress as _progress
-
-        with _progress(-(-len(items) // bs), "embedding images", self.progress) as advance:
-            for start in range(0, len(items), bs):
-                out = self.embeddings(prep.feeds(prep.to_uint8(items[start:start + bs])), normalize=normalize)
-                bad = (~torch.isfinite(out).all(dim=-1)).nonzero().flatten().tolist()
-                if bad:
-                    raise self._embedding_error([start + i for i in bad], "images")
-                parts.append(out)
-                advance()
-        return torch.cat(parts)
+        return rows_in_batches(items, range(len(items)), bs,
+                               lambda chunk: self.embeddings(prep.feeds(prep.to_uint8(chunk)), normalize=normalize),
+                               lambda rows: self._embedding_error(rows, "images"), "embedding images", self.progress)
 
 
-def cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two (n, dim) batches, in float64: (n,)."""
-    a64 = np.asarray(a, dtype=np.float64)
-    b64 = np.asarray(b, dtype=np.float64)
-    return (a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1), 1e-300)
-
-
-__all__ = ["ENCODER_COMPONENTS", "EmbeddingMethods", "cosine"]
+__all__ = ["ENCODER_COMPONENTS", "EmbeddingMethods"]

@@ -19,8 +19,10 @@ the folder when there is one.
 
 Batch steps for callers that batch on their own (``fastgen.Runtime``): ``image_preprocessor.feeds`` /
 ``text_preprocessor.feeds`` make feeds, :meth:`SimilarityMethods.tower_embeddings` runs one tower call on
-one batch, :meth:`SimilarityMethods.similarity_from_embeddings` and :meth:`SimilarityMethods.aesthetic_from_embeddings`
-postprocess; texts are sorted by length and batched as ``Scorer.score_texts`` batches them.
+one batch, :meth:`SimilarityMethods.similarity_from_embeddings`, :meth:`SimilarityMethods.aesthetic_from_embeddings`
+and the ``Score`` makers :meth:`SimilarityMethods.aesthetic_scores_from_embeddings` /
+:meth:`SimilarityMethods.pair_scores_from_embeddings` postprocess; texts are sorted by length and batched as
+``Scorer.score_texts`` batches them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from fastgen.errors import InvalidArgumentError, NumericalError, UnsupportedError
 from fastgen.models.metadata import ImageTowerMetadata, TextTowerMetadata
 from fastgen.pipelines import similarity as sim
+from fastgen.pipelines.scores import Score, nonfinite_error, padded_output, rows_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -187,14 +190,7 @@ class SimilarityMethods:
             engine, name, least = self.text_engine, self.text_engine.spec.output_names[0], self._text_min_batch
         else:
             raise InvalidArgumentError("tower", tower, ("image", "text"))
-        n = next(iter(feeds.values())).shape[0]
-        if n < least:
-            feeds = {k: torch.cat([v, v[-1:].expand(least - n, *v.shape[1:])]) for k, v in feeds.items()}
-        out = engine(feeds)[name]
-        if out.dim() != 2 or out.shape[0] != max(n, least):
-            raise UnsupportedError(f"{engine.spec.component} output {name!r} has shape {tuple(out.shape)} for a batch "
-                                   f"of {max(n, least)}; expected (batch, dim)")
-        out = out[:n].float().cpu()
+        out = padded_output(engine, feeds, least, name, dims=2, expected="(batch, dim)").float().cpu()
         return sim.l2_normalize(out) if normalize else out
 
     def similarity_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, *,
@@ -210,25 +206,43 @@ class SimilarityMethods:
             raise UnsupportedError("this scorer has no aesthetic head (Scorer.from_pretrained(..., aesthetic=PATH))")
         return sim.aesthetic_scores(self.aesthetic_head, image_embeds)
 
+    def aesthetic_scores_from_embeddings(self, image_embeds: torch.Tensor) -> list[Score]:
+        """One ``Score`` per row of (n, dim) unnormalised image embeddings: the aesthetic head's value as the
+        ``aesthetic`` label's probability and logit (what ``score_images`` without texts gives)."""
+        values = self.aesthetic_from_embeddings(image_embeds).tolist()
+        return [Score({sim.AESTHETIC_LABEL: v}, [(sim.AESTHETIC_LABEL, v)], [v]) for v in values]
+
+    def pair_scores_from_embeddings(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                                    columns: Sequence[int]) -> list[Score]:
+        """:meth:`score_pairs` from embeddings: image ``i`` (a row of ``image_embeds``) against text
+        ``columns[i]`` (a row of ``text_embeds``, so that images sharing a text share its embedding)."""
+        matrix = self.similarity_from_embeddings(image_embeds, text_embeds, logits=True)  # (n_images, n_texts)
+        logits = matrix[torch.arange(len(columns)), torch.tensor(list(columns), dtype=torch.long)]  # (n,)
+        values = (sim.sigmoid(logits) if self.family == "siglip" else logits).tolist()
+        extra = self.aesthetic_from_embeddings(image_embeds).tolist() if self.aesthetic_head is not None else None
+        out = []
+        for i, (v, lg) in enumerate(zip(values, logits.tolist())):
+            probs = {sim.SIMILARITY_LABEL: v, **({sim.AESTHETIC_LABEL: extra[i]} if extra is not None else {})}
+            top = sorted(probs.items(), key=lambda kv: -kv[1])
+            out.append(Score(probs, top, [lg] + ([extra[i]] if extra is not None else [])))
+        return out
+
     # --- many inputs ---------------------------------------------------------------------------
 
-    def _nonfinite_rows(self, out: torch.Tensor, rows: Sequence[int], what: str) -> None:
-        bad = (~torch.isfinite(out).all(dim=-1)).nonzero().flatten().tolist()
-        if bad:
-            where = ", ".join(f"{what}[{rows[i]}]" for i in sorted(bad)[:5])
-            raise NumericalError(f"the {what[:-1]} tower returned non-finite embeddings (NaN or inf) for {where}")
+    def _tower_error(self, rows: Sequence[int], what: str) -> NumericalError:
+        return nonfinite_error(f"the {what[:-1]} tower", "embeddings", rows, what)
 
     def embed_images(self, images: Any, *, normalize: bool = False, batch_size: int | None = None) -> torch.Tensor:
         """Image tower embeddings: (n, dim) float32, one row per image (see ``score_images`` for the kinds)."""
         prep = self.image_preprocessor
         items = prep.flatten(images)
         bs = self._check_batch(batch_size)  # type: ignore[attr-defined]
-        parts = []
-        for start in range(0, len(items), bs):
-            out = self.tower_embeddings(prep.feeds(prep.to_uint8(items[start:start + bs])), "image", normalize=normalize)
-            self._nonfinite_rows(out, range(start, start + len(out)), "images")
-            parts.append(out)
-        return torch.cat(parts) if parts else torch.empty(0, int(self.engine.spec.outputs[0].shape[-1]))
+        if not items:
+            return torch.empty(0, int(self.engine.spec.outputs[0].shape[-1]))
+        return rows_in_batches(items, range(len(items)), bs,
+                               lambda chunk: self.tower_embeddings(prep.feeds(prep.to_uint8(chunk)), "image",
+                                                                   normalize=normalize),
+                               lambda rows: self._tower_error(rows, "images"), "embedding images", self.progress)
 
     def embed_texts(self, texts: str | Sequence[str], *, normalize: bool = False, batch_size: int | None = None
                     ) -> torch.Tensor:
@@ -250,15 +264,9 @@ class SimilarityMethods:
         if not prep.can_pad:
             bs = 1
         lengths = prep.lengths(items)
-        order = sorted(range(len(items)), key=lengths.__getitem__)  # stable
-        rows: list[torch.Tensor | None] = [None] * len(items)
-        for start in range(0, len(items), bs):
-            chunk = order[start:start + bs]
-            out = self.tower_embeddings(prep.feeds([items[i] for i in chunk]), "text", normalize=normalize)
-            self._nonfinite_rows(out, chunk, "texts")
-            for i, row in zip(chunk, out):
-                rows[i] = row
-        return torch.stack(rows)  # type: ignore[arg-type]
+        return rows_in_batches(items, sorted(range(len(items)), key=lengths.__getitem__), bs,
+                               lambda chunk: self.tower_embeddings(prep.feeds(chunk), "text", normalize=normalize),
+                               lambda rows: self._tower_error(rows, "texts"), "embedding texts", self.progress)
 
     def embed(self, inputs: Any, *, normalize: bool | None = None, batch_size: int | None = None) -> torch.Tensor:
         """Two-tower scorer: a text or list of texts (``str``) through the text tower, images (PIL, arrays,
@@ -285,12 +293,8 @@ class SimilarityMethods:
 
     def _similarity_scores(self, images: Any, texts: Any, batch_size: int | None) -> list[Any]:
         """``Scorer.score_images`` of a similarity scorer: zero-shot over ``texts``, or the aesthetic head."""
-        from fastgen.pipelines.scorer import Score
-
         if texts is None:
-            embeds = self.embed_images(images, batch_size=batch_size)
-            values = self.aesthetic_from_embeddings(embeds).tolist()
-            return [Score({sim.AESTHETIC_LABEL: v}, [(sim.AESTHETIC_LABEL, v)], [v]) for v in values]
+            return self.aesthetic_scores_from_embeddings(self.embed_images(images, batch_size=batch_size))
         items = [texts] if isinstance(texts, str) else list(texts)
         if not items or len(set(items)) != len(items):
             raise InvalidArgumentError("texts", f"{len(items)} texts", reason="zero-shot scoring needs one or more "
@@ -311,27 +315,14 @@ class SimilarityMethods:
         """One ``Score`` per image against its own text (``texts[i]`` for image ``i``): ``similarity`` (what
         :meth:`similarity` gives for the pair) and, with a head, ``aesthetic``. Each distinct text is embedded
         once (best-of-N candidates share their prompt)."""
-        from fastgen.pipelines.scorer import Score
-
         self._need_towers("score_pairs")
         texts = [texts] if isinstance(texts, str) else list(texts)
         image_embeds = self.embed_images(images, batch_size=batch_size)
         if len(texts) != len(image_embeds):
             raise InvalidArgumentError("texts", f"{len(texts)} texts", f"one per image ({len(image_embeds)})")
-        unique = list(dict.fromkeys(texts))
-        position = {t: i for i, t in enumerate(unique)}
-        column = [position[t] for t in texts]
-        matrix = self.similarity_from_embeddings(image_embeds, self.embed_texts(unique, batch_size=batch_size),
-                                                 logits=True)  # (n_images, n_unique)
-        logits = matrix[torch.arange(len(texts)), torch.tensor(column, dtype=torch.long)]  # (n,)
-        values = (sim.sigmoid(logits) if self.family == "siglip" else logits).tolist()
-        extra = self.aesthetic_from_embeddings(image_embeds).tolist() if self.aesthetic_head is not None else None
-        out = []
-        for i, (v, lg) in enumerate(zip(values, logits.tolist())):
-            probs = {sim.SIMILARITY_LABEL: v, **({sim.AESTHETIC_LABEL: extra[i]} if extra is not None else {})}
-            top = sorted(probs.items(), key=lambda kv: -kv[1])
-            out.append(Score(probs, top, [lg] + ([extra[i]] if extra is not None else [])))
-        return out
+        position = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # each distinct text's column
+        text_embeds = self.embed_texts(list(position), batch_size=batch_size)
+        return self.pair_scores_from_embeddings(image_embeds, text_embeds, [position[t] for t in texts])
 
 
 __all__ = ["SimilarityMethods", "TOWERS"]

@@ -27,6 +27,10 @@ from torch import nn
 
 from fastgen.errors import InvalidArgumentError, ModelNotFoundError
 
+# The embeddings' normaliser (x / max(||x||, 1e-12)): the same float32 division as transformers' x / ||x|| for
+# every row with a norm above 1e-12, and a zero row stays zero instead of becoming NaN.
+from fastgen.pipelines.embeddings import l2_normalize
+
 logger = logging.getLogger(__name__)
 
 #: The aesthetic head's file name, looked for beside a model's towers (a model or engine folder's root).
@@ -35,11 +39,6 @@ AESTHETIC_FILE = "aesthetic.safetensors"
 AESTHETIC_LABEL = "aesthetic"
 #: The label of a prompt-adherence score (an image against its own prompt): best-of-N's default ranking.
 SIMILARITY_LABEL = "similarity"
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm, as transformers normalises CLIP / SigLIP embeddings. (n, dim)"""
-    return x / x.norm(p=2, dim=-1, keepdim=True)
 
 
 def similarity_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float,

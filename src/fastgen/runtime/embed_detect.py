@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from fastgen.errors import NumericalError
 from fastgen.runtime.config import RuntimeConfig
 from fastgen.runtime.scoring import LONGEST, ScoringExecutor
 
@@ -159,8 +158,8 @@ class TowerExecutor(_TaggedExecutor):
         return bool(request.normalize)  # a tower's embeddings are unnormalised unless asked (Scorer.embed)
 
     def score(self, bucket: Any, items: list[Any]) -> list[Any]:
-        from fastgen.pipelines.scorer import Score
-        from fastgen.pipelines.similarity import AESTHETIC_LABEL, l2_normalize
+        from fastgen.pipelines.embeddings import l2_normalize
+        from fastgen.pipelines.scores import nonfinite_error
 
         data = [t.data for t in items]
         if self.text is not None:
@@ -169,18 +168,16 @@ class TowerExecutor(_TaggedExecutor):
         else:
             out = self.scorer.tower_embeddings(self.image.feeds(torch.stack(data)), "image")  # type: ignore[union-attr]
         finite = torch.isfinite(out).all(dim=-1).tolist()
-        rows = [i for i, t in enumerate(items) if t.options is None]
-        heads = self.scorer.aesthetic_from_embeddings(out[rows]).tolist() if rows else []
+        rows = [i for i, t in enumerate(items) if t.options is None]  # ScoreRequests: the aesthetic head's
+        heads = dict(zip(rows, self.scorer.aesthetic_scores_from_embeddings(out[rows]))) if rows else {}
         values: list[Any] = []
         for i, (row, t, ok) in enumerate(zip(out, items, finite)):
             if not ok:
-                values.append(NumericalError(f"the {self.kind} tower returned non-finite embeddings (NaN or inf)"))
+                values.append(nonfinite_error(f"the {self.kind} tower", "embeddings"))
             elif t.options is None:
-                v = heads[rows.index(i)]
-                values.append(Score({AESTHETIC_LABEL: v}, [(AESTHETIC_LABEL, v)], [v]))
+                values.append(heads[i])
             else:
                 values.append((l2_normalize(row[None])[0] if t.options else row).clone())
         return values
-
 
 __all__ = ["DetectionExecutor", "EmbeddingExecutor", "Tagged", "TowerExecutor"]
