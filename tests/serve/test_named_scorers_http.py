@@ -213,6 +213,22 @@ def test_a_remote_image_scorer_is_picked_by_its_name(tiny_models):
         service.close()
 
 
+def test_an_image_scoring_request_picks_its_scorer_once(tiny_models, monkeypatch):
+    """``/v1/score``'s images and a best-of-N ranking each pick their scorer once (and score by it)."""
+    service = Service(ServeConfig(scorers=("local=tiny",), warmup=False), scorers=[tiny_models["image"]])
+    service.load()
+    try:
+        picks, pick = [], service._image_classifier
+        monkeypatch.setattr(service, "_image_classifier", lambda *a, **k: picks.append(a) or pick(*a, **k))
+        image = Image.new("RGB", (20, 20))
+        data = asyncio.run(service.score([], [image], model="local"))
+        assert len(picks) == 1 and list(data[0]["scores"]) == tiny_models["image"].labels
+        ranked = asyncio.run(service.rank_images([image], ["a prompt"], scorer="local"))
+        assert len(picks) == 2 and list(ranked[0].probs) == tiny_models["image"].labels
+    finally:
+        service.close()
+
+
 # --- embeddings and detections ---------------------------------------------------------------------------
 
 DET_LABELS = ["person", "car", "dog"]

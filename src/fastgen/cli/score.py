@@ -231,8 +231,12 @@ def score(files: tuple[str, ...], model: str | None, images: tuple[str, ...], co
     with scorer:
         images = [f for f, k in zip(files, kinds) if k == "image"]
         found: dict[str, Any] = {}
-        if scorer.task == "detect" and images:  # boxes, and each label's best confidence as its score
+        if scorer.task == "detect":
+            # score_video takes no thresholds: a detector's frames are scored at its conf / iou
+            # attributes (detection_logits). This scorer is this command's own, so they are set to the
+            # options for every video, with images given or not (detect takes them as arguments).
             scorer.conf, scorer.iou = conf, iou
+        if scorer.task == "detect" and images:  # boxes, and each label's best confidence as its score
             found = dict(zip(images, scorer.detect(images, conf=conf, iou=iou)))
             image_scores = dict(zip(found, scorer.detection_scores(list(found.values()))))
         else:

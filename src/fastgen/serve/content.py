@@ -63,25 +63,14 @@ async def pair_scores(service: Any, ranker: ServedScorer, images: list[Any], tex
     runtime batches with every other request's (each distinct text embedded once)."""
     import torch
 
-    from fastgen.pipelines.scorer import Score
-    from fastgen.pipelines.similarity import AESTHETIC_LABEL, SIMILARITY_LABEL, sigmoid
-
-    s = ranker.scorer
-    unique = list(dict.fromkeys(texts))
+    position = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # each distinct text's column
     requests = [EmbedRequest(im, scorer=ranker.name, kind="image", deadline_s=deadline_s) for im in images]
-    requests += [EmbedRequest(t, scorer=ranker.name, kind="text", deadline_s=deadline_s) for t in unique]
+    requests += [EmbedRequest(t, scorer=ranker.name, kind="text", deadline_s=deadline_s) for t in position]
     embeds = await gather(submit_all(service.runtime, requests))
-    image_embeds, text_embeds = torch.stack(embeds[:len(images)]), torch.stack(embeds[len(images):])
-    matrix = s.similarity_from_embeddings(image_embeds, text_embeds, logits=True)  # (n_images, n_unique)
-    logits = matrix[torch.arange(len(images)), torch.tensor([unique.index(t) for t in texts], dtype=torch.long)]
-    values = (sigmoid(logits) if s.family == "siglip" else logits).tolist()
-    extra = s.aesthetic_from_embeddings(image_embeds).tolist() if s.aesthetic_head is not None else None
-    out = []
-    for i, (value, logit) in enumerate(zip(values, logits.tolist())):
-        probs = {SIMILARITY_LABEL: value, **({AESTHETIC_LABEL: extra[i]} if extra is not None else {})}
-        out.append(Score(probs, sorted(probs.items(), key=lambda kv: -kv[1]),
-                         [logit] + ([extra[i]] if extra is not None else [])))
-    return out
+    # The scorer's own tail of score_pairs, so both score a pair alike.
+    return ranker.scorer.pair_scores_from_embeddings(torch.stack(embeds[:len(images)]),
+                                                      torch.stack(embeds[len(images):]),
+                                                      [position[t] for t in texts])
 
 
 async def embeddings(service: Any, *, texts: list[str], images: list[Any], model: str | None,

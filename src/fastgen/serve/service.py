@@ -337,7 +337,9 @@ class Service:
         ranker = self._image_classifier(scorer, request="rank")
         if ranker is not None and getattr(ranker.scorer, "needs_texts", False):
             return await pair_scores(self, ranker, images, prompts)
-        return await self.score_images(images, scorer=scorer)
+        # A ranker that is no two-tower scorer takes image ScoreRequests (takes_in's "rank"), so it is
+        # the scorer score_images would pick for the same name: it scores them, not picked twice.
+        return await self._score_by(ranker, images)
 
     async def score_images(self, images: list[Any], *, deadline_s: float | None = None,
                            scorer: str | None = None, argument: str = "scorer") -> list[Any]:
@@ -345,7 +347,11 @@ class Service:
         the runtime's only one, else the ``image_scorer`` client."""
         if not images:
             return []
-        local = self._image_classifier(scorer, argument)
+        return await self._score_by(self._image_classifier(scorer, argument), images, deadline_s)
+
+    async def _score_by(self, local: ServedScorer | None, images: list[Any], deadline_s: float | None = None
+                        ) -> list[Any]:
+        """:meth:`score_images` once the scorer is picked: ``local`` (None: the ``image_scorer`` client)."""
         if local is not None:
             return await gather(submit_all(self.runtime, [ScoreRequest(im, kind="image", deadline_s=deadline_s,
                                                                         scorer=local.name) for im in images]))
@@ -376,12 +382,14 @@ class Service:
             text_futures = submit_all(self.runtime, [ScoreRequest(t, kind="text", deadline_s=deadline_s,
                                                                   scorer=text.name) for t in texts])
         try:
-            detector = self._image_classifier(model, "model") if images else None
-            if detector is not None and detector.task == "detect":  # scores, and the boxes they come from
-                image_data = await detections_body(self, detector, images, deadline_s=deadline_s)
-            else:
-                image_scores = await self.score_images(images, deadline_s=deadline_s, scorer=model, argument="model")
-                image_data = [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)]
+            image_data: list[dict[str, Any]] = []
+            if images:
+                local = self._image_classifier(model, "model")
+                if local is not None and local.task == "detect":  # scores, and the boxes they come from
+                    image_data = await detections_body(self, local, images, deadline_s=deadline_s)
+                else:
+                    image_scores = await self._score_by(local, images, deadline_s)
+                    image_data = [{"index": i, "kind": "image", **score_body(s)} for i, s in enumerate(image_scores)]
             text_scores = await gather(text_futures)
         finally:
             for future in text_futures:
