@@ -199,7 +199,7 @@ class SequentialServer:
 
 class RuntimeServer:
     def __init__(self, gen, scorers, mode: str, args) -> None:
-        cfg = dict(max_queue=10**6, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        cfg = dict(max_queue=10**6, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, batch_wait=args.batch_wait,
                    max_step_rows=args.max_step_rows)
         if args.slowdown_target is not None:
             cfg.update(slowdown_target=args.slowdown_target)
@@ -371,6 +371,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--slo-image-ms", type=float, default=100.0, help="the mix scenario's image target")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=4.0)
+    ap.add_argument("--batch-wait", choices=["adaptive", "fixed"], default="adaptive",
+                    help="RuntimeConfig.batch_wait of the batched modes")
     ap.add_argument("--max-step-rows", type=int, default=32)
     ap.add_argument("--slowdown-target", type=float, default=None,
                     help="RuntimeConfig.slowdown_target of the runtime modes (default: the runtime's)")

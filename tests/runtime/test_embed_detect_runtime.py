@@ -140,6 +140,10 @@ def test_embeddings_are_batched_in_buckets_and_equal_embedding_alone(encoders, t
         wanted = encoders["text"].embedding.normalize if r.normalize is None and isinstance(r.item, str) else (
             encoders["image"].embedding.normalize if r.normalize is None else r.normalize)
         assert abs(float(value.norm()) - 1.0) < 1e-5 if wanted else True
+    # Each text's token count, as its model reads it (an API's usage), without tokenizing it again.
+    for r, f in zip(order, futures):
+        scorer = moderation if isinstance(r, ScoreRequest) else encoders["text"]
+        assert f.tokens == (scorer.text_preprocessor.lengths([r.item])[0] if isinstance(r.item, str) else None)
     # Texts in length buckets (several calls), the images in one bucket of the encoder's size: one call.
     assert buckets <= {"8", "32", "128", "512"} and len(buckets) >= 2 and sum(text.calls) == len(TEXTS)
     assert image.calls == [len(pics)]

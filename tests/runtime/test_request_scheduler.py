@@ -33,8 +33,10 @@ def job(kind="text", bucket=16, *, priority=0, rows=1, cost=None, deadline=None,
 
 
 def make(**cfg) -> tuple[RequestScheduler, Clock]:
+    """A scheduler on a fake clock; batches wait their whole ``max_wait_ms`` (``batch_wait="fixed"``)
+    unless ``cfg`` says otherwise: these tests are about what happens within and after the wait."""
     clock = Clock()
-    return RequestScheduler(RuntimeConfig(**cfg), clock=clock), clock
+    return RequestScheduler(RuntimeConfig(**{"batch_wait": "fixed", **cfg}), clock=clock), clock
 
 
 def test_scheduler_imports_no_torch():
@@ -61,6 +63,50 @@ def test_waits_for_a_full_batch_or_max_wait():
     s.submit(late := job())
     clock.t += 0.010
     assert s.schedule().jobs == [late]  # alone, after its max_wait
+
+
+def test_adaptive_wait_runs_a_lone_request_at_once_and_waits_when_others_are_due():
+    s, clock = make(max_batch_size=16, max_wait_ms=10, batch_wait="adaptive")
+    assert RuntimeConfig().batch_wait == "adaptive"  # the default
+    first = job()
+    assert s.submit(first) == clock.t  # nothing known of the arrival rate: no wait
+    assert s.schedule().jobs == [first]
+    for _ in range(8):  # a request every 50 ms: none is due within a 10 ms wait
+        clock.t += 0.050
+        assert s.submit(j := job()) == clock.t and s.schedule().jobs == [j]
+    for _ in range(8):  # one every ms: ten are due within the wait, which is spent again
+        clock.t += 0.001
+        s.submit(job())
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.010 - 0.007)
+    clock.t += 0.003
+    assert len(s.schedule().jobs) == 8
+    clock.t += 0.002
+    s.submit(waiting := job())
+    d = s.schedule()
+    assert not d.jobs and d.wait == pytest.approx(0.010)
+    clock.t += 1.0  # the stream stops; the next lone request after a pause does not wait either
+    assert s.schedule().jobs == [waiting]
+    s.submit(lone := job())
+    assert s.schedule().jobs == [lone]
+
+
+def test_adaptive_wait_applies_to_nested_text_groups_and_image_kinds():
+    s, clock = make(max_batch_size=8, max_wait_ms=10, batch_wait="adaptive")
+    s.set_merge_cost("text", 1000)
+    for kind, bucket in (("text", 64), ("image", (224, 224))):
+        for _ in range(3):  # 1 s apart
+            clock.t += 1.0
+            assert s.submit(j := job(kind, bucket)) == clock.t
+            assert s.schedule().jobs == [j]
+    s2, clock2 = make(max_batch_size=8, max_wait_ms=10)  # fixed: every batch waits
+    s2.submit(job("image", (224, 224)))
+    assert s2.schedule().wait == pytest.approx(0.010)
+
+
+def test_batch_wait_is_checked():
+    with pytest.raises(InvalidArgumentError, match="batch.wait.*adaptive.*fixed"):
+        RuntimeConfig(batch_wait="sometimes")
 
 
 def test_token_budget_and_count_limit():

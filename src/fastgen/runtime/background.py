@@ -269,6 +269,9 @@ class BackgroundThreads:
                         status = RequestStatus.FAILED
                     else:
                         job.bucket, job.rows, job.cost, job.payload.data = value
+                        count = getattr(self.executors[job.kind], "token_count", None)  # optional
+                        if count is not None:
+                            job.payload.future.tokens = count(value[3])
                         if sched.submit(job, counted=True) < lane.sleeping_until:
                             lane.wake.notify()
                         continue

@@ -10,6 +10,7 @@ from fastgen.core.config import ConfigMixin
 from fastgen.errors import InvalidArgumentError
 
 GenerationBatching = Literal["step", "request"]
+BatchWait = Literal["adaptive", "fixed"]
 
 
 def _int(name: str, value: Any, low: int) -> None:
@@ -40,7 +41,13 @@ class RuntimeConfig(ConfigMixin):
     """Scoring: requests per engine call, at most (also capped by the engine's batch profile)."""
     max_wait_ms: float = 4.0
     """Scoring: how long the oldest request of a bucket may wait for its batch to fill before the
-    batch runs anyway."""
+    batch runs anyway (see ``batch_wait``)."""
+    batch_wait: BatchWait = "adaptive"
+    """Scoring: ``adaptive`` spends ``max_wait_ms`` only while another request of the kind is due
+    within it (its last 8 arrivals' rate x the wait >= 1); at a lower rate a batch runs at once, so
+    a lone request at low load is not held for companions that will not come (a request that
+    arrives while the engine is busy still joins the next batch). ``fixed``: always wait up to
+    ``max_wait_ms``."""
     max_batch_tokens: int = 4096
     """Text scoring: padded tokens per engine call (requests x bucket length), at most."""
     max_batch_pixels: int = 1_048_576

@@ -63,6 +63,9 @@ class _TaggedExecutor(ScoringExecutor):
         bucket, rows, cost, data = super().prepare(request)
         return bucket, rows, cost, Tagged(data, self.options(request))
 
+    def token_count(self, data: Any) -> int | None:
+        return super().token_count(data.data)
+
     def synthetic(self, bucket: Any, size: int) -> list[Any]:
         return [Tagged(d.data if isinstance(d, Tagged) else d, None) for d in super().synthetic(bucket, size)]
 

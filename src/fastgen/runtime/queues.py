@@ -128,6 +128,24 @@ class BucketQueue:
         return fifo[0] if fifo else None
 
 
+class ArrivalGaps:
+    """The mean gap between the last ``n`` arrivals of one kind (seconds; inf until two): the rate
+    behind ``RuntimeConfig.batch_wait = "adaptive"``. Arrivals may be reported out of order (the
+    preparation thread queues a batch of them at once): the span is the newest minus the oldest."""
+
+    __slots__ = ("times",)
+
+    def __init__(self, n: int = 8) -> None:
+        self.times: deque[float] = deque(maxlen=n)
+
+    def add(self, arrival: float) -> float:
+        times = self.times
+        times.append(arrival)
+        if len(times) < 2:
+            return math.inf
+        return (max(times) - min(times)) / (len(times) - 1)
+
+
 class BestCandidate:
     """The best candidate of one decision: the smallest (key, last service, creation order). Ties
     go to the queue served longest ago (round robin when the clock has not moved)."""
@@ -146,4 +164,4 @@ class BestCandidate:
         self.key, self.last, self.order, self.queue, self.members = key, q.last_service, q.order, q, members
 
 
-__all__ = ["GENERATE", "BestCandidate", "BucketQueue", "Decision", "Job", "Limits"]
+__all__ = ["GENERATE", "ArrivalGaps", "BestCandidate", "BucketQueue", "Decision", "Job", "Limits"]

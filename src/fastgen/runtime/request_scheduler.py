@@ -32,7 +32,8 @@ deadlines, scoring batch formation (text groups), and :meth:`RequestScheduler.sc
 weighs generation against scoring.
 
 Batches. A scoring queue is ready when its batch is full (``max_batch`` requests or ``max_cost``
-tokens / pixels) or its oldest request has waited ``max_wait_s``; requests are taken in virtual-time
+tokens / pixels) or its oldest request has waited ``max_wait_s`` (``batch_wait="adaptive"``: waited at
+all only while its kind's last arrivals say another is due within that time); requests are taken in virtual-time
 order up to both limits (the first always goes, alone if it is over budget). Text length buckets
 nest: a text batch may take every queued text of a smaller bucket, padded to its edge, when the
 padding this adds is worth less than the engine call it saves. That price is
@@ -72,7 +73,7 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 
 from fastgen.errors import InvalidArgumentError
 from fastgen.runtime.config import RuntimeConfig
-from fastgen.runtime.queues import GENERATE, BestCandidate, BucketQueue, Decision, Job, Limits
+from fastgen.runtime.queues import GENERATE, ArrivalGaps, BestCandidate, BucketQueue, Decision, Job, Limits
 from fastgen.runtime.requests import OverloadedError, RequestStatus
 from fastgen.runtime.step_policy import UNKNOWN_WEIGHTS, StepPolicy, weights_of
 
@@ -101,6 +102,8 @@ class RequestScheduler(StepPolicy):
         self._limits: dict[tuple[str, Hashable | None], Limits] = {}
         self._defaults: dict[str, Limits] = {}
         self.merge_cost: dict[str, float] = {}
+        self._arrivals: dict[str, ArrivalGaps] = {}
+        self._gap: dict[str, float] = {}  # scoring kind -> mean gap of its recent arrivals (adaptive batch wait)
         """Nested kinds: padding (cost units: tokens) worth one engine call; absent: 0, never pad across buckets."""
         self._deadlines: dict[str, list[tuple[float, int, Job]]] = {}  # per kind: each kind's thread expires its own
         self._seq = itertools.count()
@@ -226,6 +229,8 @@ class RequestScheduler(StepPolicy):
         if job.arrival is None:
             job.arrival = self.clock()
         job.seq = next(self._seq)
+        if job.kind != GENERATE and self.config.batch_wait == "adaptive":
+            self._gap[job.kind] = self._arrivals.setdefault(job.kind, ArrivalGaps()).add(job.arrival)
         if job.kind == GENERATE and self.config.generation_batching == "step" and self.config.slowdown_target:
             job.vtime = self._urgency(job)
         else:
@@ -247,8 +252,14 @@ class RequestScheduler(StepPolicy):
             count = sum(o.count for o in self._nested[job.kind])
         if count >= lim.max_batch or q.cost >= lim.max_cost:
             return job.arrival
-        ready = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
+        ready = q.oldest().arrival + self._wait(q)  # type: ignore[union-attr]
         return ready if job.deadline is None else min(ready, job.deadline)
+
+    def _wait(self, q: BucketQueue) -> float:
+        """Seconds ``q``'s oldest request may wait for its batch to fill: its ``max_wait_s``, or none where
+        its kind's recent arrivals say no other request is due within it (``RuntimeConfig.batch_wait``)."""
+        wait = q.lim.max_wait_s
+        return wait if wait >= self._gap.get(q.kind, 0.0) else 0.0
 
     def _unqueue(self, job: Job, status: RequestStatus) -> None:
         q = self._queues[job.queue]
@@ -365,7 +376,7 @@ class RequestScheduler(StepPolicy):
             if not q.count or (kinds is not None and q.kind not in kinds):
                 continue
             lim = q.lim
-            ready_at = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
+            ready_at = q.oldest().arrival + self._wait(q)  # type: ignore[union-attr]
             if flush or q.count >= lim.max_batch or q.cost >= lim.max_cost or now >= ready_at:
                 best.offer(q.head().vtime, q, ())  # type: ignore[union-attr]
             elif ready_at < wake:
@@ -407,7 +418,7 @@ class RequestScheduler(StepPolicy):
                 if not q.count:
                     continue
                 lim = q.lim
-                q_ready = q.oldest().arrival + lim.max_wait_s  # type: ignore[union-attr]
+                q_ready = q.oldest().arrival + self._wait(q)  # type: ignore[union-attr]
                 q_key = q.head().vtime  # type: ignore[union-attr]
                 if leader is not None:
                     edge = leader.bucket

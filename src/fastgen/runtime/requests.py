@@ -346,6 +346,10 @@ class RequestFuture(concurrent.futures.Future):
         self._progress_callbacks: list[Callable[[RequestFuture, int, int], Any]] = []
         self._serial: SerialDispatch | None = None  # set with the first progress callback
         self._handoffs: list[Callable[[RequestFuture], Any]] = []
+        self.tokens: int | None = None
+        """A text request's token count as its model reads it (special tokens included, after
+        truncation), set when the runtime tokenizes it, before its result; None for images and
+        generation. What an API bills as usage, without tokenizing the text again."""
 
     @property
     def status(self) -> RequestStatus:

@@ -189,6 +189,9 @@ class Runtime:
         future = RequestFuture(rid, kind, callbacks=self._callbacks.submit, on_cancel=lambda f: worker.cancel(job))
         if progress is not None:
             future.add_progress_callback(progress)
+        count = getattr(executor, "token_count", None)  # scoring executors (texts); optional for others
+        if count is not None and not defers:
+            future.tokens = count(data)
         now = self.clock()
         job = Job(rid, kind, bucket, priority=int(request.priority), arrival=now,
                   deadline=None if deadline_s is None else now + deadline_s, rows=rows, cost=cost,

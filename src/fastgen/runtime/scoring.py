@@ -148,6 +148,10 @@ class ScoringExecutor:
         edge = self.text.bucket(length, self.edges)  # type: ignore[union-attr]
         return edge, 1, float(edge), ids
 
+    def token_count(self, data: Any) -> int | None:
+        """The token count of a prepared text (its ``data``: token ids); None for an image."""
+        return len(data["input_ids"]) if self.text is not None else None
+
     def prepare(self, request: ScoreRequest) -> tuple[Any, int, float, Any]:
         """(bucket, rows, cost, data) of one request, in the caller's thread; bad input raises here."""
         item = self.check(request)

@@ -15,7 +15,6 @@ confidence; ``/v1/score`` naming a detector answers the same, with its own thres
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
@@ -91,13 +90,8 @@ async def embeddings(service: Any, *, texts: list[str], images: list[Any], model
                                    "--scorer NAME=MODEL:text-encoder (or image-encoder)")
     futures = submit_all(service.runtime, [EmbedRequest(x, scorer=chosen.name, kind=kind, deadline_s=deadline_s)
                                            for x in items])
-    try:
-        tokens = sum(await asyncio.to_thread(chosen.scorer.text_preprocessor.lengths, texts)) if texts else 0
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
     vectors = await gather(futures)
+    tokens = sum(f.tokens or 0 for f in futures)  # counted when the runtime tokenized them (0 for images)
     return {"object": "list", "model": chosen.id,
             "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding_format)}
                      for i, v in enumerate(vectors)],
