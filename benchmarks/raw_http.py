@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from urllib.parse import urlsplit
+
+#: Seconds an idle connection is kept for reuse: under uvicorn's keep-alive timeout (5 s by default), so
+#: a request is never sent on a connection the server is closing (it would read an empty answer).
+IDLE_S = 4.0
 
 
 class RawClient:
@@ -19,7 +24,7 @@ class RawClient:
     def __init__(self, url: str, limit: int) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (..., since)
         self.slots = asyncio.Semaphore(limit)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -30,7 +35,7 @@ class RawClient:
     async def request(self, method: str, path: str, body: bytes | None = None,
                       content_type: str = "application/json") -> tuple[int, bytes]:
         async with self.slots:
-            reader, writer = self.idle.pop() if self.idle else await self._connect()
+            reader, writer = self._reusable() or await self._connect()
             try:
                 head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 if body is not None:
@@ -49,10 +54,21 @@ class RawClient:
             if headers.get(b"connection", b"").lower() == b"close":
                 writer.close()
             else:
-                self.idle.append((reader, writer))
+                self.idle.append((reader, writer, time.monotonic()))
             return status, data
+
+    def _reusable(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently used idle connection that the server has not closed and will not close
+        before it answers (idle under IDLE_S); the others are closed."""
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if now - since < IDLE_S and not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
 
     async def close(self) -> None:
         while self.idle:
-            _, writer = self.idle.pop()
+            _, writer, _ = self.idle.pop()
             writer.close()

@@ -60,3 +60,42 @@ def test_requests_reuse_one_connection_and_read_status_and_body():
     # keep-alive: one connection for the first three, a new one after "Connection: close"
     assert log.count("connection") == 2
     assert log[1] == (b"POST", b"/v1/score", b'{"texts": ["a"]}')
+
+
+def test_an_idle_connection_the_server_closed_or_would_close_is_not_reused(monkeypatch):
+    import raw_http
+
+    async def main() -> tuple[list, list]:
+        log: list = []
+        writers: list = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            log.append("connection")
+            writers.append(writer)
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        client = RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", limit=4)
+        out = [await client.request("GET", "/a")]
+        writers[-1].close()  # the server's keep-alive timeout closes the idle connection
+        await asyncio.sleep(0.05)
+        out.append(await client.request("GET", "/b"))  # a new connection, not an empty answer
+        clock = [raw_http.time.monotonic()]
+        monkeypatch.setattr(raw_http.time, "monotonic", lambda: clock[0])
+        out.append(await client.request("GET", "/c"))  # reused: idle for no time
+        clock[0] += raw_http.IDLE_S  # idle as long as a server may keep it: not reused
+        out.append(await client.request("GET", "/d"))
+        await client.close()
+        server.close()
+        await server.wait_closed()
+        return out, log
+
+    out, log = asyncio.run(main())
+    assert out == [(200, b"ok")] * 4 and log.count("connection") == 3

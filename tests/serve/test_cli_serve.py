@@ -38,7 +38,7 @@ def test_help(capsys):
     out = capsys.readouterr().out
     for flag in ("--scorer", "--host", "--port", "--api-key", "--max-queue", "--drain-timeout-s", "--warmup",
                  "--ray", "--replicas", "--max-replicas", "--max-queued-requests", "--separate-scorer",
-                 "--intra-op-threads"):
+                 "--intra-op-threads", "--keep-alive-s", "--batch-wait"):
         assert flag in out, flag
 
 
@@ -49,6 +49,9 @@ def test_help(capsys):
     (("tiny", "--scorer", "sd15"), ["scorer", "sd15"]),
     (("tiny", "--max-queue", "0"), ["max-queue"]),
     (("tiny", "--intra-op-threads", "2000"), ["intra-op-threads", "0 to 1024"]),
+    (("tiny", "--keep-alive-s", "0"), ["keep-alive-s", "> 0"]),
+    (("tiny", "--drain-timeout-s", "-1"), ["drain-timeout-s", ">= 0"]),
+    (("tiny", "--batch-wait", "sometimes"), ["batch-wait", "adaptive", "fixed"]),
     (("tiny", "--lora", "/no/such/ink.safetensors:0.5"), ["lora", "no such file"]),
     (("--scorer", "tiny", "--lora", "ink.safetensors"), ["lora", "need a generator"]),
     (("tiny", "--profile", "batch=1:x"), ["profile"]),
@@ -121,11 +124,19 @@ def refused(url: str) -> bool:
 
 def test_serve_tiny_then_drain_on_sigterm():
     server = Process("tiny", "--scorer", "tiny", "--backend", "torch", "--device", "cpu", "--port", "0",
-                     "--drain-timeout-s", "60")
+                     "--drain-timeout-s", "60", "--keep-alive-s", "1")
     try:
         url = server.url()
         assert url.startswith("http://127.0.0.1:")  # loopback by default
         wait_for(lambda: httpx.get(f"{url}/readyz", timeout=TIMEOUT).status_code == 200, "the server to be ready")
+        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as idle:  # --keep-alive-s: 1 s idle
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'{"status":"ok"}'):
+                answer += idle.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert idle.recv(4096) == b""  # closed by the server, after its keep-alive timeout
         wait_for(lambda: any("fastgen serve: ready" in line for line in server.lines), "the ready line")
         best = httpx.post(f"{url}/v1/images/generations", timeout=TIMEOUT,
                           json={"prompt": "a car", "steps": 2, "seed": 3, "candidates": 2})

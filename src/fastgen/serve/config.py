@@ -128,6 +128,11 @@ class ServeConfig(ConfigMixin):
     either way."""
     warmup: bool = True
     """Run one small generation and one scoring call per engine before /readyz says ready."""
+    keep_alive_s: float = 75.0
+    """Seconds an idle keep-alive connection stays open. Longer than a load balancer's idle timeout
+    (AWS ALB and nginx: 60 s) so that the balancer, not the server, closes idle connections: a
+    request sent on a connection as the server closes it gets no answer (a 502 at the balancer).
+    uvicorn's own default is 5 s."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: seconds that accepted requests get to finish before they are cancelled and the
     server exits."""
@@ -180,9 +185,12 @@ class ServeConfig(ConfigMixin):
         for name in ("warmup", "access_log"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(name.replace("_", "-"), getattr(self, name), (True, False))
-        value = self.drain_timeout_s
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
-            raise InvalidArgumentError("drain-timeout-s", value, "finite numbers >= 0 (seconds)")
+        for name, zero in (("drain_timeout_s", True), ("keep_alive_s", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf")
+                    or (value == 0 and not zero)):
+                raise InvalidArgumentError(name.replace("_", "-"), value,
+                                           f"finite numbers {'>=' if zero else '>'} 0 (seconds)")
         if isinstance(self.runtime, dict):
             object.__setattr__(self, "runtime", RuntimeConfig.from_dict(self.runtime))
         if not isinstance(self.runtime, RuntimeConfig):

@@ -391,7 +391,8 @@ def run(config: Any, options: RayOptions | None = None, *, blocking: bool = True
     app = build_application(config, options)  # bad options raise here, before Ray starts
     owns_ray = _start_ray(options)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(http_options={"host": config.host, "port": config.port,
+                                 "keep_alive_timeout_s": max(1, round(config.keep_alive_s))})
         try:
             serve.run(app, name=options.app_name, route_prefix=options.route_prefix, blocking=False)
         except RuntimeError as exc:

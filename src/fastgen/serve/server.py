@@ -113,6 +113,7 @@ def run(config: ServeConfig, *, app: Any = None, sock: socket.socket | None = No
     app.state.on_load_failure = on_load_failure
     app.state.on_ready = ready
     uconfig = uvicorn.Config(app, lifespan="on", log_level=log_level, timeout_graceful_shutdown=config.drain_timeout_s,
+                             timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]  # a float works
                              proxy_headers=False, server_header=False, access_log=config.access_log)
     server = Server(uconfig)
     server_box.append(server)
