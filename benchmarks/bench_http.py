@@ -1,6 +1,6 @@
 """HTTP serving benchmark: open-loop load through ``fastgen serve`` and Ray Serve against the in-process runtime.
 
-    python benchmarks/bench_http.py                                   # four modes, mix + text (~13 min, 2 cores)
+    python benchmarks/bench_http.py                                   # four modes, mix + text (~25 min, 2 cores)
     python benchmarks/bench_http.py --quick --modes inprocess,http    # a few minutes
 
 Method: ``bench_load.py``'s, imported from it (its docstring has the details): open-loop Poisson
@@ -32,7 +32,7 @@ automatic ``--threads`` threads, and torch as many, in this process, the server 
 Ray worker (a ``worker_process_setup_hook``); ``--threads 0`` changes nothing.
 
 Scenarios: ``mix`` (70% text, 20% image, 10% generation; every kind within its target: text and
-image p99 <= 100 ms, generation p99 slowdown <= 10) and ``text`` (p99 <= 25 / 50 / 100 ms), which
+image p99 <= 100 ms, generation p99 slowdown <= 10; probes of 30 s, so that a p99 is not one request's) and ``text`` (p99 <= 25 / 50 / 100 ms), which
 also runs a low-load probe per mode (``--low-rps``): the difference of its medians is the latency
 the HTTP layer adds. The machine's load is recorded before and after every mode and probe.
 """
@@ -209,7 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--quick", action="store_true", help="shorter probes, a coarser sweep")
     ap.add_argument("--text-duration", type=float, default=None, help="seconds per probe (default 6; quick 3)")
-    ap.add_argument("--mix-duration", type=float, default=None, help="default 12; quick 6")
+    ap.add_argument("--mix-duration", type=float, default=None,
+                    help="default 30 (about 150 generations per probe near the knee: with 12 s, about 60, the p99 "
+                         "slowdown was their maximum and the mix ratio moved from 0.81 to 1.03 run to run); quick 8")
     ap.add_argument("--factor", type=float, default=None, help="mix load step (default 1.6; quick 2)")
     ap.add_argument("--max-probes", type=int, default=None, help="per mode and scenario (default 7; quick 5)")
     ap.add_argument("--refine", type=int, default=None, help="bisections near the headline (default 2; quick 1)")
@@ -222,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    for name, full, short in (("text_duration", 6.0, 3.0), ("mix_duration", 12.0, 6.0), ("factor", 1.6, 2.0),
+    for name, full, short in (("text_duration", 6.0, 3.0), ("mix_duration", 30.0, 8.0), ("factor", 1.6, 2.0),
                               ("refine", 2, 1), ("max_probes", 7, 5), ("low_duration", 10.0, 5.0)):
         if getattr(args, name) is None:
             setattr(args, name, short if args.quick else full)
