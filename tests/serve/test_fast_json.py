@@ -13,9 +13,9 @@ from fastgen.serve.fast_json import JSONRoutes, read_body
 from fastgen.serve.schemas import ScoreBody
 
 
-def scope(path="/v1/score", method="POST", content_type=b"application/json") -> dict:
+def scope(path="/v1/score", method="POST", content_type=b"application/json", root_path="") -> dict:
     headers = [(b"host", b"x")] + ([(b"content-type", content_type)] if content_type else [])
-    return {"type": "http", "method": method, "path": path, "headers": headers}
+    return {"type": "http", "method": method, "path": path, "headers": headers, "root_path": root_path}
 
 
 def chunks(*parts: bytes):
@@ -74,17 +74,26 @@ def test_json_posts_go_to_the_handler_with_the_whole_body():
 
 
 @pytest.mark.parametrize("sc", [scope(content_type=b"multipart/form-data; boundary=x"), scope(method="GET"),
+                                scope(content_type=b"text/plain"), scope(content_type=b"application/x-www-form-urlencoded"),
                                 scope(path="/v1/images/generations"), {"type": "websocket", "path": "/v1/score"}],
-                         ids=["multipart", "get", "other-path", "websocket"])
+                         ids=["multipart", "get", "text", "form", "other-path", "websocket"])
 def test_everything_else_goes_on_to_the_app(sc):
     app, inner, seen, _ = make()
     status, _, _ = asyncio.run(call(app, sc, chunks(b"")))
     assert status == 204 and inner.calls == [(sc.get("method"), sc["path"])] and not seen
 
 
-def test_no_content_type_is_json():
+@pytest.mark.parametrize("content_type", [None, b"application/json; charset=utf-8", b"Application/JSON",
+                                          b"application/vnd.api+json"])
+def test_json_as_fastapi_reads_it(content_type):  # no content type, or a JSON one
     app, inner, seen, _ = make()
-    assert asyncio.run(call(app, scope(content_type=None), chunks(b'{"texts": ["x"]}')))[0] == 200 and seen
+    assert asyncio.run(call(app, scope(content_type=content_type), chunks(b'{"texts": ["x"]}')))[0] == 200 and seen
+
+
+def test_under_a_route_prefix():  # Ray Serve's --route-prefix: path keeps the prefix, root_path names it
+    app, inner, seen, route = make()
+    sc = scope(path="/x/v1/score", root_path="/x")
+    assert asyncio.run(call(app, sc, chunks(b'{"texts": ["x"]}')))[0] == 200 and seen and sc["route"] is route
 
 
 @pytest.mark.parametrize(("data", "param", "message"), [
@@ -137,7 +146,7 @@ def test_a_client_leaving_cancels_the_work_and_raises_client_gone():
         with pytest.raises(ClientGone):
             await until_disconnected(receive, work())
         # The task goes on normally: its cancellation was taken back (structured concurrency still works).
-        assert asyncio.current_task().cancelling() == 0
+        assert getattr(asyncio.current_task(), "cancelling", lambda: 0)() == 0
         await asyncio.sleep(0)
         return cleaned
     assert asyncio.run(main()) == [True]
@@ -167,3 +176,31 @@ def test_a_cancellation_from_outside_is_not_the_client_s():
         await asyncio.sleep(0)
         return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert asyncio.run(main()) == []
+
+
+def test_a_receive_that_fails_counts_as_the_client_gone():
+    async def main():
+        async def receive():
+            await asyncio.sleep(0.01)
+            raise RuntimeError("the proxy lost the connection")
+        with pytest.raises(ClientGone):
+            await until_disconnected(receive, asyncio.sleep(30))
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(asyncio.Task, "uncancel"), reason="Python < 3.11 does not count cancellations")
+def test_an_outside_cancellation_in_the_same_turn_as_the_disconnect_stays_a_cancellation():
+    async def main():
+        arrived = asyncio.Event()
+
+        async def receive():
+            await arrived.wait()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.ensure_future(until_disconnected(receive, asyncio.sleep(30)))
+        await asyncio.sleep(0.01)
+        arrived.set()  # the watcher cancels the task in the next turn; the server cancels it too
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())

@@ -65,18 +65,22 @@ class ClientGone(Exception):
 async def until_disconnected(receive: Any, work: Awaitable[Any]) -> Any:
     """``await work``, unless the client disconnects first: then ``work`` is cancelled (its runtime
     requests with it) and :class:`ClientGone` raised. ``receive``: the request's ASGI receive, its
-    body already read."""
+    body already read. A ``receive`` that fails (a proxy's error) counts as the client gone, as
+    nobody is left to answer; a cancellation from outside (the server stopping) stays one."""
     current = asyncio.current_task()
     assert current is not None
     gone = False
 
     async def watch() -> None:
         nonlocal gone
-        # Once the body is read, an ASGI server's receive() waits until the client disconnects: one
-        # pending await per request, where polling is_disconnected() cost a cancel scope each time.
-        # A server that answers with more (empty) body messages instead is polled.
-        while (await receive())["type"] != "http.disconnect":
-            await asyncio.sleep(DISCONNECT_POLL_S)
+        try:
+            # Once the body is read, an ASGI server's receive() waits until the client disconnects:
+            # one pending await per request, where polling is_disconnected() cost a cancel scope each
+            # time. A server that answers with more (empty) body messages instead is polled.
+            while (await receive())["type"] != "http.disconnect":
+                await asyncio.sleep(DISCONNECT_POLL_S)
+        except Exception as exc:  # noqa: BLE001 (any failure of the connection ends the request)
+            logger.info("the request's connection failed (%s): cancelling it", one_line(exc))
         gone = True
         current.cancel()
 
@@ -86,9 +90,13 @@ async def until_disconnected(receive: Any, work: Awaitable[Any]) -> Any:
     try:
         return await work
     except asyncio.CancelledError:
-        if not gone:  # cancelled from outside (the server stops): not the client's doing
+        if not gone:  # cancelled from outside: not the client's doing
             raise
-        current.uncancel()
+        # Take back the watcher's cancel (Python >= 3.11 counts them); one from outside still pending
+        # in the same turn stays a cancellation.
+        uncancel = getattr(current, "uncancel", None)
+        if uncancel is not None and uncancel() > 0:
+            raise
         raise ClientGone() from None
     finally:
         watcher.cancel()

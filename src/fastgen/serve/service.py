@@ -334,6 +334,8 @@ class Service:
         """Best-of-N: each candidate's ``Score`` by the scorer ``scorer`` names (else the only one): a
         two-tower scorer scores each image against its own prompt (``Scorer.score_pairs``), any other
         image scorer as :meth:`score_images` does."""
+        if not images:
+            return []
         ranker = self._image_classifier(scorer, request="rank")
         if ranker is not None and getattr(ranker.scorer, "needs_texts", False):
             return await pair_scores(self, ranker, images, prompts)
