@@ -91,6 +91,17 @@ def test_adaptive_wait_runs_a_lone_request_at_once_and_waits_when_others_are_due
     assert s.schedule().jobs == [lone]
 
 
+def test_adaptive_wait_counts_the_items_of_one_request_as_one_arrival():
+    s, clock = make(max_batch_size=32, max_wait_ms=10, batch_wait="adaptive")
+    for _ in range(3):  # a request of 16 texts every second: no other request is due within the wait
+        clock.t += 1.0
+        items = [job() for _ in range(16)]
+        for j in items:
+            s.submit(j)
+            clock.t += 0.00001  # submitted one after the other, microseconds apart
+        assert s.schedule().jobs == items
+
+
 def test_adaptive_wait_applies_to_nested_text_groups_and_image_kinds():
     s, clock = make(max_batch_size=8, max_wait_ms=10, batch_wait="adaptive")
     s.set_merge_cost("text", 1000)

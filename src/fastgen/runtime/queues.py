@@ -130,20 +130,29 @@ class BucketQueue:
 
 class ArrivalGaps:
     """The mean gap between the last ``n`` arrivals of one kind (seconds; inf until two): the rate
-    behind ``RuntimeConfig.batch_wait = "adaptive"``. Arrivals may be reported out of order (the
-    preparation thread queues a batch of them at once): the span is the newest minus the oldest."""
+    behind ``RuntimeConfig.batch_wait = "adaptive"``. Arrivals within ``same_s`` of the previous one
+    count as one: the items of one request (a /v1/score of 16 texts) are submitted together, and
+    would otherwise read as a burst that makes the next batch wait for more. Arrivals may be
+    reported out of order (the preparation thread queues a batch of them at once): the span is the
+    newest minus the oldest."""
 
-    __slots__ = ("times",)
+    __slots__ = ("times", "gap", "same_s", "last")
 
-    def __init__(self, n: int = 8) -> None:
+    def __init__(self, n: int = 8, same_s: float = 1e-4) -> None:
         self.times: deque[float] = deque(maxlen=n)
+        self.gap = math.inf
+        self.same_s = same_s
+        self.last = -math.inf
 
     def add(self, arrival: float) -> float:
         times = self.times
+        same, self.last = abs(arrival - self.last) < self.same_s, arrival  # a chain of them: one request's items
+        if same:
+            return self.gap
         times.append(arrival)
-        if len(times) < 2:
-            return math.inf
-        return (max(times) - min(times)) / (len(times) - 1)
+        if len(times) >= 2:
+            self.gap = (max(times) - min(times)) / (len(times) - 1)
+        return self.gap
 
 
 class BestCandidate:
