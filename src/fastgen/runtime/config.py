@@ -44,10 +44,10 @@ class RuntimeConfig(ConfigMixin):
     batch runs anyway (see ``batch_wait``)."""
     batch_wait: BatchWait = "adaptive"
     """Scoring: ``adaptive`` spends ``max_wait_ms`` only while another request of the kind is due
-    within it (its last 8 arrivals' rate x the wait >= 1); at a lower rate a batch runs at once, so
-    a lone request at low load is not held for companions that will not come (a request that
-    arrives while the engine is busy still joins the next batch). ``fixed``: always wait up to
-    ``max_wait_ms``."""
+    within it (its last 8 arrivals' rate x the wait >= 1; the items of one request, submitted
+    together, count as one arrival); at a lower rate a batch runs at once, so a lone request at low
+    load is not held for companions that will not come (a request that arrives while the engine is
+    busy still joins the next batch). ``fixed``: always wait up to ``max_wait_ms``."""
     max_batch_tokens: int = 4096
     """Text scoring: padded tokens per engine call (requests x bucket length), at most."""
     max_batch_pixels: int = 1_048_576
