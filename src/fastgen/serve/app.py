@@ -218,13 +218,9 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         if stream:
             return StreamingResponse(sse.stream(job), media_type="text/event-stream", headers=sse.HEADERS)
         try:
-            body = await until_disconnected(request.receive, job.run())
-        except ClientGone:
-            logger.info("client went away: request %s cancelled", job.request_id)
-            return Response(status_code=CLIENT_CLOSED)
+            return await answer(request.receive, job.run())
         finally:
             job.cancel()
-        return JSONResponse(body)
 
     @app.post("/v1/images/generations")
     async def generations(body: GenerationBody, request: Request) -> Response:
@@ -282,6 +278,7 @@ def _routes(app: FastAPI, service: Service, config: ServeConfig, metrics: HTTPMe
         try:
             out = await until_disconnected(receive, work)
         except ClientGone:
+            logger.info("the client went away: its request was cancelled")
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(body(out))
 
